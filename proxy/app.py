@@ -1,0 +1,261 @@
+"""Application assembly: state, the gated dispatch, lifespan, shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+from collections import OrderedDict
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx
+from prometheus_client import CollectorRegistry
+from starlette.applications import Starlette
+from starlette.middleware import Middleware
+from starlette.middleware.cors import CORSMiddleware
+
+from .auth import Auth
+from .config import Settings
+from .errors import ShuttingDown
+from .eta import Estimator
+from .gate import Gate, Ticket
+from .gated import Exchange, GatedRequest, Receive, Scope, Send
+from .metrics import Metrics, RequestRecord
+from .upstream import Upstream
+
+log = logging.getLogger("lmgate")
+access_log = logging.getLogger("lmgate.access")
+
+GATED_ROUTES = {
+    "/v1/chat/completions": "/v1/chat/completions",
+    "/v1/completions": "/v1/completions",
+    "/v1/embeddings": "/v1/embeddings",
+    "/v1/responses": "/v1/responses",
+    "/v1/messages": "/v1/messages",
+    "/api/v0/chat/completions": "/api/v0/chat/completions",
+    "/api/v0/completions": "/api/v0/completions",
+    "/api/v0/embeddings": "/api/v0/embeddings",
+    "/api/v1/chat": "/api/v1/chat",
+}
+FORWARDED_ROUTES = {
+    "/v1/models": "/v1/models",
+    "/api/v0/models": "/api/v0/models",
+    "/api/v1/models": "/api/v1/models",
+}
+MODEL_DETAIL_PREFIXES = (("/v1/models/", "/v1/models/{id}"), ("/api/v0/models/", "/api/v0/models/{id}"))
+ADMIN_PREFIXES = ("/api/v1/models/load", "/api/v1/models/unload", "/api/v1/models/download")
+RECENT_CAP = 2000
+
+
+def classify(method: str, path: str) -> tuple[str, str] | None:
+    """Which kind of proxied path this is: ("gated"|"forward"|"admin", route template)."""
+    if method == "POST" and path in GATED_ROUTES:
+        return "gated", GATED_ROUTES[path]
+    if path.startswith(ADMIN_PREFIXES):
+        for prefix in ADMIN_PREFIXES:
+            if path == prefix or path.startswith(prefix + "/"):
+                return "admin", prefix + ("/*" if path != prefix else "")
+    if method in ("GET", "HEAD"):
+        if path in FORWARDED_ROUTES:
+            return "forward", FORWARDED_ROUTES[path]
+        for prefix, route in MODEL_DETAIL_PREFIXES:
+            rest = path[len(prefix):]
+            if path.startswith(prefix) and rest and "/" not in rest.strip("/"):
+                return "forward", route
+    return None
+
+
+class AppState:
+    """Everything one lmgate instance owns. Lives in ``app.state.lmgate``."""
+
+    def __init__(self, settings: Settings, *, transport: httpx.AsyncBaseTransport | None,
+                 registry: CollectorRegistry) -> None:
+        self.settings = settings
+        self.gate = Gate(parallel=settings.parallel, max_queue=settings.max_queue,
+                         max_skips=settings.max_skips, policy=settings.policy,
+                         groups=settings.groups, on_start=_grant)
+        self.upstream = Upstream(settings, transport)
+        self.auth = Auth(settings.keys)
+        self.eta = Estimator()
+        self.metrics = Metrics(registry, max_models=settings.max_models,
+                               max_queue=settings.max_queue, parallel=settings.parallel)
+        self.metrics.attach_gate(lambda: self.gate, lambda: self.upstream.up)
+        self.registry = registry
+        self.exchanges: dict[Ticket, Exchange] = {}
+        self.recent: OrderedDict[str, dict[str, Any]] = OrderedDict()
+        self.draining = False
+        self.started_at = time.time()
+        self._refresh: asyncio.Task[None] | None = None
+        self._grace: asyncio.Task[None] | None = None
+        self.extensions: list[Any] = []
+
+    # -- bookkeeping -------------------------------------------------------------------
+    def observe(self, rec: RequestRecord) -> None:
+        self.metrics.observe(rec)
+        if rec.outcome == "ok" and rec.wait_ms is not None:
+            self.eta.observe(rec.model, rec.duration_ms / 1000 - rec.wait_ms / 1000)
+        if rec.outcome == "upstream_error" and rec.status >= 500 or rec.status in (502, 504):
+            self.refresh_loaded_soon()
+        log_access(rec, self.settings.log_format)
+
+    def remember(self, ticket: Ticket, rec: RequestRecord) -> None:
+        self.recent[ticket.request_id] = {
+            "request_id": ticket.request_id, "model": ticket.model, "state": "done",
+            "outcome": rec.outcome, "status": rec.status, "position": -1,
+            "position_at_arrival": ticket.position_at_arrival,
+            "waited_s": round(ticket.waited_s(time.monotonic()), 3),
+            "identity": ticket.identity, "client": ticket.meta.get("client"),
+        }
+        self.recent.move_to_end(ticket.request_id)
+        while len(self.recent) > RECENT_CAP:
+            self.recent.popitem(last=False)
+
+    def refresh_loaded_soon(self) -> None:
+        if self._refresh is None or self._refresh.done():
+            self._refresh = asyncio.get_running_loop().create_task(self.refresh_loaded())
+
+    async def refresh_loaded(self) -> None:
+        models = await self.upstream.loaded_models()
+        if models is not None and not self.gate.running:
+            self.gate.set_loaded(models)
+
+    # -- lifecycle ---------------------------------------------------------------------
+    async def startup(self) -> None:
+        if await self.upstream.probe():
+            log.info("upstream %s is up", self.upstream.base)
+            await self.refresh_loaded()
+        else:
+            log.warning("upstream %s is not answering; requests get 502 until it is back",
+                        self.upstream.base)
+        if self.auth.open and self.settings.host not in ("127.0.0.1", "localhost", "::1"):
+            log.warning("no [[keys]] configured and listening on %s: ANYONE who can reach this "
+                        "port can use the LLM server. Configure [[keys]] to require API keys.",
+                        self.settings.host)
+
+    def begin_shutdown(self) -> None:
+        """Stop admitting; fail waiting requests now; give running ones the grace period."""
+        if self.draining:
+            return
+        self.draining = True
+        dropped = self.gate.close()
+        for ticket in dropped:
+            if ticket.waiter is not None and not ticket.waiter.done():
+                ticket.waiter.set_exception(ShuttingDown("lmgate is shutting down; try again shortly"))
+        log.info("shutting down: %d waiting requests refused, %d running get %g s to finish",
+                 len(dropped), self.gate.active, self.settings.shutdown_grace)
+        if self.gate.active:
+            self._grace = asyncio.get_running_loop().create_task(self._end_grace())
+
+    async def _end_grace(self) -> None:
+        await asyncio.sleep(self.settings.shutdown_grace)
+        for ex in list(self.exchanges.values()):
+            ex.interrupt(ShuttingDown("lmgate is shutting down; the request was cut off"))
+
+    async def drained(self) -> None:
+        """Wait until no request holds the gate (used by the server on shutdown)."""
+        while self.exchanges:
+            await asyncio.sleep(0.05)
+
+    async def aclose(self) -> None:
+        for task in (self._refresh, self._grace):
+            if task is not None:
+                task.cancel()
+        await self.upstream.aclose()
+
+    def cancel(self, request_id: str, reason: Any) -> bool:
+        """Admin cancel: withdraw a waiting request or cut off a running one."""
+        for ticket, ex in list(self.exchanges.items()):
+            if ticket.request_id == request_id:
+                ex.interrupt(reason)
+                return True
+        return False
+
+
+def _grant(ticket: Ticket) -> None:
+    waiter = ticket.waiter
+    if waiter is not None and not waiter.done():
+        waiter.set_result(True)
+
+
+def log_access(rec: RequestRecord, fmt: str) -> None:
+    if not access_log.isEnabledFor(logging.INFO):
+        return
+    if fmt == "json":
+        access_log.info(json.dumps({
+            "request_id": rec.request_id, "client": rec.client, "route": rec.route,
+            "model": rec.model, "status": rec.status, "outcome": rec.outcome,
+            "stream": rec.stream, "position": rec.position,
+            "wait_ms": _r(rec.wait_ms), "ttft_ms": _r(rec.ttft_ms), "duration_ms": _r(rec.duration_ms),
+            "prompt_tokens": rec.prompt_tokens, "completion_tokens": rec.completion_tokens,
+            "tokens_approx": rec.tokens_approx,
+        }))
+        return
+    access_log.info(
+        '%s %s "%s" model=%s status=%s outcome=%s pos=%s wait_ms=%s ttft_ms=%s duration_ms=%s '
+        "tokens=%s/%s%s",
+        rec.request_id, rec.client, rec.route, rec.model or "-", rec.status, rec.outcome,
+        rec.position, _r(rec.wait_ms), _r(rec.ttft_ms), _r(rec.duration_ms),
+        "-" if rec.prompt_tokens is None else rec.prompt_tokens,
+        "-" if rec.completion_tokens is None else rec.completion_tokens,
+        "~" if rec.tokens_approx else "",
+    )
+
+
+def _r(v: float | None) -> float | None:
+    return None if v is None else round(v, 1)
+
+
+class GateDispatch:
+    """Outermost ASGI layer: gated inference paths go straight to GatedRequest."""
+
+    def __init__(self, app: Any, state: AppState) -> None:
+        self.app = app
+        self.state = state
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            kind = classify(scope["method"], scope["path"])
+            if kind is not None:
+                request = GatedRequest(self.state, scope, receive, send, kind[1])
+                if kind[0] == "gated":
+                    await request.run()
+                else:
+                    await request.passthrough(admin_only=kind[0] == "admin")
+                return
+        await self.app(scope, receive, send)
+
+
+def create_app(settings: Settings, *, transport: httpx.AsyncBaseTransport | None = None,
+               registry: CollectorRegistry | None = None) -> Starlette:
+    """Build lmgate. ``transport`` replaces the upstream connection (tests); metrics go to
+    ``registry`` (a fresh one if omitted), never to the process-global registry."""
+    from . import routes  # routes import app-level names; keep the import local
+
+    state = AppState(settings, transport=transport, registry=registry or CollectorRegistry())
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        await state.startup()
+        for ext in state.extensions:
+            await ext.start()
+        try:
+            yield
+        finally:
+            state.begin_shutdown()
+            for ext in state.extensions:
+                await ext.stop()
+            await state.aclose()
+
+    middleware = [Middleware(GateDispatch, state=state)]
+    if settings.cors_origins:
+        middleware.insert(0, Middleware(
+            CORSMiddleware, allow_origins=list(settings.cors_origins), allow_methods=["*"],
+            allow_headers=["*"], expose_headers=["x-request-id", "x-queue-position",
+                                                 "x-queue-depth", "x-queue-wait-ms", "x-queue-eta-ms"]))
+    app = Starlette(routes=routes.build_routes(state), middleware=middleware, lifespan=lifespan,
+                    exception_handlers=routes.exception_handlers())
+    app.state.lmgate = state
+    return app

@@ -1,0 +1,104 @@
+"""API keys, per-key limits and identities. No keys configured means open access."""
+
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+import hmac
+import time
+from collections import deque
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+from .config import ApiKey
+from .errors import Forbidden, TokenCapExceeded, TooManyRequests, Unauthorized
+
+RPM_WINDOW_S = 60.0
+
+
+@dataclass(frozen=True)
+class Principal:
+    """Who is calling: a configured key, or (open access) a client address."""
+
+    identity: str
+    key: ApiKey | None = None
+
+    @property
+    def admin(self) -> bool:
+        return self.key is not None and self.key.admin
+
+    @property
+    def label(self) -> str:
+        return self.key.name if self.key else self.identity
+
+
+class Auth:
+    def __init__(self, keys: tuple[ApiKey, ...], clock: Callable[[], float] = time.monotonic) -> None:
+        self.keys = keys
+        self.clock = clock
+        self._hits: dict[str, deque[float]] = {}
+
+    @property
+    def open(self) -> bool:
+        return not self.keys
+
+    def authenticate(self, headers: Mapping[bytes, bytes], client: str) -> Principal:
+        if self.open:
+            return Principal(identity=client)
+        presented = _presented_key(headers)
+        if presented is None:
+            raise Unauthorized("missing API key: send 'Authorization: Bearer <key>' or 'x-api-key: <key>'")
+        digest = hashlib.sha256(presented).hexdigest().encode()
+        found: ApiKey | None = None
+        for key in self.keys:  # compare against all, constant time each
+            if hmac.compare_digest(digest, key.sha256.encode()):
+                found = key
+        if found is None:
+            raise Unauthorized("invalid API key")
+        return Principal(identity="key:" + found.name, key=found)
+
+    def check_model(self, who: Principal, model: str) -> None:
+        key = who.key
+        if key is None or not key.models:
+            return
+        if not any(fnmatch.fnmatchcase(model, pattern) for pattern in key.models):
+            raise Forbidden(f"key '{key.name}' may not use model '{model}'", param="model",
+                            code="model_not_allowed")
+
+    def cap_tokens(self, who: Principal, requested: int | None) -> int | None:
+        """The max_tokens to send: None to leave the body alone, or a clamped value."""
+        key = who.key
+        if key is None or key.max_tokens is None:
+            return None
+        if requested is None or requested > key.max_tokens:
+            if key.clamp_max_tokens:
+                return key.max_tokens
+            if requested is not None:
+                raise TokenCapExceeded(f"max_tokens {requested} is over this key's cap of "
+                                       f"{key.max_tokens}")
+        return None
+
+    def check_rate(self, who: Principal) -> None:
+        key = who.key
+        if key is None or key.rpm is None:
+            return
+        now = self.clock()
+        hits = self._hits.setdefault(key.name, deque())
+        while hits and now - hits[0] >= RPM_WINDOW_S:
+            hits.popleft()
+        if len(hits) >= key.rpm:
+            raise TooManyRequests(f"key '{key.name}' is over its limit of {key.rpm} requests per "
+                                  "minute", retry_after_s=RPM_WINDOW_S - (now - hits[0]))
+        hits.append(now)
+
+
+def _presented_key(headers: Mapping[bytes, bytes]) -> bytes | None:
+    auth = headers.get(b"authorization")
+    if auth:
+        scheme, _, value = auth.strip().partition(b" ")
+        if scheme.lower() == b"bearer" and value.strip():
+            return value.strip()
+    key = headers.get(b"x-api-key")
+    if key and key.strip():
+        return key.strip()
+    return None

@@ -1,0 +1,333 @@
+"""Settings: one frozen value, loaded from flags > LMGATE_* env > TOML file > defaults.
+
+Every option is declared once in ``OPTIONS``; the CLI, the environment and the TOML file
+all read from that table, so they cannot drift apart. Bad configuration raises ConfigError
+naming the offending key; the CLI turns it into exit status 2 and one line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import sys
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+MIB = 1024 * 1024
+
+
+class ConfigError(Exception):
+    def __init__(self, key: str, message: str) -> None:
+        super().__init__(f"{key}: {message}")
+        self.key = key
+
+
+@dataclass(frozen=True)
+class Option:
+    name: str  # settings field and TOML key; the flag is --name-with-dashes
+    kind: type  # str, int, float, bool, list
+    default: Any
+    help: str
+    choices: tuple[str, ...] = ()
+    minimum: float | None = None
+    cli: bool = True
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+    @property
+    def env(self) -> str:
+        return "LMGATE_" + self.name.upper()
+
+
+OPTIONS: tuple[Option, ...] = (
+    Option("upstream", str, "http://localhost:1234", "LM Studio (or any OpenAI-compatible) base URL"),
+    Option("host", str, "127.0.0.1", "address to listen on (0.0.0.0 for the whole network)"),
+    Option("port", int, 1235, "port to listen on", minimum=0),
+    Option("max_queue", int, 100, "requests that may wait at once; more get 429", minimum=0),
+    Option("queue_timeout", float, 600.0, "seconds a request may wait for its turn; then 503", minimum=0),
+    Option("max_body", int, 32 * MIB, "largest request body in bytes; larger gets 413", minimum=1),
+    Option("parallel", int, 1, "requests for the same model that may run upstream at once", minimum=1),
+    Option("max_skips", int, 0, "times a waiting request may be overtaken by requests for the "
+           "loaded model (0 = strict FIFO)", minimum=0),
+    Option("policy", str, "fifo", "who goes next: fifo (arrival order) or fair (round robin "
+           "between keys/clients)", choices=("fifo", "fair")),
+    Option("read_timeout", float, 600.0, "seconds the upstream may stay silent (model loading, "
+           "long prompts) before 504", minimum=0.001),
+    Option("connect_timeout", float, 5.0, "seconds to connect to the upstream before 502", minimum=0.001),
+    Option("shutdown_grace", float, 30.0, "seconds running requests get to finish on SIGTERM", minimum=0),
+    Option("upstream_key", str, None, "bearer token sent to the upstream (LM Studio 0.4+ auth)"),
+    Option("cors_origins", list, (), "comma-separated origins allowed to call from a browser"),
+    Option("max_models", int, 50, "distinct model names tracked in metrics; the rest are 'other'",
+           minimum=1),
+    Option("result_ttl", float, 600.0, "seconds finished /queue/add results are kept", minimum=0),
+    Option("stream_open_timeout", float, 120.0, "seconds a /queue/add request waits for its "
+           "/stream to be opened before it is cancelled", minimum=0.001),
+    Option("log_level", str, "info", "debug, info, warning or error",
+           choices=("debug", "info", "warning", "error", "critical")),
+    Option("log_format", str, "text", "access log format: text or json", choices=("text", "json")),
+    Option("demo", bool, False, "run a built-in LM Studio simulator as the upstream (no LM Studio needed)"),
+)
+OPTION_BY_NAME = {o.name: o for o in OPTIONS}
+TABLE_KEYS = ("keys", "groups")
+KEY_FIELDS = {"name", "key", "key_sha256", "models", "max_queued", "rpm", "max_tokens", "role",
+              "clamp_max_tokens"}
+
+
+@dataclass(frozen=True)
+class ApiKey:
+    name: str
+    sha256: str
+    models: tuple[str, ...] = ()
+    max_queued: int | None = None
+    rpm: int | None = None
+    max_tokens: int | None = None
+    clamp_max_tokens: bool = False
+    role: str = "user"
+
+    @property
+    def admin(self) -> bool:
+        return self.role == "admin"
+
+
+@dataclass(frozen=True)
+class Settings:
+    upstream: str = "http://localhost:1234"
+    host: str = "127.0.0.1"
+    port: int = 1235
+    max_queue: int = 100
+    queue_timeout: float = 600.0
+    max_body: int = 32 * MIB
+    parallel: int = 1
+    max_skips: int = 0
+    policy: str = "fifo"
+    read_timeout: float = 600.0
+    connect_timeout: float = 5.0
+    shutdown_grace: float = 30.0
+    upstream_key: str | None = None
+    cors_origins: tuple[str, ...] = ()
+    max_models: int = 50
+    result_ttl: float = 600.0
+    stream_open_timeout: float = 120.0
+    log_level: str = "info"
+    log_format: str = "text"
+    demo: bool = False
+    keys: tuple[ApiKey, ...] = ()
+    groups: tuple[tuple[str, ...], ...] = ()
+    config: str | None = None
+    sources: Mapping[str, str] = field(default_factory=dict, compare=False)
+
+    def with_(self, **changes: Any) -> Settings:
+        return replace(self, **changes)
+
+
+def _convert(opt: Option, value: Any, source: str) -> Any:
+    """Turn a raw value (a string from a flag/env, or a TOML value) into the option's type."""
+    key = opt.name
+    from_text = isinstance(value, str) and source != "file"
+    try:
+        if opt.kind is bool:
+            if isinstance(value, bool):
+                out: Any = value
+            elif from_text and value.strip().lower() in ("1", "true", "yes", "on"):
+                out = True
+            elif from_text and value.strip().lower() in ("0", "false", "no", "off", ""):
+                out = False
+            else:
+                raise ValueError
+        elif opt.kind is int:
+            if isinstance(value, bool) or not (isinstance(value, int) or from_text):
+                raise ValueError
+            out = int(value)
+        elif opt.kind is float:
+            if isinstance(value, bool) or not (isinstance(value, (int, float)) or from_text):
+                raise ValueError
+            out = float(value)
+        elif opt.kind is list:
+            if from_text:
+                out = tuple(v.strip() for v in value.split(",") if v.strip())
+            elif isinstance(value, list) and all(isinstance(v, str) for v in value):
+                out = tuple(value)
+            else:
+                raise ValueError
+        else:
+            if not isinstance(value, str):
+                raise ValueError
+            out = value
+    except ValueError:
+        want = {bool: "true or false", int: "an integer", float: "a number",
+                list: "a list of strings", str: "a string"}[opt.kind]
+        raise ConfigError(key, f"expected {want}, got {value!r} (from {source})") from None
+    if opt.choices and out not in opt.choices:
+        raise ConfigError(key, f"must be one of {', '.join(opt.choices)}, got {out!r} (from {source})")
+    if opt.minimum is not None and out < opt.minimum:
+        raise ConfigError(key, f"must be >= {opt.minimum:g}, got {out!r} (from {source})")
+    return out
+
+
+def _parse_keys(raw: Any) -> tuple[ApiKey, ...]:
+    if not isinstance(raw, list):
+        raise ConfigError("keys", "must be an array of tables ([[keys]])")
+    out: list[ApiKey] = []
+    seen_names: set[str] = set()
+    seen_hashes: set[str] = set()
+    for i, entry in enumerate(raw):
+        where = f"keys[{i}]"
+        if not isinstance(entry, dict):
+            raise ConfigError(where, "must be a table")
+        unknown = sorted(set(entry) - KEY_FIELDS)
+        if unknown:
+            raise ConfigError(f"{where}.{unknown[0]}", "unknown key")
+        name = entry.get("name")
+        if not isinstance(name, str) or not name:
+            raise ConfigError(f"{where}.name", "required, a non-empty string")
+        if name in seen_names:
+            raise ConfigError(f"{where}.name", f"duplicate name {name!r}")
+        seen_names.add(name)
+        secret, digest = entry.get("key"), entry.get("key_sha256")
+        if (secret is None) == (digest is None):
+            raise ConfigError(f"{where}.key", "give exactly one of key or key_sha256")
+        if secret is not None:
+            if not isinstance(secret, str) or len(secret) < 8:
+                raise ConfigError(f"{where}.key", "must be a string of at least 8 characters")
+            digest = hashlib.sha256(secret.encode()).hexdigest()
+        elif not (isinstance(digest, str) and len(digest) == 64
+                  and all(c in "0123456789abcdefABCDEF" for c in digest)):
+            raise ConfigError(f"{where}.key_sha256", "must be 64 hex digits")
+        digest = digest.lower()
+        if digest in seen_hashes:
+            raise ConfigError(f"{where}.key", "the same key is configured twice")
+        seen_hashes.add(digest)
+        models = entry.get("models", [])
+        if not isinstance(models, list) or not all(isinstance(m, str) for m in models):
+            raise ConfigError(f"{where}.models", "must be a list of strings (globs)")
+        limits: dict[str, int | None] = {}
+        for lim in ("max_queued", "rpm", "max_tokens"):
+            v = entry.get(lim)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+                raise ConfigError(f"{where}.{lim}", "must be a positive integer")
+            limits[lim] = v
+        role = entry.get("role", "user")
+        if role not in ("user", "admin"):
+            raise ConfigError(f"{where}.role", "must be 'user' or 'admin'")
+        clamp = entry.get("clamp_max_tokens", False)
+        if not isinstance(clamp, bool):
+            raise ConfigError(f"{where}.clamp_max_tokens", "must be true or false")
+        out.append(ApiKey(name=name, sha256=digest, models=tuple(models), role=role,
+                          clamp_max_tokens=clamp, **limits))
+    return tuple(out)
+
+
+def _parse_groups(raw: Any) -> tuple[tuple[str, ...], ...]:
+    if not isinstance(raw, list):
+        raise ConfigError("groups", "must be an array of tables ([[groups]])")
+    out = []
+    for i, entry in enumerate(raw):
+        if not isinstance(entry, dict) or set(entry) - {"models"}:
+            raise ConfigError(f"groups[{i}]", "must be a table with only 'models'")
+        models = entry.get("models")
+        if not isinstance(models, list) or len(models) < 2 or not all(isinstance(m, str) for m in models):
+            raise ConfigError(f"groups[{i}].models", "must list at least two model names")
+        out.append(tuple(models))
+    return tuple(out)
+
+
+def read_file(path: str) -> dict[str, Any]:
+    try:
+        with Path(path).open("rb") as fh:
+            return tomllib.load(fh)
+    except OSError as exc:
+        raise ConfigError("config", f"cannot read {path}: {exc.strerror or exc}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError("config", f"{path} is not valid TOML: {exc}") from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _OneLineParser(
+        prog="lmgate",
+        description="Share one LM Studio server safely: an OpenAI-compatible proxy that queues "
+        "requests so concurrent users never unload each other's model. Every flag can also be "
+        "set as LMGATE_<FLAG> in the environment or as <flag> in the TOML file given by --config "
+        "(precedence: flag > environment > file > default).",
+    )
+    parser.add_argument("--config", metavar="FILE", default=None,
+                        help="TOML file with settings, [[keys]] and [[groups]] (env LMGATE_CONFIG)")
+    for opt in OPTIONS:
+        default = "" if opt.default in (None, ()) else f" (default: {_show(opt)})"
+        if opt.kind is bool:
+            parser.add_argument(opt.flag, action="store_const", const="true", default=None,
+                                help=f"{opt.help}{default}; env {opt.env}")
+        else:
+            parser.add_argument(opt.flag, metavar=opt.name.upper(), default=None,
+                                help=f"{opt.help}{default}; env {opt.env}")
+    parser.add_argument("--version", action="store_true", help="print the version and exit")
+    return parser
+
+
+def _show(opt: Option) -> str:
+    if opt.name == "max_body":
+        return f"{opt.default} = 32 MiB"
+    return str(opt.default).lower() if opt.kind is bool else str(opt.default)
+
+
+class _OneLineParser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # type: ignore[override]
+        sys.stderr.write(f"lmgate: error: {message} (see lmgate --help)\n")
+        raise SystemExit(2)
+
+
+def load_settings(
+    argv: Sequence[str] | None = None,
+    env: Mapping[str, str] | None = None,
+) -> Settings:
+    """Merge flags, environment and file into Settings; raise ConfigError on bad input."""
+    env = os.environ if env is None else env
+    args = vars(build_parser().parse_args(argv))
+    config_path = args.pop("config") or env.get("LMGATE_CONFIG") or None
+    args.pop("version", None)
+    file_values: dict[str, Any] = read_file(config_path) if config_path else {}
+    for key in file_values:
+        if key not in OPTION_BY_NAME and key not in TABLE_KEYS:
+            raise ConfigError(key, f"unknown key in {config_path}")
+    values: dict[str, Any] = {}
+    sources: dict[str, str] = {}
+    for opt in OPTIONS:
+        raw, source = args.get(opt.name), "flag " + opt.flag
+        if raw is None and opt.env in env:
+            raw, source = env[opt.env], "env " + opt.env
+        if raw is None and opt.name in file_values:
+            raw, source = file_values[opt.name], "file"
+        if raw is None:
+            continue
+        values[opt.name] = _convert(opt, raw, "file" if source == "file" else source)
+        sources[opt.name] = source
+    keys = _parse_keys(file_values["keys"]) if "keys" in file_values else ()
+    groups = _parse_groups(file_values["groups"]) if "groups" in file_values else ()
+    settings = Settings(**values, keys=keys, groups=groups, config=config_path, sources=sources)
+    validate(settings)
+    return settings
+
+
+def validate(settings: Settings) -> None:
+    url = urlsplit(settings.upstream)
+    if url.scheme not in ("http", "https") or not url.hostname:
+        raise ConfigError("upstream", f"must be an http(s) URL, got {settings.upstream!r}")
+    if settings.port > 65535:
+        raise ConfigError("port", "must be <= 65535")
+    for origin in settings.cors_origins:
+        if origin != "*" and not origin.startswith(("http://", "https://")):
+            raise ConfigError("cors_origins", f"{origin!r} is not an origin like http://host:port")
+
+
+def settings_fields() -> list[str]:
+    return [f.name for f in fields(Settings)]

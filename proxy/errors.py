@@ -1,0 +1,143 @@
+"""Errors that lmgate itself produces, rendered in the OpenAI error shape.
+
+    ProxyError                      (500 internal_error)
+    ├── BadRequest                  400 invalid_request_error
+    │   └── TokenCapExceeded        400 invalid_request_error / max_tokens
+    ├── Unauthorized                401 authentication_error
+    ├── Forbidden                   403 permission_error
+    ├── NotFound                    404 not_found_error
+    ├── PayloadTooLarge             413 invalid_request_error
+    ├── TooManyRequests             429 rate_limit_error (+ Retry-After)
+    │   └── QueueFullError          429 rate_limit_error / queue_full
+    ├── UpstreamUnavailable         502 upstream_error
+    ├── ServiceUnavailable          503 service_unavailable
+    │   ├── QueueTimeout            503 / queue_timeout
+    │   └── ShuttingDown            503 / shutting_down
+    └── UpstreamTimeout             504 upstream_timeout
+
+Errors that LM Studio produces are never wrapped: they pass through unchanged.
+"""
+
+from __future__ import annotations
+
+import json
+
+MAX_RETRY_AFTER_S = 120
+
+
+class ProxyError(Exception):
+    status = 500
+    type = "internal_error"
+    code: str | None = "internal_error"
+    param: str | None = None
+    retry_after_s: int | None = None
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        code: str | None = None,
+        param: str | None = None,
+        retry_after_s: float | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        if code is not None:
+            self.code = code
+        if param is not None:
+            self.param = param
+        if retry_after_s is not None:
+            self.retry_after_s = max(1, min(MAX_RETRY_AFTER_S, int(retry_after_s + 0.999)))
+
+    def body(self) -> dict[str, dict[str, str | None]]:
+        return {
+            "error": {
+                "message": self.message,
+                "type": self.type,
+                "param": self.param,
+                "code": self.code,
+            }
+        }
+
+    def to_json(self) -> bytes:
+        return json.dumps(self.body()).encode()
+
+    def headers(self) -> dict[str, str]:
+        if self.retry_after_s is None:
+            return {}
+        return {"retry-after": str(self.retry_after_s)}
+
+    def sse_event(self) -> bytes:
+        """The error as one SSE event, for a stream whose headers were already sent."""
+        return b"data: " + self.to_json() + b"\n\n"
+
+
+class BadRequest(ProxyError):
+    status = 400
+    type = "invalid_request_error"
+    code = "invalid_request"
+
+
+class TokenCapExceeded(BadRequest):
+    code = "max_tokens_exceeded"
+    param = "max_tokens"
+
+
+class Unauthorized(ProxyError):
+    status = 401
+    type = "authentication_error"
+    code = "invalid_api_key"
+
+
+class Forbidden(ProxyError):
+    status = 403
+    type = "permission_error"
+    code = "forbidden"
+
+
+class NotFound(ProxyError):
+    status = 404
+    type = "not_found_error"
+    code = "not_found"
+
+
+class PayloadTooLarge(ProxyError):
+    status = 413
+    type = "invalid_request_error"
+    code = "payload_too_large"
+
+
+class TooManyRequests(ProxyError):
+    status = 429
+    type = "rate_limit_error"
+    code = "rate_limited"
+
+
+class QueueFullError(TooManyRequests):
+    code = "queue_full"
+
+
+class UpstreamUnavailable(ProxyError):
+    status = 502
+    type = "upstream_error"
+    code = "upstream_unavailable"
+
+
+class ServiceUnavailable(ProxyError):
+    status = 503
+    type = "service_unavailable"
+    code = "service_unavailable"
+
+
+class QueueTimeout(ServiceUnavailable):
+    code = "queue_timeout"
+
+
+class ShuttingDown(ServiceUnavailable):
+    code = "shutting_down"
+
+
+class UpstreamTimeout(ProxyError):
+    status = 504
+    type = "upstream_timeout"
+    code = "upstream_timeout"

@@ -1,0 +1,375 @@
+"""The gate: decides which request reaches the upstream next.
+
+The resource it protects is the *loaded model*. Any number of requests may wait; at most
+``parallel`` run at once, and every running request uses the same model (or models that an
+operator declared as a group that stays loaded together). A request for another model waits
+until every running request has finished.
+
+The gate is pure: no I/O, no asyncio, no clock except an injected one. Every public method
+runs to completion and leaves the gate in a consistent state, so it needs no locks when it is
+owned by one event loop. Starting a request is reported through ``on_start``; the async layer
+turns that into a resolved future.
+
+Service order
+    Waiting tickets are kept sorted by ``(tag, seq)``. ``seq`` is the arrival number. Under
+    the ``fifo`` policy ``tag == seq``; under ``fair`` the tag is a virtual round number per
+    identity (round robin between identities, FIFO within one).
+
+Swap batching
+    With ``max_skips = K > 0`` a waiting request for the model that is loaded may start ahead
+    of earlier requests for other models, but no ticket is overtaken more than K times. With
+    K = 0 the order is strict.
+
+Positions
+    ``0`` means started without waiting; ``N >= 1`` means N-1 requests start before this one
+    if nothing else arrives. With K = 0 that is the index in the sorted list (a bisect); with
+    K > 0 it comes from a projection of the policy, cached until the gate changes.
+"""
+
+from __future__ import annotations
+
+import bisect
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+WAITING = "waiting"
+RUNNING = "running"
+DONE = "done"
+CANCELLED = "cancelled"
+REJECTED = "rejected"
+
+POLICIES = ("fifo", "fair")
+
+
+class GateError(Exception):
+    """A ticket could not be admitted."""
+
+
+class QueueFull(GateError):
+    """The waiting line is at its limit."""
+
+
+class GateClosed(GateError):
+    """The gate is shutting down and admits nothing."""
+
+
+@dataclass(eq=False)
+class Ticket:
+    """One request's place in the gate. Identity is by object, not by value."""
+
+    request_id: str
+    model: str
+    identity: str = ""
+    meta: dict[str, Any] = field(default_factory=dict)
+    waiter: Any = None
+    seq: int = 0
+    tag: int = 0
+    state: str = "new"
+    arrived_at: float = 0.0
+    started_at: float | None = None
+    ended_at: float | None = None
+    position_at_arrival: int = 0
+    depth_at_arrival: int = 0
+    skipped: int = 0
+
+    @property
+    def key(self) -> tuple[int, int]:
+        return (self.tag, self.seq)
+
+    def waited_s(self, now: float) -> float:
+        end = self.started_at if self.started_at is not None else (self.ended_at or now)
+        return max(0.0, end - self.arrived_at)
+
+
+class Gate:
+    """FIFO (or fair) admission of requests to one upstream, model-aware."""
+
+    def __init__(
+        self,
+        *,
+        parallel: int = 1,
+        max_queue: int = 100,
+        max_skips: int = 0,
+        policy: str = "fifo",
+        groups: Iterable[Iterable[str]] = (),
+        loaded: Iterable[str] = (),
+        on_start: Callable[[Ticket], None] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if parallel < 1:
+            raise ValueError("parallel must be >= 1")
+        if max_queue < 0 or max_skips < 0:
+            raise ValueError("limits must be >= 0")
+        if policy not in POLICIES:
+            raise ValueError(f"unknown policy {policy!r}")
+        self.parallel = parallel
+        self.max_queue = max_queue
+        self.max_skips = max_skips
+        self.policy = policy
+        self.groups: tuple[frozenset[str], ...] = tuple(frozenset(g) for g in groups)
+        self.on_start = on_start
+        self.clock = clock
+        self.closed = False
+        self.switches = 0
+        self.version = 0
+        self._loaded: frozenset[str] = frozenset(loaded)
+        self._order: list[tuple[int, int]] = []
+        self._waiting: dict[int, Ticket] = {}
+        self._running: dict[int, Ticket] = {}
+        self._seq = 0
+        self._vtime = 0
+        self._last_tag: dict[str, int] = {}
+        self._per_identity: dict[str, int] = {}
+        self._projection: tuple[int, dict[int, int]] | None = None
+
+    # -- reading -----------------------------------------------------------------------
+    @property
+    def depth(self) -> int:
+        return len(self._order)
+
+    @property
+    def active(self) -> int:
+        return len(self._running)
+
+    @property
+    def loaded(self) -> frozenset[str]:
+        return self._loaded
+
+    @property
+    def running(self) -> list[Ticket]:
+        return list(self._running.values())
+
+    def waiting(self) -> list[Ticket]:
+        """Waiting tickets in the order they are expected to start."""
+        if self.max_skips == 0:
+            return [self._waiting[seq] for _, seq in self._order]
+        ranks = self._projected()
+        return sorted(self._waiting.values(), key=lambda t: ranks[t.seq])
+
+    def waiting_for(self, identity: str) -> int:
+        return self._per_identity.get(identity, 0)
+
+    def position(self, ticket: Ticket) -> int:
+        """0 if running, N >= 1 while waiting, -1 once it has left the gate."""
+        if ticket.state == RUNNING:
+            return 0
+        if ticket.state != WAITING:
+            return -1
+        if self.max_skips == 0:
+            return bisect.bisect_left(self._order, ticket.key) + 1
+        return self._projected()[ticket.seq] + 1
+
+    def depth_by_model(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for t in self._waiting.values():
+            out[t.model] = out.get(t.model, 0) + 1
+        return out
+
+    def active_by_model(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for t in self._running.values():
+            out[t.model] = out.get(t.model, 0) + 1
+        return out
+
+    # -- changing ----------------------------------------------------------------------
+    def submit(self, ticket: Ticket) -> None:
+        """Admit a ticket: it starts now (``on_start`` is called) or waits.
+
+        Raises QueueFull or GateClosed, leaving the gate unchanged.
+        """
+        if self.closed:
+            raise GateClosed("shutting down")
+        if ticket.state != "new":
+            raise ValueError("ticket already submitted")
+        self._seq += 1
+        ticket.seq = self._seq
+        ticket.arrived_at = self.clock()
+        if self.policy == "fair":
+            last = self._last_tag.get(ticket.identity, 0)
+            ticket.tag = max(last + 1, self._vtime)
+            self._last_tag[ticket.identity] = ticket.tag
+        else:
+            ticket.tag = ticket.seq
+        ticket.depth_at_arrival = len(self._order)
+        self._insert(ticket)
+        started = self._dispatch()
+        if ticket.state == WAITING and len(self._order) > self.max_queue:
+            self._remove_waiting(ticket)
+            ticket.state = "new"
+            self._bump()
+            raise QueueFull(f"queue is full ({self.max_queue} waiting)")
+        ticket.position_at_arrival = self.position(ticket)
+        self._notify(started)
+
+    def release(self, ticket: Ticket) -> None:
+        """A running ticket has finished (any outcome). Idempotent."""
+        if ticket.state == WAITING:
+            self.cancel(ticket)
+            return
+        if ticket.state != RUNNING:
+            return
+        del self._running[ticket.seq]
+        ticket.state = DONE
+        ticket.ended_at = self.clock()
+        self._bump()
+        self._notify(self._dispatch())
+
+    def cancel(self, ticket: Ticket) -> bool:
+        """Withdraw a ticket wherever it is. True if it was waiting or running."""
+        if ticket.state == RUNNING:
+            self.release(ticket)
+            ticket.state = CANCELLED
+            return True
+        if ticket.state != WAITING:
+            return False
+        self._remove_waiting(ticket)
+        ticket.state = CANCELLED
+        ticket.ended_at = self.clock()
+        self._bump()
+        self._notify(self._dispatch())
+        return True
+
+    def close(self) -> list[Ticket]:
+        """Admit nothing more; withdraw and return every waiting ticket."""
+        self.closed = True
+        dropped = self.waiting()
+        for t in dropped:
+            self._remove_waiting(t)
+            t.state = REJECTED
+            t.ended_at = self.clock()
+        self._bump()
+        return dropped
+
+    def set_loaded(self, models: Iterable[str]) -> None:
+        """Record what the upstream reports as loaded (not counted as a switch)."""
+        self._loaded = frozenset(models)
+        self._bump()
+
+    def find(self, request_id: str) -> Ticket | None:
+        for t in self._running.values():
+            if t.request_id == request_id:
+                return t
+        for t in self._waiting.values():
+            if t.request_id == request_id:
+                return t
+        return None
+
+    # -- internals ---------------------------------------------------------------------
+    def _bump(self) -> None:
+        self.version += 1
+
+    def _insert(self, ticket: Ticket) -> None:
+        ticket.state = WAITING
+        self._waiting[ticket.seq] = ticket
+        key = ticket.key
+        if not self._order or self._order[-1] < key:
+            self._order.append(key)
+        else:
+            bisect.insort(self._order, key)
+        self._per_identity[ticket.identity] = self._per_identity.get(ticket.identity, 0) + 1
+        self._bump()
+
+    def _remove_waiting(self, ticket: Ticket) -> None:
+        i = bisect.bisect_left(self._order, ticket.key)
+        del self._order[i]
+        del self._waiting[ticket.seq]
+        left = self._per_identity[ticket.identity] - 1
+        if left:
+            self._per_identity[ticket.identity] = left
+        else:
+            del self._per_identity[ticket.identity]
+            self._last_tag.pop(ticket.identity, None)
+
+    def compatible(self, model: str, models: frozenset[str] | set[str]) -> bool:
+        """May ``model`` run while ``models`` are running (or loaded)?"""
+        if not models or models == {model}:
+            return True
+        together = set(models) | {model}
+        return any(together <= g for g in self.groups)
+
+    def _pick(self, current: frozenset[str], busy: bool) -> int | None:
+        """Index in ``_order`` of the ticket to start next, or None to wait."""
+        head = self._waiting[self._order[0][1]]
+        if self.compatible(head.model, current):
+            return 0
+        if self.max_skips:
+            found = self._candidate(current)
+            if found is not None:
+                return found
+        return None if busy else 0
+
+    def _candidate(self, current: frozenset[str]) -> int | None:
+        worst = 0
+        for i, (_, seq) in enumerate(self._order):
+            t = self._waiting[seq]
+            if i and self.compatible(t.model, current):
+                return i
+            worst = max(worst, t.skipped)
+            if worst >= self.max_skips:
+                return None
+        return None
+
+    def _dispatch(self) -> list[Ticket]:
+        started: list[Ticket] = []
+        while self._order and len(self._running) < self.parallel:
+            busy = bool(self._running)
+            current = frozenset(t.model for t in self._running.values()) if busy else self._loaded
+            i = self._pick(current, busy)
+            if i is None:
+                break
+            for _, seq in self._order[:i]:
+                self._waiting[seq].skipped += 1
+            ticket = self._waiting[self._order[i][1]]
+            self._remove_waiting(ticket)
+            self._start(ticket)
+            started.append(ticket)
+        if started:
+            self._bump()
+        return started
+
+    def _start(self, ticket: Ticket) -> None:
+        ticket.state = RUNNING
+        ticket.started_at = self.clock()
+        self._running[ticket.seq] = ticket
+        self._vtime = max(self._vtime, ticket.tag)
+        if self.compatible(ticket.model, self._loaded):
+            self._loaded = self._loaded | {ticket.model}
+        else:
+            self.switches += 1
+            self._loaded = frozenset({ticket.model})
+
+    def _notify(self, started: list[Ticket]) -> None:
+        if self.on_start is not None:
+            for t in started:
+                self.on_start(t)
+
+    def _projected(self) -> dict[int, int]:
+        """Rank of every waiting ticket in the expected start order (policy replayed)."""
+        if self._projection is not None and self._projection[0] == self.version:
+            return self._projection[1]
+        order = [self._waiting[seq] for _, seq in self._order]
+        skipped = [t.skipped for t in order]
+        busy = bool(self._running)
+        current = frozenset(t.model for t in self._running.values()) if busy else self._loaded
+        ranks: dict[int, int] = {}
+        while order:
+            pick = 0
+            if not self.compatible(order[0].model, current):
+                worst = 0
+                for i, t in enumerate(order):
+                    if i and self.compatible(t.model, current):
+                        pick = i
+                        break
+                    worst = max(worst, skipped[i])
+                    if worst >= self.max_skips:
+                        break
+            for i in range(pick):
+                skipped[i] += 1
+            t = order.pop(pick)
+            del skipped[pick]
+            ranks[t.seq] = len(ranks)
+            current = current | {t.model} if self.compatible(t.model, current) else frozenset({t.model})
+        self._projection = (self.version, ranks)
+        return ranks

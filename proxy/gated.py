@@ -1,0 +1,490 @@
+"""One gated request, start to end: admit, wait its turn, forward, relay, release.
+
+Written as plain ASGI so that lmgate decides exactly when headers go out, can watch for
+a client disconnect while it waits or relays, and always releases its gate slot:
+
+    handler task ──┬── admission (auth, body, limits, gate.submit)
+                   ├── wait for turn  (queue comments for streams; timeout; shutdown)
+                   ├── forward upstream, relay bytes as they arrive
+                   └── finally: gate.release(ticket)   <- every path goes through here
+    watcher task ───── receive() -> http.disconnect: mark gone, cancel the handler task
+
+Shutdown and admin cancellation use the same route as a disconnect: they set a reason on
+the exchange and cancel the handler task, which turns the reason into an error response
+or a final SSE error event.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+import uuid
+from collections.abc import Awaitable, Callable, MutableMapping
+from typing import TYPE_CHECKING, Any
+
+import httpx
+
+from . import streaming as sse
+from .errors import (
+    BadRequest,
+    Forbidden,
+    PayloadTooLarge,
+    ProxyError,
+    QueueFullError,
+    QueueTimeout,
+    ShuttingDown,
+)
+from .gate import RUNNING, GateClosed, QueueFull, Ticket
+from .metrics import RequestRecord
+from .upstream import RESPONSE_DROP, map_error
+
+if TYPE_CHECKING:
+    from .app import AppState
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+
+log = logging.getLogger("lmgate")
+ERROR_BODY_CAP = 64 * 1024
+USAGE_BODY_CAP = 4 * 1024 * 1024
+
+
+class ClientGone(Exception):
+    """The client went away before lmgate could answer."""
+
+
+class Exchange:
+    """State shared between a handler task and the tasks that may interrupt it."""
+
+    __slots__ = ("task", "gone", "abort", "headers_sent", "finished", "boundary", "ticket")
+
+    def __init__(self, task: asyncio.Task[Any] | None) -> None:
+        self.task = task
+        self.gone = False
+        self.abort: ProxyError | None = None
+        self.headers_sent = False
+        self.finished = False
+        self.boundary = sse.Boundary()
+        self.ticket: Ticket | None = None
+
+    def interrupt(self, reason: ProxyError | None) -> None:
+        """Stop the handler: a disconnect (reason None), shutdown or admin cancel."""
+        if self.finished or self.task is None:
+            return
+        if reason is None:
+            self.gone = True
+        elif self.abort is None:
+            self.abort = reason
+        self.task.cancel()
+
+
+def header_map(scope: Scope) -> dict[bytes, bytes]:
+    return {k.lower(): v for k, v in scope["headers"]}
+
+
+def request_id_from(headers: dict[bytes, bytes]) -> str:
+    given = headers.get(b"x-request-id", b"").decode("latin-1").strip()
+    if given and len(given) <= 128 and given.isprintable():
+        return given
+    return uuid.uuid4().hex
+
+
+def client_address(scope: Scope) -> str:
+    client = scope.get("client")
+    return str(client[0]) if client else "unknown"
+
+
+async def read_body(receive: Receive, headers: dict[bytes, bytes], limit: int) -> bytes:
+    declared = headers.get(b"content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise PayloadTooLarge(f"request body is {int(declared)} bytes; the limit is {limit}")
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        msg = await receive()
+        if msg["type"] == "http.disconnect":
+            raise ClientGone()
+        chunk = msg.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            raise PayloadTooLarge(f"request body is over the limit of {limit} bytes")
+        chunks.append(chunk)
+        if not msg.get("more_body", False):
+            return b"".join(chunks)
+
+
+def parse_request(body: bytes) -> dict[str, Any]:
+    """The JSON body, checked just enough to schedule it: a ``model`` and a boolean ``stream``."""
+    if not body.strip():
+        raise BadRequest("request body is empty; expected a JSON object with a 'model' field")
+    try:
+        doc = json.loads(body)
+    except (ValueError, RecursionError) as exc:
+        raise BadRequest(f"request body is not valid JSON: {str(exc)[:200]}", code="invalid_json") from None
+    if not isinstance(doc, dict):
+        raise BadRequest("request body must be a JSON object", code="invalid_json")
+    model = doc.get("model")
+    if not isinstance(model, str) or not model.strip():
+        raise BadRequest("'model' is required and must be a non-empty string", param="model",
+                         code="missing_model")
+    if len(model) > 512:
+        raise BadRequest("'model' is too long", param="model")
+    stream = doc.get("stream", False)
+    if stream is not None and not isinstance(stream, bool):
+        raise BadRequest("'stream' must be true or false", param="stream")
+    for name in ("max_tokens", "max_completion_tokens", "max_output_tokens"):
+        value = doc.get(name)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+            raise BadRequest(f"'{name}' must be a non-negative integer", param=name)
+    return doc
+
+
+def requested_tokens(doc: dict[str, Any]) -> tuple[str, int | None]:
+    for name in ("max_tokens", "max_completion_tokens", "max_output_tokens"):
+        if doc.get(name) is not None:
+            return name, doc[name]
+    return "max_tokens", None
+
+
+async def send_error(send: Send, err: ProxyError, extra: list[tuple[bytes, bytes]]) -> None:
+    body = err.to_json()
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    headers += [(k.encode(), v.encode()) for k, v in err.headers().items()]
+    await send({"type": "http.response.start", "status": err.status, "headers": headers + extra})
+    await send({"type": "http.response.body", "body": body, "more_body": False})
+
+
+async def watch_disconnect(receive: Receive, ex: Exchange) -> None:
+    while True:
+        msg = await receive()
+        if msg["type"] == "http.disconnect":
+            ex.interrupt(None)
+            return
+
+
+class GatedRequest:
+    """Runs one request through the gate. Created per request by the app."""
+
+    def __init__(self, state: AppState, scope: Scope, receive: Receive, send: Send, route: str,
+                 *, gated: bool = True) -> None:
+        self.state = state
+        self.scope = scope
+        self.receive = receive
+        self.send = send
+        self.gated = gated
+        self.headers = header_map(scope)
+        self.t0 = time.perf_counter()
+        self.rid = request_id_from(self.headers)
+        self.rec = RequestRecord(request_id=self.rid, route=route, client=client_address(scope))
+        self.ex = Exchange(asyncio.current_task())
+        self.body = b""
+        self.stream = False
+        self.id_header = [(b"x-request-id", self.rid.encode())]
+
+    # -- entry ---------------------------------------------------------------------------
+    async def run(self) -> None:
+        st = self.state
+        try:
+            ticket = await self._admit()
+        except ClientGone:
+            self.rec.outcome, self.rec.status = "client_gone", 499
+            self._finish()
+            return
+        except ProxyError as err:
+            self.rec.outcome, self.rec.status, self.rec.reason = "rejected", err.status, err.code
+            await send_error(self.send, err, self.id_header)
+            self._finish()
+            return
+        self.ex.ticket = ticket
+        st.exchanges[ticket] = self.ex
+        watcher = asyncio.create_task(watch_disconnect(self.receive, self.ex))
+        try:
+            await self._serve(ticket)
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if not (self.ex.gone or self.ex.abort) or task is None:
+                raise
+            task.uncancel()
+            await self._interrupted()
+        except ProxyError as err:
+            await self._fail(err)
+        finally:
+            self.ex.finished = True
+            watcher.cancel()
+            st.gate.release(ticket)
+            st.exchanges.pop(ticket, None)
+            st.remember(ticket, self.rec)
+            self._finish()
+
+    async def passthrough(self, *, admin_only: bool) -> None:
+        """Forward at once, without the gate (model listings; admin model management)."""
+        st = self.state
+        watcher: asyncio.Task[None] | None = None
+        try:
+            try:
+                who = st.auth.authenticate(self.headers, self.rec.client)
+                self.rec.client = who.label
+                if admin_only and not who.admin:
+                    raise Forbidden("model management (load, unload, download) needs an admin key",
+                                    code="admin_only")
+                self.body = await read_body(self.receive, self.headers, st.settings.max_body)
+            except ProxyError as err:
+                self.rec.outcome, self.rec.status, self.rec.reason = "rejected", err.status, err.code
+                await send_error(self.send, err, self.id_header)
+                return
+            watcher = asyncio.create_task(watch_disconnect(self.receive, self.ex))
+            await self._forward(None)
+        except ClientGone:
+            self.rec.outcome, self.rec.status = "client_gone", 499
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if not self.ex.gone or task is None:
+                raise
+            task.uncancel()
+            await self._interrupted()
+        except ProxyError as err:
+            await self._fail(err)
+        finally:
+            self.ex.finished = True
+            if watcher is not None:
+                watcher.cancel()
+            self._finish()
+
+    async def _admit(self) -> Ticket:
+        st = self.state
+        who = st.auth.authenticate(self.headers, self.rec.client)
+        self.rec.client = who.label
+        if st.draining:
+            raise ShuttingDown("lmgate is shutting down")
+        self.body = await read_body(self.receive, self.headers, st.settings.max_body)
+        doc = parse_request(self.body)
+        model = doc["model"]
+        self.rec.model, self.stream = model, doc.get("stream") is True
+        self.rec.stream = self.stream
+        st.auth.check_model(who, model)
+        field, requested = requested_tokens(doc)
+        capped = st.auth.cap_tokens(who, requested)
+        if capped is not None:
+            doc[field] = capped
+            self.body = json.dumps(doc).encode()
+        st.auth.check_rate(who)
+        key = who.key
+        if key is not None and key.max_queued is not None and st.gate.waiting_for(who.identity) >= key.max_queued:
+            raise QueueFullError(f"key '{key.name}' already has {key.max_queued} requests waiting",
+                                 code="key_queue_full", retry_after_s=st.eta.retry_after_s(st.gate))
+        ticket = Ticket(request_id=self.rid, model=model, identity=who.identity,
+                        meta={"client": who.label, "stream": self.stream, "route": self.rec.route,
+                              "admin": who.admin})
+        ticket.waiter = asyncio.get_running_loop().create_future()
+        try:
+            st.gate.submit(ticket)
+        except QueueFull:
+            raise QueueFullError(f"the queue is full ({st.gate.max_queue} requests waiting); "
+                                 "try again later", retry_after_s=st.eta.retry_after_s(st.gate)) from None
+        except GateClosed:
+            raise ShuttingDown("lmgate is shutting down") from None
+        self.rec.position = ticket.position_at_arrival
+        return ticket
+
+    # -- waiting -------------------------------------------------------------------------
+    def _queue_headers(self, ticket: Ticket) -> list[tuple[bytes, bytes]]:
+        out = self.id_header + [
+            (b"x-queue-position", str(ticket.position_at_arrival).encode()),
+            (b"x-queue-depth", str(ticket.depth_at_arrival).encode()),
+        ]
+        if ticket.position_at_arrival > 0:
+            eta = self.state.eta.eta_ms(self.state.gate, ticket)
+            out.append((b"x-queue-eta-ms", str(eta).encode()))
+        return out
+
+    async def _serve(self, ticket: Ticket) -> None:
+        if ticket.state != RUNNING:
+            if self.stream:
+                await self._wait_streaming(ticket)
+            else:
+                await self._wait_plain(ticket)
+        self.rec.wait_ms = ticket.waited_s(time.monotonic()) * 1000
+        await self._forward(ticket)
+
+    def _deadline(self, ticket: Ticket) -> float:
+        return ticket.arrived_at + self.state.settings.queue_timeout
+
+    async def _wait_plain(self, ticket: Ticket) -> None:
+        timeout = max(0.0, self._deadline(ticket) - time.monotonic())
+        await asyncio.wait((ticket.waiter,), timeout=timeout)
+        self._check_turn(ticket)
+
+    def _check_turn(self, ticket: Ticket) -> None:
+        if not ticket.waiter.done():
+            self.state.gate.cancel(ticket)
+            raise QueueTimeout(f"waited {self.state.settings.queue_timeout:g} s without reaching "
+                               "the front of the queue", retry_after_s=self.state.eta.retry_after_s(self.state.gate))
+        err = ticket.waiter.exception()
+        if err is not None:
+            raise err
+
+    async def _wait_streaming(self, ticket: Ticket) -> None:
+        gate = self.state.gate
+        headers = [(b"content-type", b"text/event-stream; charset=utf-8"), (b"cache-control", b"no-cache"),
+                   (b"x-accel-buffering", b"no")] + self._queue_headers(ticket)
+        await self._start(200, headers)
+        last = ticket.position_at_arrival
+        await self._write(sse.queue_entered(last))
+        eta = self.state.eta.eta_ms(gate, ticket)
+        await self._write(sse.comment(f"queue_eta_ms={eta}"))
+        deadline = self._deadline(ticket)
+        last_write = time.monotonic()
+        while not ticket.waiter.done():
+            now = time.monotonic()
+            if now >= deadline:
+                break
+            step = min(sse.POSITION_MIN_INTERVAL_S, deadline - now)
+            await asyncio.wait((ticket.waiter,), timeout=step)
+            if ticket.waiter.done():
+                break
+            now = time.monotonic()
+            pos = gate.position(ticket)
+            if pos != last and pos > 0:
+                last = pos
+                await self._write(sse.queue_position(pos))
+                last_write = now
+            elif now - last_write >= sse.KEEPALIVE_S:
+                await self._write(sse.keepalive())
+                last_write = now
+        self._check_turn(ticket)
+
+    # -- upstream ------------------------------------------------------------------------
+    async def _forward(self, ticket: Ticket | None) -> None:
+        st, scope = self.state, self.scope
+        request = st.upstream.build(scope["method"], scope["path"], scope.get("query_string", b""),
+                                    scope["headers"], self.body)
+        t_up = time.perf_counter()
+        try:
+            response = await st.upstream.send(request)
+        except ProxyError:
+            st.upstream.mark_failed()
+            raise
+        try:
+            if self.ex.headers_sent:
+                await self._relay_after_wait(response, t_up)
+            else:
+                await self._relay_direct(response, t_up, ticket)
+        finally:
+            await response.aclose()
+
+    async def _relay_direct(self, response: httpx.Response, t_up: float, ticket: Ticket | None) -> None:
+        headers = [(k, v) for k, v in response.headers.raw if k.lower() not in RESPONSE_DROP]
+        is_sse = response.headers.get("content-type", "").startswith("text/event-stream")
+        if is_sse:
+            headers = [(k, v) for k, v in headers if k.lower() not in (b"cache-control", b"x-accel-buffering")]
+            headers += [(b"cache-control", b"no-cache"), (b"x-accel-buffering", b"no")]
+        if ticket is not None:
+            headers += self._queue_headers(ticket)
+            if not self.stream:
+                headers.append((b"x-queue-wait-ms", str(int(self.rec.wait_ms or 0)).encode()))
+        else:
+            headers += self.id_header
+        self.rec.status = response.status_code
+        if response.status_code >= 400:
+            self.rec.outcome = "upstream_error"
+        await self._start(response.status_code, headers)
+        await self._pump(response, t_up, is_sse)
+
+    async def _relay_after_wait(self, response: httpx.Response, t_up: float) -> None:
+        self.rec.status = response.status_code
+        if response.status_code >= 400:
+            self.rec.outcome = "upstream_error"
+            body = await _read_capped(response, ERROR_BODY_CAP)
+            await self._write(sse.error_event(sse.upstream_error_message(response.status_code, body)))
+            await self._end()
+            return
+        await self._pump(response, t_up, True)
+
+    async def _pump(self, response: httpx.Response, t_up: float, is_sse: bool) -> None:
+        send, boundary = self.send, self.ex.boundary
+        sniffer = sse.UsageSniffer() if is_sse else None
+        kept: list[bytes] | None = [] if not is_sse else None
+        kept_size = 0
+        first = True
+        try:
+            async for chunk in response.aiter_raw():
+                if first:
+                    first = False
+                    self.rec.ttft_ms = (time.perf_counter() - t_up) * 1000
+                if sniffer is not None:
+                    sniffer.feed(chunk)
+                elif kept is not None:
+                    kept_size += len(chunk)
+                    if kept_size <= USAGE_BODY_CAP:
+                        kept.append(chunk)
+                boundary.feed(chunk)
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+        except httpx.HTTPError as exc:
+            self.state.upstream.mark_failed()
+            raise map_error(exc) from exc
+        if sniffer is not None:
+            self.rec.prompt_tokens, self.rec.completion_tokens, self.rec.tokens_approx = sniffer.usage()
+        elif kept is not None and kept_size <= USAGE_BODY_CAP and self.rec.status < 400:
+            self.rec.prompt_tokens, self.rec.completion_tokens = sse.usage_from_json(b"".join(kept))
+        await self._end()
+
+    # -- writing -------------------------------------------------------------------------
+    async def _start(self, status: int, headers: list[tuple[bytes, bytes]]) -> None:
+        self.ex.headers_sent = True
+        await self.send({"type": "http.response.start", "status": status, "headers": headers})
+
+    async def _write(self, data: bytes) -> None:
+        self.ex.boundary.feed(data)
+        await self.send({"type": "http.response.body", "body": data, "more_body": True})
+
+    async def _end(self) -> None:
+        self.ex.finished = True
+        await self.send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    async def _fail(self, err: ProxyError) -> None:
+        """Report an error on whatever the client has seen so far."""
+        rec = self.rec
+        if rec.outcome == "ok":
+            rec.outcome = "timeout" if err.status in (503, 504) else "upstream_error"
+        if isinstance(err, ShuttingDown):
+            rec.outcome = "rejected"
+        if not self.ex.headers_sent:
+            rec.status = err.status
+            await send_error(self.send, err, self.id_header)
+            self.ex.finished = True
+            return
+        if not self.ex.boundary.clean:
+            # The upstream broke off inside an event: close that event so the error below
+            # is read as an event of its own (the broken one is already lost).
+            await self._write(b"\n\n")
+        await self._write(err.sse_event())
+        await self._end()
+
+    async def _interrupted(self) -> None:
+        if self.ex.gone:
+            self.rec.outcome = "client_gone"
+            if not self.rec.status:
+                self.rec.status = 499
+            return
+        assert self.ex.abort is not None
+        await self._fail(self.ex.abort)
+
+    def _finish(self) -> None:
+        self.rec.duration_ms = (time.perf_counter() - self.t0) * 1000
+        self.state.observe(self.rec)
+
+
+async def _read_capped(response: httpx.Response, cap: int) -> bytes:
+    out = bytearray()
+    try:
+        async for chunk in response.aiter_raw():
+            out += chunk
+            if len(out) >= cap:
+                break
+    except httpx.HTTPError:
+        pass
+    return bytes(out[:cap])

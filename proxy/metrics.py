@@ -1,0 +1,144 @@
+"""Prometheus metrics on an injected registry (never the global one).
+
+Counters and histograms are updated when a request ends. Gauges that describe the gate
+(queue depth, active requests, loaded model, switches) are read from the gate at scrape time
+by a collector, so they can never drift from the truth.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from . import __version__
+from .gate import Gate
+
+OTHER = "other"
+WAIT_BUCKETS = (0.005, 0.025, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800)
+TTFT_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 60, 120, 300)
+DURATION_BUCKETS = (0.01, 0.05, 0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800)
+
+
+@dataclass
+class RequestRecord:
+    """What one request did; filled in as it goes, observed once when it ends."""
+
+    request_id: str
+    route: str
+    client: str
+    model: str = ""
+    stream: bool = False
+    status: int = 0
+    outcome: str = "ok"
+    position: int = -1
+    wait_ms: float | None = None
+    ttft_ms: float | None = None
+    duration_ms: float = 0.0
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    tokens_approx: bool = False
+    reason: str | None = None
+
+
+class ModelLabels:
+    """Bounded label values: the first ``cap`` distinct models keep their names."""
+
+    def __init__(self, cap: int) -> None:
+        self.cap = cap
+        self._seen: set[str] = set()
+
+    def __call__(self, model: str) -> str:
+        if not model:
+            return "none"
+        if model in self._seen:
+            return model
+        if len(self._seen) < self.cap:
+            self._seen.add(model)
+            return model
+        return OTHER
+
+
+class GateCollector(Collector):
+    def __init__(self, gate_fn: Callable[[], Gate], label: ModelLabels,
+                 upstream_up: Callable[[], bool | None]) -> None:
+        self.gate_fn = gate_fn
+        self.label = label
+        self.upstream_up = upstream_up
+
+    def collect(self) -> Iterator[Metric]:
+        gate = self.gate_fn()
+        depth = GaugeMetricFamily("lmgate_queue_depth", "Requests waiting for their turn.", labels=["model"])
+        active = GaugeMetricFamily("lmgate_requests_active", "Requests running upstream now.", labels=["model"])
+        loaded = GaugeMetricFamily("lmgate_loaded_model", "1 for the model(s) lmgate believes are loaded.",
+                                   labels=["model"])
+        for family, counts in ((depth, gate.depth_by_model()), (active, gate.active_by_model())):
+            folded: dict[str, int] = {}
+            for model, n in counts.items():
+                key = self.label(model)
+                folded[key] = folded.get(key, 0) + n
+            if not folded:
+                folded["none"] = 0
+            for model, n in folded.items():
+                family.add_metric([model], n)
+        for model in sorted(gate.loaded):
+            loaded.add_metric([self.label(model)], 1)
+        switches = CounterMetricFamily("lmgate_model_switches", "Times a request for another model "
+                                       "started after the loaded one (a model swap).")
+        switches.add_metric([], gate.switches)
+        up = GaugeMetricFamily("lmgate_upstream_up", "1 if the last upstream probe or request "
+                               "succeeded, 0 if it failed.")
+        state = self.upstream_up()
+        up.add_metric([], 1.0 if state else 0.0)
+        yield from (depth, active, loaded, switches, up)
+
+
+class Metrics:
+    def __init__(self, registry: CollectorRegistry, *, max_models: int, max_queue: int,
+                 parallel: int) -> None:
+        self.registry = registry
+        self.label = ModelLabels(max_models)
+        Gauge("lmgate_max_queue", "Configured --max-queue.", registry=registry).set(max_queue)
+        Gauge("lmgate_parallel", "Configured --parallel.", registry=registry).set(parallel)
+        Gauge("lmgate_build_info", "lmgate version.", ["version"], registry=registry).labels(
+            __version__).set(1)
+        self.requests = Counter("lmgate_requests", "Requests by route, model and outcome (ok, "
+                                "upstream_error, client_gone, rejected, timeout).",
+                                ["route", "model", "outcome"], registry=registry)
+        self.rejections = Counter("lmgate_rejections", "Requests refused by lmgate, by reason.",
+                                  ["reason"], registry=registry)
+        self.prompt_tokens = Counter("lmgate_prompt_tokens", "Prompt tokens, from the upstream's "
+                                     "usage when it reports one.", ["model"], registry=registry)
+        self.completion_tokens = Counter("lmgate_completion_tokens", "Completion tokens: the "
+                                         "upstream's usage when present, otherwise approximate "
+                                         "(one per streamed content event).", ["model"],
+                                         registry=registry)
+        self.queue_wait = Histogram("lmgate_queue_wait_seconds", "Time from arrival to start.",
+                                    ["model"], buckets=WAIT_BUCKETS, registry=registry)
+        self.ttft = Histogram("lmgate_time_to_first_token_seconds", "Time from start upstream to "
+                              "the first response byte.", ["model"], buckets=TTFT_BUCKETS,
+                              registry=registry)
+        self.duration = Histogram("lmgate_request_duration_seconds", "Time from arrival to the "
+                                  "end of the response.", ["route", "model"],
+                                  buckets=DURATION_BUCKETS, registry=registry)
+
+    def attach_gate(self, gate_fn: Callable[[], Gate], upstream_up: Callable[[], bool | None]) -> None:
+        self.registry.register(GateCollector(gate_fn, self.label, upstream_up))
+
+    def observe(self, rec: RequestRecord) -> None:
+        model = self.label(rec.model) if rec.model else "none"
+        self.requests.labels(rec.route, model, rec.outcome).inc()
+        if rec.outcome == "rejected" and rec.reason:
+            self.rejections.labels(rec.reason).inc()
+        if rec.wait_ms is not None:
+            self.queue_wait.labels(model).observe(rec.wait_ms / 1000)
+        if rec.ttft_ms is not None:
+            self.ttft.labels(model).observe(rec.ttft_ms / 1000)
+        self.duration.labels(rec.route, model).observe(rec.duration_ms / 1000)
+        if rec.prompt_tokens:
+            self.prompt_tokens.labels(model).inc(rec.prompt_tokens)
+        if rec.completion_tokens:
+            self.completion_tokens.labels(model).inc(rec.completion_tokens)

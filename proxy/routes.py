@@ -1,0 +1,185 @@
+"""lmgate's own endpoints: health, queue views, metrics, status page, and the 404 catch-all.
+
+Proxied paths (inference, model listings, model management) never reach these routes:
+``app.GateDispatch`` takes them first.
+"""
+
+from __future__ import annotations
+
+import time
+from importlib import resources
+from typing import TYPE_CHECKING, Any
+
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import BaseRoute, Route
+
+from .auth import Principal
+from .errors import Forbidden, NotFound, ProxyError, Unauthorized
+from .gate import Ticket
+from .gated import client_address
+
+if TYPE_CHECKING:
+    from .app import AppState
+
+
+def error_response(err: ProxyError, extra: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse(err.body(), status_code=err.status, headers={**err.headers(), **(extra or {})})
+
+
+def viewer(state: AppState, request: Request) -> Principal | None:
+    """Who is looking at the queue. Without a key (when keys exist) they see it anonymised."""
+    headers = {k.lower(): v for k, v in request.scope["headers"]}
+    address = client_address(request.scope)
+    if state.auth.open:
+        return state.auth.authenticate(headers, address)
+    if b"authorization" not in headers and b"x-api-key" not in headers:
+        return None
+    return state.auth.authenticate(headers, address)
+
+
+def ticket_view(state: AppState, t: Ticket, who: Principal | None, now: float) -> dict[str, Any]:
+    position = state.gate.position(t)
+    mine = who is not None and (who.admin or who.identity == t.identity)
+    out: dict[str, Any] = {
+        "request_id": t.request_id if mine else None,
+        "model": t.model,
+        "state": t.state,
+        "position": position,
+        "position_at_arrival": t.position_at_arrival,
+        "waited_s": round(t.waited_s(now), 3),
+        "stream": bool(t.meta.get("stream")),
+        "mine": bool(who is not None and who.identity == t.identity),
+    }
+    if t.started_at is not None:
+        out["running_s"] = round(now - t.started_at, 3)
+    else:
+        out["eta_ms"] = state.eta.eta_ms(state.gate, t)
+    if who is not None and who.admin:
+        out["client"] = t.meta.get("client")
+    return out
+
+
+async def queue_snapshot(request: Request) -> Response:
+    state: AppState = request.app.state.lmgate
+    who = viewer(state, request)
+    gate, now = state.gate, time.monotonic()
+    return JSONResponse({
+        "object": "queue",
+        "depth": gate.depth,
+        "active": gate.active,
+        "parallel": gate.parallel,
+        "max_queue": gate.max_queue,
+        "policy": gate.policy,
+        "max_skips": gate.max_skips,
+        "loaded_models": sorted(gate.loaded),
+        "model_switches": gate.switches,
+        "upstream_up": state.upstream.up,
+        "draining": state.draining,
+        "running": [ticket_view(state, t, who, now) for t in gate.running],
+        "waiting": [ticket_view(state, t, who, now) for t in gate.waiting()],
+    })
+
+
+async def queue_item(request: Request) -> Response:
+    state: AppState = request.app.state.lmgate
+    who = viewer(state, request)
+    request_id = request.path_params["request_id"]
+    ticket = state.gate.find(request_id)
+    if ticket is not None:
+        view = ticket_view(state, ticket, who, time.monotonic())
+        view["request_id"] = request_id  # whoever knows the id may see its state
+        view["depth"] = state.gate.depth
+        return JSONResponse(view)
+    done = state.recent.get(request_id)
+    if done is None:
+        return error_response(NotFound(f"no request with id '{request_id}' is queued, running or "
+                                       "recently finished", code="request_not_found"))
+    shown = dict(done)
+    identity = shown.pop("identity", None)
+    client = shown.pop("client", None)
+    if who is not None and who.admin:
+        shown["client"] = client
+    shown["mine"] = bool(who is not None and who.identity == identity)
+    return JSONResponse(shown)
+
+
+async def queue_cancel(request: Request) -> Response:
+    state: AppState = request.app.state.lmgate
+    who = viewer(state, request)
+    if who is None:
+        raise Unauthorized("cancelling a request needs an admin key")
+    if not who.admin:
+        raise Forbidden("cancelling a request needs an admin key", code="admin_only")
+    request_id = request.path_params["request_id"]
+    reason = ProxyError("the request was cancelled by an administrator", code="cancelled")
+    reason.status, reason.type = 499, "cancelled"
+    if not state.cancel(request_id, reason):
+        raise NotFound(f"no waiting or running request with id '{request_id}'", code="request_not_found")
+    return JSONResponse({"request_id": request_id, "cancelled": True})
+
+
+async def healthz(request: Request) -> Response:
+    return JSONResponse({"status": "ok"})
+
+
+async def readyz(request: Request) -> Response:
+    state: AppState = request.app.state.lmgate
+    up = await state.upstream.probe()
+    body = {"status": "ready" if up and not state.draining else "not ready",
+            "upstream": state.upstream.base, "upstream_up": up, "draining": state.draining}
+    return JSONResponse(body, status_code=200 if up and not state.draining else 503)
+
+
+async def metrics(request: Request) -> Response:
+    state: AppState = request.app.state.lmgate
+    return Response(generate_latest(state.registry), media_type=CONTENT_TYPE_LATEST)
+
+
+async def status_page(request: Request) -> Response:
+    html = resources.files("proxy").joinpath("status.html").read_bytes()
+    return Response(html, media_type="text/html; charset=utf-8",
+                    headers={"cache-control": "no-cache"})
+
+
+async def not_found(request: Request) -> Response:
+    return error_response(NotFound(f"unknown path {request.method} {request.url.path}; lmgate "
+                                   "serves the OpenAI-compatible API under /v1"))
+
+
+def exception_handlers() -> dict[Any, Any]:
+    async def proxy_error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, ProxyError)
+        return error_response(exc)
+
+    async def http_error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, HTTPException)
+        if exc.status_code == 404:
+            return await not_found(request)
+        err = ProxyError(str(exc.detail), code="method_not_allowed" if exc.status_code == 405 else None)
+        err.status, err.type = exc.status_code, "invalid_request_error"
+        if exc.status_code == 405:
+            err.status, err.message = 404, f"unknown path {request.method} {request.url.path}"
+            err.type, err.code = "not_found_error", "not_found"
+        return error_response(err)
+
+    return {ProxyError: proxy_error, HTTPException: http_error}
+
+
+def build_routes(state: AppState) -> list[BaseRoute]:
+    routes: list[BaseRoute] = [
+        Route("/", status_page, methods=["GET"]),
+        Route("/healthz", healthz, methods=["GET"]),
+        Route("/readyz", readyz, methods=["GET"]),
+        Route("/metrics", metrics, methods=["GET"]),
+        Route("/queue", queue_snapshot, methods=["GET"]),
+        Route("/queue/{request_id}", queue_item, methods=["GET"]),
+        Route("/queue/{request_id}", queue_cancel, methods=["DELETE"]),
+    ]
+    for ext in state.extensions:
+        routes.extend(ext.routes())
+    routes.append(Route("/{path:path}", not_found,
+                        methods=["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"]))
+    return routes

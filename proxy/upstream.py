@@ -1,0 +1,138 @@
+"""The upstream side: one httpx client, request building, error mapping, probes."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterable
+from urllib.parse import urlsplit
+
+import httpx
+
+from .config import Settings
+from .errors import ProxyError, UpstreamTimeout, UpstreamUnavailable
+
+log = logging.getLogger("lmgate")
+
+# RFC 9110 section 7.6.1 plus the de-facto ones; never forwarded in either direction.
+HOP_BY_HOP = frozenset({
+    b"connection", b"keep-alive", b"proxy-authenticate", b"proxy-authorization", b"te",
+    b"trailer", b"trailers", b"transfer-encoding", b"upgrade", b"proxy-connection",
+})
+REQUEST_DROP = HOP_BY_HOP | {b"host", b"content-length", b"expect"}
+CLIENT_CREDENTIALS = frozenset({b"authorization", b"x-api-key"})
+RESPONSE_DROP = HOP_BY_HOP | {b"server", b"date"}
+PROBE_TIMEOUT_S = 2.0
+
+
+def base_url(upstream: str) -> str:
+    """The server root: a trailing /v1 (what people paste from their SDK config) is dropped."""
+    url = upstream.rstrip("/")
+    if urlsplit(url).path.endswith("/v1"):
+        url = url[: -len("/v1")]
+    return url
+
+
+class Upstream:
+    def __init__(self, settings: Settings, transport: httpx.AsyncBaseTransport | None = None) -> None:
+        self.base = base_url(settings.upstream)
+        self.key = settings.upstream_key
+        self.strip_credentials = bool(settings.keys) or bool(settings.upstream_key)
+        self.client = httpx.AsyncClient(
+            transport=transport,
+            timeout=httpx.Timeout(connect=settings.connect_timeout, read=settings.read_timeout,
+                                  write=settings.read_timeout, pool=None),
+            limits=httpx.Limits(max_connections=None, max_keepalive_connections=64),
+            follow_redirects=False,
+            trust_env=False,
+        )
+        self.up: bool | None = None
+        self.last_probe = 0.0
+
+    async def aclose(self) -> None:
+        await self.client.aclose()
+
+    def build(self, method: str, path: str, query: bytes, headers: Iterable[tuple[bytes, bytes]],
+              body: bytes) -> httpx.Request:
+        out: list[tuple[bytes, bytes]] = []
+        for name, value in headers:
+            lname = name.lower()
+            if lname in REQUEST_DROP:
+                continue
+            if self.strip_credentials and lname in CLIENT_CREDENTIALS:
+                continue
+            out.append((name, value))
+        if self.key:
+            out.append((b"authorization", b"Bearer " + self.key.encode()))
+        url = self.base + path + ("?" + query.decode("latin-1") if query else "")
+        return httpx.Request(method, url, headers=out, content=body)
+
+    async def send(self, request: httpx.Request) -> httpx.Response:
+        """Send and return a streaming response, mapping transport failures to ProxyErrors."""
+        try:
+            response = await self.client.send(request, stream=True)
+        except Exception as exc:
+            raise map_error(exc) from exc
+        self.up = True
+        return response
+
+    def mark_failed(self) -> None:
+        self.up = False
+
+    async def probe(self) -> bool:
+        """Is the upstream answering at all? Short timeout, any HTTP answer counts."""
+        try:
+            r = await self.client.get(self.base + "/v1/models", timeout=PROBE_TIMEOUT_S,
+                                      headers=self._auth())
+            self.up = r.status_code < 500
+        except httpx.HTTPError:
+            self.up = False
+        self.last_probe = time.monotonic()
+        return bool(self.up)
+
+    async def loaded_models(self) -> set[str] | None:
+        """Which models LM Studio reports as loaded; None if it cannot tell us."""
+        for path, parse in (("/api/v1/models", _loaded_v1), ("/api/v0/models", _loaded_v0)):
+            try:
+                r = await self.client.get(self.base + path, timeout=PROBE_TIMEOUT_S, headers=self._auth())
+                if r.status_code != 200:
+                    continue
+                found = parse(r.json())
+            except (httpx.HTTPError, ValueError, TypeError, AttributeError, KeyError):
+                continue
+            if found is not None:
+                return found
+        return None
+
+    def _auth(self) -> dict[str, str]:
+        return {"authorization": f"Bearer {self.key}"} if self.key else {}
+
+
+def _loaded_v0(doc: object) -> set[str] | None:
+    data = doc.get("data") if isinstance(doc, dict) else None
+    if not isinstance(data, list):
+        return None
+    return {m["id"] for m in data if isinstance(m, dict) and m.get("state") == "loaded" and "id" in m}
+
+
+def _loaded_v1(doc: object) -> set[str] | None:
+    # LM Studio 0.4: {"models": [{"key": ..., "loaded_instances": [...]}, ...]}
+    models = doc.get("models") if isinstance(doc, dict) else None
+    if not isinstance(models, list):
+        return None
+    out: set[str] = set()
+    for m in models:
+        if isinstance(m, dict) and m.get("loaded_instances"):
+            out.add(str(m.get("key") or m.get("id")))
+    return out
+
+
+def map_error(exc: BaseException) -> ProxyError:
+    if isinstance(exc, ProxyError):
+        return exc
+    if isinstance(exc, httpx.TimeoutException) and not isinstance(exc, (httpx.ConnectTimeout, httpx.PoolTimeout)):
+        return UpstreamTimeout("the upstream stopped answering (read timeout); the model may still "
+                               "be loading or the prompt is very long: raise --read-timeout")
+    if isinstance(exc, (httpx.ConnectError, httpx.ConnectTimeout)):
+        return UpstreamUnavailable("cannot connect to the upstream LM Studio server; is it running?")
+    return UpstreamUnavailable(f"upstream connection failed: {type(exc).__name__}")

@@ -1,0 +1,86 @@
+"""Extract the PromQL expressions of a Grafana dashboard, ready to send to Prometheus.
+
+Grafana's built-in interval/range variables are replaced with fixed values the
+way Grafana would render them, so every returned string is plain PromQL:
+
+    $__rate_interval -> 1m     $__range -> 5m     $__interval -> 15s
+
+Standard library only, so any test (unit, integration, e2e) can import it::
+
+    from dashboard_exprs import dashboard_exprs   # with tests/ on sys.path
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Iterator, Union
+
+DEFAULT_DASHBOARD = Path(__file__).resolve().parents[1] / "deploy" / "grafana" / "dashboards" / "lmgate.json"
+
+# Values used in place of Grafana's global variables.
+GRAFANA_VARS: dict[str, str] = {
+    "__rate_interval": "1m",
+    "__rate_interval_ms": "60000",
+    "__range": "5m",
+    "__range_s": "300",
+    "__range_ms": "300000",
+    "__interval": "15s",
+    "__interval_ms": "15000",
+}
+
+# $__name, ${__name} and ${__name:format}; the longest identifier wins (\w+ is greedy),
+# so $__range_s is not mistaken for $__range followed by "_s".
+_VAR_RE = re.compile(r"\$\{(__\w+)(?::[^}]*)?\}|\$(__\w+)")
+
+
+def substitute_grafana_vars(expr: str, values: dict[str, str] | None = None) -> str:
+    """Replace Grafana global variables in *expr*; unknown ``$__x`` variables raise ValueError."""
+    table = GRAFANA_VARS if values is None else values
+
+    def repl(m: re.Match[str]) -> str:
+        name = m.group(1) or m.group(2)
+        if name not in table:
+            raise ValueError(f"unsupported Grafana variable ${name} in expr: {expr!r}")
+        return table[name]
+
+    return _VAR_RE.sub(repl, expr)
+
+
+def iter_panels(panels: list[dict]) -> Iterator[dict]:
+    """All panels, including those nested in (collapsed) row panels."""
+    for panel in panels or []:
+        yield panel
+        yield from iter_panels(panel.get("panels") or [])
+
+
+def load_dashboard(path: Union[str, Path, None] = None) -> dict:
+    with open(path or DEFAULT_DASHBOARD, encoding="utf-8") as fh:
+        dash = json.load(fh)
+    # Accept both a bare dashboard and the API's {"dashboard": {...}} envelope.
+    return dash.get("dashboard", dash) if isinstance(dash, dict) else dash
+
+
+def dashboard_exprs(path: Union[str, Path, None] = None) -> list[str]:
+    """Every target ``expr`` of every panel in dashboard *path*, Grafana variables substituted.
+
+    Order follows the dashboard (panel order, then target order); hidden targets are
+    included. Targets without an expr are skipped; the deploy tests check that none are.
+    """
+    dash = load_dashboard(path)
+    exprs: list[str] = []
+    for panel in iter_panels(dash.get("panels", [])):
+        for target in panel.get("targets") or []:
+            expr = target.get("expr")
+            if not expr:
+                continue
+            exprs.append(substitute_grafana_vars(expr))
+    return exprs
+
+
+if __name__ == "__main__":  # pragma: no cover - manual helper
+    import sys
+
+    for e in dashboard_exprs(sys.argv[1] if len(sys.argv) > 1 else None):
+        print(e)
