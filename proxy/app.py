@@ -91,10 +91,15 @@ class AppState:
         self._refresh: asyncio.Task[None] | None = None
         self._grace: asyncio.Task[None] | None = None
         self.extensions: list[Any] = []
+        self.totals = {"served": 0, "failed": 0, "rejected": 0, "completion_tokens": 0}
 
     # -- bookkeeping -------------------------------------------------------------------
     def observe(self, rec: RequestRecord) -> None:
         self.metrics.observe(rec)
+        if rec.model:
+            bucket = {"ok": "served", "rejected": "rejected"}.get(rec.outcome, "failed")
+            self.totals[bucket] += 1
+            self.totals["completion_tokens"] += rec.completion_tokens or 0
         if rec.outcome == "ok" and rec.wait_ms is not None:
             self.eta.observe(rec.model, rec.duration_ms / 1000 - rec.wait_ms / 1000)
         if rec.outcome == "upstream_error" and rec.status >= 500 or rec.status in (502, 504):

@@ -78,6 +78,8 @@ async def queue_snapshot(request: Request) -> Response:
         "model_switches": gate.switches,
         "upstream_up": state.upstream.up,
         "draining": state.draining,
+        "totals": dict(state.totals),
+        "uptime_s": round(time.time() - state.started_at, 1),
         "running": [ticket_view(state, t, who, now) for t in gate.running],
         "waiting": [ticket_view(state, t, who, now) for t in gate.waiting()],
     })

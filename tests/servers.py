@@ -1,0 +1,84 @@
+"""Real processes for end-to-end tests: the simulator and lmgate, each a uvicorn server on
+127.0.0.1 with a free port, started as a subprocess and stopped by PID."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class Process:
+    """A server subprocess; ``url`` is its base URL. Output goes to a log file."""
+
+    def __init__(self, args: Sequence[str], port: int, log_path: Path, ready_path: str,
+                 env: dict[str, str] | None = None) -> None:
+        self.port = port
+        self.url = f"http://127.0.0.1:{port}"
+        self.log_path = log_path
+        self._log = log_path.open("wb")
+        full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+        self.proc = subprocess.Popen([sys.executable, *args], stdout=self._log,
+                                     stderr=subprocess.STDOUT, cwd=ROOT, env=full_env)
+        self._wait_ready(ready_path)
+
+    def _wait_ready(self, path: str, timeout_s: float = 20.0) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited early ({self.proc.returncode}):\n{self.output()}")
+            try:
+                if httpx.get(self.url + path, timeout=0.5).status_code < 500:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.05)
+        self.stop()
+        raise RuntimeError(f"server not ready in {timeout_s} s:\n{self.output()}")
+
+    def output(self) -> str:
+        self._log.flush()
+        return self.log_path.read_text(errors="replace")
+
+    def signal(self, sig: int) -> None:
+        self.proc.send_signal(sig)
+
+    def stop(self, timeout_s: float = 10.0) -> int | None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM if os.name != "nt" else signal.CTRL_BREAK_EVENT)
+            try:
+                self.proc.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        self._log.close()
+        return self.proc.returncode
+
+
+def start_simulator(tmp: Path, *, tokens_per_s: float = 100.0, load_s: float = 0.2,
+                    max_concurrent: int = 4, extra: Sequence[str] = ()) -> Process:
+    port = free_port()
+    args = ["-m", "proxy.simulator", "--port", str(port), "--tokens-per-s", str(tokens_per_s),
+            "--load-time", str(load_s), "--max-concurrent", str(max_concurrent), *extra]
+    return Process(args, port, tmp / f"sim-{port}.log", "/v1/models")
+
+
+def start_lmgate(tmp: Path, upstream: str, *args: str, env: dict[str, str] | None = None) -> Process:
+    port = free_port()
+    return Process(["-m", "proxy", "--upstream", upstream, "--port", str(port), *args], port,
+                   tmp / f"lmgate-{port}.log", "/healthz", env=env)
