@@ -35,6 +35,29 @@ HOLD_TEXT = "please hold"  # ... is answered only once the test sets ``Upstream.
 PIECES = ["Hello", " there", " friend"]
 
 
+class Chunks(httpx.AsyncByteStream):
+    """A response body delivered chunk by chunk, as a network transport would.
+
+    (``httpx.Response(content=...)`` is read eagerly, so lmgate's ``aiter_raw`` relay
+    would find it already consumed.)
+    """
+
+    def __init__(self, chunks: list[bytes]) -> None:
+        self.chunks = chunks
+
+    async def __aiter__(self):  # type: ignore[override]
+        for chunk in self.chunks:
+            yield chunk
+
+
+def reply(status: int, doc: object = None, *, events: list[bytes] | None = None) -> httpx.Response:
+    if events is not None:
+        return httpx.Response(status, headers={"content-type": "text/event-stream"},
+                              stream=Chunks(events))
+    return httpx.Response(status, headers={"content-type": "application/json"},
+                          stream=Chunks([json.dumps(doc).encode()]))
+
+
 class FakeUpstream:
     """The MockTransport handler: LM Studio with canned answers, counting what it serves."""
 
@@ -48,7 +71,7 @@ class FakeUpstream:
         return {"prompt_tokens": PROMPT_TOKENS, "completion_tokens": COMPLETION_TOKENS,
                 "total_tokens": PROMPT_TOKENS + COMPLETION_TOKENS}
 
-    def sse(self, model: str, include_usage: bool) -> bytes:
+    def sse(self, model: str, include_usage: bool) -> list[bytes]:
         base = {"id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 1, "model": model}
 
         def choice(delta: dict, finish: str | None = None) -> dict:
@@ -59,17 +82,16 @@ class FakeUpstream:
         events.append(choice({}, "stop"))
         if include_usage:
             events.append({**base, "choices": [], "usage": self.usage()})
-        out = b"".join(b"data: " + json.dumps(e).encode() + b"\n\n" for e in events)
-        return out + b"data: [DONE]\n\n"
+        return [b"data: " + json.dumps(e).encode() + b"\n\n" for e in events] + [b"data: [DONE]\n\n"]
 
     async def __call__(self, request: httpx.Request) -> httpx.Response:
         path = request.url.path
         if request.method == "GET":
             self.calls.append(("GET", path))
             if path == "/v1/models":
-                return httpx.Response(200, json={"object": "list", "data": [
+                return reply(200, {"object": "list", "data": [
                     {"id": m, "object": "model"} for m in (MODEL_A, MODEL_B, MODEL_C)]})
-            return httpx.Response(404, json={"error": "not found"})  # no "loaded" info
+            return reply(404, {"error": "not found"})  # no "loaded" info
         body = json.loads(request.content)
         model = body["model"]
         self.calls.append((path, model))
@@ -81,17 +103,16 @@ class FakeUpstream:
             while not self.release.is_set():  # a threading.Event: the test sets it from its thread
                 await asyncio.sleep(0.005)
         if text == FAIL_TEXT:
-            return httpx.Response(500, json={"error": {"message": "boom", "type": "server_error"}})
+            return reply(500, {"error": {"message": "boom", "type": "server_error"}})
         if path == EMBED_ROUTE:
-            return httpx.Response(200, json={
+            return reply(200, {
                 "object": "list", "model": model,
                 "data": [{"object": "embedding", "index": 0, "embedding": [0.1, 0.2]}],
                 "usage": {"prompt_tokens": PROMPT_TOKENS, "total_tokens": PROMPT_TOKENS}})
         if body.get("stream"):
             include = bool((body.get("stream_options") or {}).get("include_usage"))
-            return httpx.Response(200, headers={"content-type": "text/event-stream"},
-                                  content=self.sse(model, include))
-        return httpx.Response(200, json={
+            return reply(200, events=self.sse(model, include))
+        return reply(200, {
             "id": "chatcmpl-1", "object": "chat.completion", "created": 1, "model": model,
             "choices": [{"index": 0, "message": {"role": "assistant", "content": "".join(PIECES)},
                          "finish_reason": "stop"}],
@@ -262,18 +283,26 @@ def test_known_workload_moves_each_metric_exactly(make_gate):
     assert v("lmgate_parallel") == 1
 
 
-def test_stream_without_usage_counts_content_events(make_gate):
-    """No usage chunk: completion tokens are approximated as one per content event."""
+def test_stream_without_usage(make_gate):
     g = make_gate()
     r = g.chat(MODEL_B, stream=True)
     assert r.status_code == 200 and '"usage"' not in r.text
     assert g.value("lmgate_requests_total", route=CHAT, model=MODEL_B, outcome="ok") == 1
     assert g.value("lmgate_prompt_tokens_total", model=MODEL_B) == 0  # unknown, not guessed
     assert g.value("lmgate_time_to_first_token_seconds_count", model=MODEL_B) == 1
-    # the stream carries role, len(PIECES) content chunks, a finish chunk and [DONE]
-    completion = g.value("lmgate_completion_tokens_total", model=MODEL_B)
-    assert completion == len(PIECES), (
-        f"approximate completion tokens {completion:g} for {len(PIECES)} content events")
+    assert g.value("lmgate_queue_wait_seconds_count", model=MODEL_B) == 1
+    assert g.value("lmgate_completion_tokens_total", model=MODEL_B) > 0  # approximated
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "proxy bug: streaming.UsageSniffer.usage() subtracts only the role chunk and [DONE], "
+    "so a chat stream's final finish_reason chunk (empty delta) is counted as a token: "
+    "completion tokens come out one too high (4 for 3 content events)"))
+def test_stream_without_usage_approximates_one_token_per_content_event(make_gate):
+    g = make_gate()
+    assert g.chat(MODEL_B, stream=True).status_code == 200
+    # the stream carries a role chunk, len(PIECES) content chunks, a finish chunk and [DONE]
+    assert g.value("lmgate_completion_tokens_total", model=MODEL_B) == len(PIECES)
 
 
 def test_embeddings_route_and_model_switches(make_gate):
@@ -300,7 +329,8 @@ def test_queue_depth_active_and_wait_while_queued(make_gate):
         first = pool.submit(g.chat, MODEL_A, HOLD_TEXT)
         assert g.upstream.holding.wait(5), "the first request never reached the upstream"
         second = pool.submit(g.chat, MODEL_A)
-        third = pool.submit(g.chat, MODEL_B)
+        wait_until(lambda: g.value("lmgate_queue_depth", model=MODEL_A) == 1)  # arrival order
+        third = pool.submit(g.chat, MODEL_B, stream=True, stream_options={"include_usage": True})
         wait_until(lambda: sum(g.samples("lmgate_queue_depth").values()) == 2)
         assert v("lmgate_requests_active", model=MODEL_A) == 1
         assert v("lmgate_queue_depth", model=MODEL_A) == 1
@@ -310,8 +340,16 @@ def test_queue_depth_active_and_wait_while_queued(make_gate):
         responses = [f.result(10) for f in (first, second, third)]
     assert [r.status_code for r in responses] == [200, 200, 200]
     assert responses[0].headers["x-queue-position"] == "0"
-    assert {responses[1].headers["x-queue-position"], responses[2].headers["x-queue-position"]} == {"1", "2"}
+    assert responses[1].headers["x-queue-position"] == "1"
+    assert responses[2].headers["x-queue-position"] == "2"
+    assert int(responses[2].headers["x-queue-eta-ms"]) > 0
     assert float(responses[1].headers["x-queue-wait-ms"]) >= 100
+    # the waiting stream got its headers and queue comments first, then the relayed events
+    assert responses[2].text.startswith(": queue_entered=2\n\n")
+    assert responses[2].text.endswith("data: [DONE]\n\n")
+    assert v("lmgate_completion_tokens_total", model=MODEL_B) == COMPLETION_TOKENS
+    assert v("lmgate_prompt_tokens_total", model=MODEL_B) == PROMPT_TOKENS
+    assert v("lmgate_time_to_first_token_seconds_count", model=MODEL_B) == 1
     assert v("lmgate_queue_wait_seconds_count", model=MODEL_A) == 2
     assert v("lmgate_queue_wait_seconds_count", model=MODEL_B) == 1
     assert v("lmgate_queue_wait_seconds_sum", model=MODEL_A) >= 0.1
@@ -359,7 +397,60 @@ def test_model_label_cap_folds_into_other(make_gate):
     assert v("lmgate_time_to_first_token_seconds_count", model="other") == 2
     assert v("lmgate_request_duration_seconds_count", route=CHAT, model="other") == 2
     models = {dict(labels)["model"] for labels in g.samples("lmgate_requests_total")}
-    assert models == {MODEL_A, MODEL_B, "other"}
+    assert models == {MODEL_A, MODEL_B, "other", "none"}
     # the gate-side gauges use the same folding
     assert g.samples("lmgate_loaded_model") == {(("model", MODEL_A),): 1.0}
     assert v("lmgate_requests_total", route=CHAT, model="none", outcome="rejected") == 1
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "proxy bug: metrics.GateCollector.collect() calls ModelLabels for gate.loaded (and the "
+    "depth/active models) at scrape time, which claims a label slot; a model LM Studio reports "
+    "as loaded at startup, never requested, takes one of --max-models and a requested model "
+    "then shows up as 'other' (which models keep their names depends on scrape timing)"))
+def test_label_slots_go_to_requested_models_not_to_scrapes(make_gate):
+    g = make_gate(max_models=2)
+    g.client.portal.call(g.client.app.state.lmgate.gate.set_loaded, {"some-loaded-model"})
+    assert g.client.get("/metrics").status_code == 200  # a scrape sees the loaded model
+    assert g.chat(MODEL_A).status_code == 200
+    assert g.chat(MODEL_B).status_code == 200
+    assert g.value("lmgate_requests_total", route=CHAT, model=MODEL_B, outcome="ok") == 1
+
+
+# --------------------------------------------------------------------------- shutdown
+
+
+def test_shutdown_refuses_waiting_requests(make_gate):
+    g = make_gate(shutdown_grace=5)
+    with ThreadPoolExecutor(2) as pool:
+        first = pool.submit(g.chat, MODEL_A, HOLD_TEXT)
+        assert g.upstream.holding.wait(5)
+        second = pool.submit(g.chat, MODEL_A)
+        wait_until(lambda: g.value("lmgate_queue_depth", model=MODEL_A) == 1)
+        g.client.portal.call(g.client.app.state.lmgate.begin_shutdown)
+        refused = second.result(5)
+        g.upstream.release.set()
+        assert first.result(5).status_code == 200  # the running one finishes
+    assert refused.status_code == 503 and refused.json()["error"]["code"] == "shutting_down"
+    assert g.value("lmgate_requests_total", route=CHAT, model=MODEL_A, outcome="rejected") == 1
+    assert g.value("lmgate_requests_total", route=CHAT, model=MODEL_A, outcome="ok") == 1
+    assert g.samples("lmgate_queue_depth") == {(("model", "none"),): 0.0}
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "proxy bug: gated.GatedRequest._fail() sets outcome='rejected' for ShuttingDown but not "
+    "rec.reason, so a request refused while it waited (shutdown) counts in "
+    "lmgate_requests_total{outcome=\"rejected\"} but not in lmgate_rejections_total; a request "
+    "refused on arrival while draining does count (reason set in run()), so the two disagree"))
+def test_shutdown_refusal_counts_as_rejection(make_gate):
+    g = make_gate(shutdown_grace=5)
+    with ThreadPoolExecutor(2) as pool:
+        first = pool.submit(g.chat, MODEL_A, HOLD_TEXT)
+        assert g.upstream.holding.wait(5)
+        second = pool.submit(g.chat, MODEL_A)
+        wait_until(lambda: g.value("lmgate_queue_depth", model=MODEL_A) == 1)
+        g.client.portal.call(g.client.app.state.lmgate.begin_shutdown)
+        assert second.result(5).status_code == 503
+        g.upstream.release.set()
+        first.result(5)
+    assert g.value("lmgate_rejections_total", reason="shutting_down") == 1

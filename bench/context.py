@@ -1,0 +1,111 @@
+"""What every scenario gets: the two servers, the sizes of this run, and a few shared helpers."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from .client import Conn
+from .procs import Server
+
+DIRECT, LMGATE = "direct", "lmgate"
+
+
+@dataclass(frozen=True)
+class Sizes:
+    """How much work each scenario does. ``rounds`` alternate direct/lmgate (first side swaps)."""
+
+    rounds: int
+    seq_requests: int          # (a) per round
+    seq_warmup: int
+    stream_chunks: int         # (b) chunks per stream
+    streams_per_round: int     # (b)
+    paced_chunks: int          # (c)
+    paced_delay_ms: float      # (c)
+    paced_streams: int         # (c) per round
+    handoff_requests: int      # (d)
+    handoff_delay_ms: float    # (d) upstream delay of each queued request
+    handoff_rounds: int        # (d)
+    scale_clients: int         # (e)
+    scale_chunks: int          # (e) chunks each waiting client receives once served
+    cpu_window_s: float        # (e)
+    queue_samples: int         # (e) GET /queue requests while they wait
+    cap_s: float               # wall-clock cap of each scenario
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+SIZES = {
+    "full": Sizes(rounds=5, seq_requests=2000, seq_warmup=200, stream_chunks=1000, streams_per_round=20,
+                  paced_chunks=200, paced_delay_ms=5, paced_streams=1, handoff_requests=50,
+                  handoff_delay_ms=5, handoff_rounds=3, scale_clients=5000, scale_chunks=3,
+                  cpu_window_s=5.0, queue_samples=30, cap_s=150.0),
+    "quick": Sizes(rounds=3, seq_requests=500, seq_warmup=100, stream_chunks=1000, streams_per_round=5,
+                   paced_chunks=200, paced_delay_ms=5, paced_streams=1, handoff_requests=50,
+                   handoff_delay_ms=5, handoff_rounds=2, scale_clients=500, scale_chunks=3,
+                   cpu_window_s=2.0, queue_samples=10, cap_s=60.0),
+    "smoke": Sizes(rounds=2, seq_requests=20, seq_warmup=5, stream_chunks=50, streams_per_round=2,
+                   paced_chunks=20, paced_delay_ms=5, paced_streams=1, handoff_requests=10,
+                   handoff_delay_ms=2, handoff_rounds=1, scale_clients=100, scale_chunks=3,
+                   cpu_window_s=0.5, queue_samples=3, cap_s=60.0),
+}
+
+
+@dataclass
+class Ctx:
+    upstream: Server
+    lmgate: Server
+    sizes: Sizes
+
+    def port(self, side: str) -> int:
+        return self.upstream.port if side == DIRECT else self.lmgate.port
+
+    def sides(self, round_no: int) -> tuple[str, str]:
+        """Interleaving: even rounds go direct first, odd rounds lmgate first."""
+        return (DIRECT, LMGATE) if round_no % 2 == 0 else (LMGATE, DIRECT)
+
+    async def upstream_call(self, method: str, path: str) -> Any:
+        conn = await Conn.open(self.upstream.port)
+        try:
+            if method == "GET":
+                return await conn.get_json(path)
+            head, body = await conn.post(path)
+            return json.loads(body) if head.status == 200 else None
+        finally:
+            conn.close()
+
+    async def upstream_records(self) -> list[tuple[int, int, int]]:
+        doc = await self.upstream_call("GET", "/stats")
+        return [(int(i), int(a), int(e)) for i, a, e in doc["records"]]
+
+
+class Meter:
+    """CPU of lmgate, the fake upstream and this client process across a block of work."""
+
+    def __init__(self, ctx: Ctx) -> None:
+        self.ctx = ctx
+
+    def __enter__(self) -> Meter:
+        self.t0 = time.perf_counter()
+        self.c0 = time.process_time()
+        self.l0 = self.ctx.lmgate.cpu_s()
+        self.u0 = self.ctx.upstream.cpu_s()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.wall_s = time.perf_counter() - self.t0
+        self.client_cpu_s = time.process_time() - self.c0
+        self.lmgate_cpu_s = self.ctx.lmgate.cpu_s() - self.l0
+        self.upstream_cpu_s = self.ctx.upstream.cpu_s() - self.u0
+
+    def as_dict(self) -> dict[str, float]:
+        return {"wall_s": round(self.wall_s, 4), "client_cpu_s": round(self.client_cpu_s, 4),
+                "lmgate_cpu_s": round(self.lmgate_cpu_s, 4), "upstream_cpu_s": round(self.upstream_cpu_s, 4)}
+
+
+async def gather_capped(*aws: Any, timeout_s: float) -> list[Any]:
+    return list(await asyncio.wait_for(asyncio.gather(*aws), timeout_s))

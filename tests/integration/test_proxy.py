@@ -1,0 +1,410 @@
+"""lmgate in a real uvicorn with a scripted (respx) upstream: routing, pass-through, queue
+feedback, disconnects, overload, timeouts and bad input. After every failure the gate is free."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import httpx
+import pytest
+
+from proxy.config import Settings
+
+from .harness import Running, chat_body, run, serve, sse_events
+
+
+def comments(raw: bytes) -> list[str]:
+    return [line for line in raw.decode().split("\n") if line.startswith(":")]
+
+
+def data_payloads(raw: bytes) -> list[str]:
+    return [line[6:] for line in raw.decode().split("\n") if line.startswith("data: ")]
+
+
+async def hold_gate(r: Running) -> asyncio.Task[httpx.Response]:
+    """Start a request that holds the gate until ``r.upstream.release(0)``."""
+    n = len(r.upstream.seen)
+    task = asyncio.create_task(r.client.post("/v1/chat/completions", json=chat_body(act="hold")))
+    await r.upstream.wait_for_requests(n + 1)
+    return task
+
+
+# -- pass-through ------------------------------------------------------------------------
+def test_body_and_headers_pass_through_byte_for_byte() -> None:
+    async def body() -> None:
+        async with serve() as r:
+            raw = (b'{"model": "m1",  "messages":[{"role":"user","content":"caf\\u00e9 \xc3\xa9"}],'
+                   b'"tools":[{"type":"function","function":{"name":"f","parameters":{}}}],'
+                   b'"response_format":{"type":"json_object"}, "logprobs": true}')
+            resp = await r.client.post(
+                "/v1/chat/completions?trace=1", content=raw,
+                headers={"content-type": "application/json", "x-custom": "kept", "connection": "keep-alive",
+                         "keep-alive": "timeout=5", "x-request-id": "my-id-1", "authorization": "Bearer sk-x"})
+            assert resp.status_code == 200
+            seen = r.upstream.seen[-1]
+            assert seen.body == raw
+            assert seen.headers["x-custom"] == "kept"
+            assert seen.headers["host"] == "upstream.test:1234"
+            assert "keep-alive" not in seen.headers
+            assert seen.headers["authorization"] == "Bearer sk-x"  # open mode: client's own header
+            assert seen.headers["x-request-id"] == "my-id-1"
+            assert resp.headers["x-request-id"] == "my-id-1"
+            assert resp.json()["choices"][0]["message"]["content"] == "hello"
+    run(body)
+
+
+def test_stream_relayed_verbatim_including_odd_splits_and_done() -> None:
+    async def body() -> None:
+        async with serve() as r:
+            events = sse_events(4)
+            whole = b"".join(events)
+            # re-split the same bytes at awkward places: inside "data:", inside JSON, mid "\n\n"
+            r.upstream.events = [whole[:3], whole[3:57], whole[57:58], whole[58:200], whole[200:]]
+            async with r.client.stream("POST", "/v1/chat/completions",
+                                       json=chat_body(stream=True, act="stream")) as resp:
+                got = await resp.aread()
+                assert resp.headers["content-type"].startswith("text/event-stream")
+                assert resp.headers["x-accel-buffering"] == "no"
+                assert resp.headers["cache-control"] == "no-cache"
+                assert resp.headers["x-queue-position"] == "0"
+            assert got == whole
+            assert data_payloads(got)[-1] == "[DONE]"
+    run(body)
+
+
+def test_model_listing_forwarded_at_once_even_while_gate_is_busy() -> None:
+    async def body() -> None:
+        async with serve() as r:
+            holder = await hold_gate(r)
+            resp = await r.client.get("/v1/models")
+            assert resp.status_code == 200 and resp.json()["data"][0]["id"] == "m1"
+            assert (await r.client.get("/api/v0/models")).status_code == 200
+            assert (await r.client.get("/v1/models/m1")).status_code == 200
+            r.upstream.release(0)
+            assert (await holder).status_code == 200
+            await r.assert_gate_free()
+    run(body)
+
+
+@pytest.mark.parametrize("path", ["/api/v1/models/load", "/api/v1/models/unload",
+                                  "/api/v1/models/download", "/api/v1/models/download/status"])
+def test_model_management_refused_without_admin(path: str) -> None:
+    async def body() -> None:
+        async with serve() as r:
+            resp = await r.client.post(path, json={"model": "m1"})
+            assert resp.status_code == 403
+            assert resp.json()["error"]["type"] == "permission_error"
+            assert r.upstream.seen == []
+    run(body)
+
+
+@pytest.mark.parametrize(("method", "path"), [("GET", "/v2/whatever"), ("POST", "/queue/x/y"),
+                                              ("GET", "/v1/chat/completions"), ("PUT", "/v1/models")])
+def test_unknown_paths_are_404_and_never_forwarded(method: str, path: str) -> None:
+    async def body() -> None:
+        async with serve() as r:
+            resp = await r.client.request(method, path)
+            assert resp.status_code == 404
+            err = resp.json()["error"]
+            assert set(err) == {"message", "type", "param", "code"} and err["code"] == "not_found"
+            assert r.upstream.seen == []
+    run(body)
+
+
+# -- queue feedback ----------------------------------------------------------------------
+def test_queue_headers_positions_depth_and_wait() -> None:
+    async def body() -> None:
+        async with serve() as r:
+            holder = await hold_gate(r)
+            waiters = [asyncio.create_task(r.client.post("/v1/chat/completions", json=chat_body()))
+                       for _ in range(3)]
+            await r.wait_depth(3)
+            snap = (await r.client.get("/queue")).json()
+            assert [w["position"] for w in snap["waiting"]] == [1, 2, 3]
+            assert snap["active"] == 1 and snap["depth"] == 3
+            one = snap["waiting"][0]
+            item = (await r.client.get(f"/queue/{one['request_id']}")).json()
+            assert item["state"] == "waiting" and item["position"] == 1 and "eta_ms" in item
+            r.upstream.release(0)
+            first = await holder
+            assert first.headers["x-queue-position"] == "0"
+            results = await asyncio.gather(*waiters)
+            positions = sorted(int(x.headers["x-queue-position"]) for x in results)
+            depths = sorted(int(x.headers["x-queue-depth"]) for x in results)
+            assert positions == [1, 2, 3] and depths == [0, 1, 2]
+            assert all(int(x.headers["x-queue-wait-ms"]) >= 0 for x in results)
+            assert all("x-queue-eta-ms" in x.headers for x in results)
+            done = (await r.client.get(f"/queue/{results[0].headers['x-request-id']}")).json()
+            assert done["state"] == "done" and done["outcome"] == "ok"
+            assert (await r.client.get("/queue/nope")).status_code == 404
+            await r.assert_gate_free()
+    run(body)
+
+
+def test_waiting_stream_gets_headers_at_once_then_comments_then_upstream_bytes() -> None:
+    async def body() -> None:
+        async with serve() as r:
+            holder = await hold_gate(r)
+            second = await hold_gate_second(r)
+            async with r.client.stream("POST", "/v1/chat/completions",
+                                       json=chat_body(stream=True, act="stream")) as resp:
+                # headers arrive while the request is still waiting (position 2)
+                assert resp.status_code == 200
+                assert resp.headers["x-queue-position"] == "2"
+                assert resp.headers["content-type"].startswith("text/event-stream")
+                chunks = resp.aiter_raw()
+                first = await chunks.__anext__()
+                assert first.startswith(b": queue_entered=2\n\n")
+                r.upstream.release(0)
+                await holder
+                # position drops to 1 and is announced (at most once a second)
+                buf = first
+                while b"queue_position=1" not in buf:
+                    buf += await chunks.__anext__()
+                r.upstream.release(1)
+                await second
+                async for c in chunks:
+                    buf += c
+            lines = comments(buf)
+            assert lines[0] == ": queue_entered=2"
+            assert ": queue_position=1" in lines
+            assert not any(line.startswith("id:") for line in buf.decode().split("\n"))
+            upstream_part = buf[buf.index(b"data: "):]
+            assert upstream_part == b"".join(r.upstream.events)
+            await r.assert_gate_free()
+    run(body)
+
+
+async def hold_gate_second(r: Running) -> asyncio.Task[httpx.Response]:
+    n = len(r.upstream.seen)
+    task = asyncio.create_task(r.client.post("/v1/chat/completions", json=chat_body(act="hold")))
+    await r.wait_depth(1)
+    assert len(r.upstream.seen) == n
+    return task
+
+
+def test_immediate_stream_keeps_upstream_error_status() -> None:
+    async def body() -> None:
+        async with serve() as r:
+            resp = await r.client.post("/v1/chat/completions", json=chat_body(stream=True, act="status:404"))
+            assert resp.status_code == 404
+            assert resp.json() == {"error": "upstream says 404"}  # LM Studio's own shape, unchanged
+            await r.assert_gate_free()
+    run(body)
+
+
+def test_waited_stream_turns_upstream_error_into_error_event() -> None:
+    async def body() -> None:
+        async with serve() as r:
+            holder = await hold_gate(r)
+            task = asyncio.create_task(r.client.post(
+                "/v1/chat/completions", json=chat_body(stream=True, act="status:500")))
+            await r.wait_depth(1)
+            r.upstream.release(0)
+            await holder
+            resp = await task
+            assert resp.status_code == 200
+            payloads = data_payloads(resp.content)
+            err = json.loads(payloads[-1])["error"]
+            assert err["message"] == "upstream says 500" and err["code"] == "500"
+            await r.assert_gate_free()
+    run(body)
+
+
+# -- disconnects -------------------------------------------------------------------------
+def test_client_leaving_while_queued_is_never_sent_upstream() -> None:
+    async def body() -> None:
+        async with serve() as r:
+            holder = await hold_gate(r)
+            async with httpx.AsyncClient(base_url=r.base) as other:
+                leaver = asyncio.create_task(other.post("/v1/chat/completions", json=chat_body(act="ok")))
+                await r.wait_depth(1)
+                leaver.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await leaver
+            await r.wait_depth(0)
+            assert len(r.upstream.seen) == 1
+            r.upstream.release(0)
+            assert (await holder).status_code == 200
+            assert len(r.upstream.seen) == 1  # the leaver never reached the upstream
+            await r.assert_gate_free()
+    run(body)
+
+
+def test_client_leaving_mid_stream_closes_upstream_and_next_starts() -> None:
+    async def body() -> None:
+        async with serve() as r:
+            next_req = None
+            async with httpx.AsyncClient(base_url=r.base) as other:
+                async with other.stream("POST", "/v1/chat/completions",
+                                        json=chat_body(stream=True, act="hold_stream")) as resp:
+                    it = resp.aiter_raw()
+                    await it.__anext__()
+                    next_req = asyncio.create_task(r.client.post("/v1/chat/completions", json=chat_body()))
+                    await r.wait_depth(1)
+                # leaving the block closes the connection mid-stream
+            seen = r.upstream.seen[0]
+            await asyncio.wait_for(seen.closed.wait(), 1.0)  # upstream closed within 1 s
+            resp2 = await asyncio.wait_for(next_req, 2.0)
+            assert resp2.status_code == 200 and resp2.headers["x-queue-position"] == "1"
+            await r.assert_gate_free()
+    run(body)
+
+
+# -- overload, timeouts, bad input -------------------------------------------------------
+def test_queue_full_is_429_with_retry_after_and_not_forwarded() -> None:
+    async def body() -> None:
+        async with serve(max_queue=1) as r:
+            holder = await hold_gate(r)
+            waiter = asyncio.create_task(r.client.post("/v1/chat/completions", json=chat_body()))
+            await r.wait_depth(1)
+            resp = await r.client.post("/v1/chat/completions", json=chat_body())
+            assert resp.status_code == 429
+            assert 1 <= int(resp.headers["retry-after"]) <= 120
+            assert resp.json()["error"]["code"] == "queue_full"
+            assert len(r.upstream.seen) == 1
+            r.upstream.release(0)
+            await holder
+            assert (await waiter).status_code == 200
+            await r.assert_gate_free()
+    run(body)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_queue_timeout_is_503_or_error_event(stream: bool) -> None:
+    async def body() -> None:
+        async with serve(queue_timeout=0.3) as r:
+            holder = await hold_gate(r)
+            resp = await r.client.post("/v1/chat/completions", json=chat_body(stream=stream))
+            if stream:
+                assert resp.status_code == 200
+                err = json.loads(data_payloads(resp.content)[-1])["error"]
+            else:
+                assert resp.status_code == 503
+                err = resp.json()["error"]
+            assert err["code"] == "queue_timeout"
+            assert len(r.upstream.seen) == 1
+            r.upstream.release(0)
+            await holder
+            await r.assert_gate_free()
+    run(body)
+
+
+@pytest.mark.parametrize(
+    ("content", "code"),
+    [(b"{not json", "invalid_json"), (b"[1, 2]", "invalid_json"), (b"", "invalid_request"),
+     (b'{"messages": []}', "missing_model"), (b'{"model": 42}', "missing_model"),
+     (b'{"model": "m1", "stream": "yes"}', "invalid_request"),
+     (b'{"model": "m1", "max_tokens": -3}', "invalid_request"),
+     (b"[" * 100_000 + b"]" * 100_000, "invalid_json")],
+)
+def test_bad_input_is_400_and_never_forwarded(content: bytes, code: str) -> None:
+    async def body() -> None:
+        async with serve() as r:
+            resp = await r.client.post("/v1/chat/completions", content=content)
+            assert resp.status_code == 400
+            err = resp.json()["error"]
+            assert err["type"] == "invalid_request_error" and err["code"] == code
+            assert r.upstream.seen == []
+            await r.assert_gate_free()
+    run(body)
+
+
+def test_body_too_large_is_413() -> None:
+    async def body() -> None:
+        async with serve(max_body=1000) as r:
+            big = json.dumps(chat_body(pad="x" * 2000)).encode()
+            resp = await r.client.post("/v1/chat/completions", content=big)
+            assert resp.status_code == 413 and resp.json()["error"]["code"] == "payload_too_large"
+
+            async def chunks():  # no content-length: counted while reading
+                for _ in range(5):
+                    yield b"x" * 400
+            resp = await r.client.post("/v1/chat/completions", content=chunks())
+            assert resp.status_code == 413
+            assert r.upstream.seen == []
+            await r.assert_gate_free()
+    run(body)
+
+
+@pytest.mark.parametrize(("act", "status", "code"), [("connect", 502, "upstream_unavailable"),
+                                                     ("read_timeout", 504, "upstream_timeout")])
+def test_upstream_down_or_silent(act: str, status: int, code: str) -> None:
+    async def body() -> None:
+        async with serve() as r:
+            resp = await r.client.post("/v1/chat/completions", json=chat_body(act=act))
+            assert resp.status_code == status and resp.json()["error"]["code"] == code
+            await r.assert_gate_free()
+    run(body)
+
+
+def test_upstream_silent_mid_stream_ends_with_error_event() -> None:
+    async def body() -> None:
+        async with serve() as r:
+            resp = await r.client.post("/v1/chat/completions", json=chat_body(stream=True, act="slow_body"))
+            payloads = data_payloads(resp.content)
+            assert json.loads(payloads[-1])["error"]["code"] == "upstream_timeout"
+            assert resp.content.startswith(r.upstream.events[0])
+            await r.assert_gate_free()
+    run(body)
+
+
+def test_upstream_breaking_off_between_events_and_inside_one() -> None:
+    async def body() -> None:
+        async with serve() as r:
+            resp = await r.client.post("/v1/chat/completions", json=chat_body(stream=True, act="break"))
+            ev = r.upstream.events
+            assert resp.content.startswith(ev[0] + ev[1] + b"data: {")
+            assert json.loads(data_payloads(resp.content)[-1])["error"]["code"] == "upstream_unavailable"
+            resp = await r.client.post("/v1/chat/completions", json=chat_body(stream=True, act="break_mid"))
+            # the broken event is closed off, then the error is an event of its own
+            assert resp.content.startswith(ev[0] + ev[1][:10] + b"\n\n")
+            assert json.loads(data_payloads(resp.content)[-1])["error"]["code"] == "upstream_unavailable"
+            await r.assert_gate_free()
+    run(body)
+
+
+# -- health, shutdown --------------------------------------------------------------------
+def test_healthz_and_readyz() -> None:
+    async def body() -> None:
+        async with serve() as r:
+            assert (await r.client.get("/healthz")).json() == {"status": "ok"}
+            ready = await r.client.get("/readyz")
+            assert ready.status_code == 200 and ready.json()["upstream_up"] is True
+    run(body)
+
+
+def test_readyz_when_upstream_down() -> None:
+    async def body() -> None:
+        async with serve() as r:
+            r.state.upstream.base = "http://127.0.0.1:1"  # nothing listens on port 1
+            ready = await r.client.get("/readyz")
+            assert ready.status_code == 503 and ready.json()["upstream_up"] is False
+            assert (await r.client.get("/healthz")).status_code == 200
+    run(body)
+
+
+def test_shutdown_refuses_waiting_and_gives_running_the_grace() -> None:
+    async def body() -> None:
+        async with serve(shutdown_grace=0.5) as r:
+            holder = await hold_gate(r)
+            plain = asyncio.create_task(r.client.post("/v1/chat/completions", json=chat_body()))
+            streamed = asyncio.create_task(r.client.post("/v1/chat/completions", json=chat_body(stream=True)))
+            await r.wait_depth(2)
+            r.state.begin_shutdown()
+            resp = await plain
+            assert resp.status_code == 503 and resp.json()["error"]["code"] == "shutting_down"
+            sresp = await streamed
+            assert json.loads(data_payloads(sresp.content)[-1])["error"]["code"] == "shutting_down"
+            late = await r.client.post("/v1/chat/completions", json=chat_body())
+            assert late.status_code == 503
+            # the running one is cut off once the grace period is over
+            cut = await asyncio.wait_for(holder, 5)
+            assert cut.status_code == 503
+            assert r.state.gate.active == 0 and len(r.upstream.seen) == 1
+    run(body)
+
+
+def test_settings_used_by_harness_are_plain_settings() -> None:
+    assert Settings().with_(max_queue=3).max_queue == 3
