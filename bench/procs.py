@@ -8,6 +8,7 @@ import signal
 import socket
 import subprocess
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
@@ -42,6 +43,23 @@ def raise_fd_limit(want: int = 65536) -> int:
     return target
 
 
+def _die_with_parent() -> Callable[[], None] | None:
+    """Linux: the child gets SIGTERM if the bench dies (even by SIGKILL), so no server outlives it."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        import ctypes
+        prctl = ctypes.CDLL("libc.so.6", use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+    pr_set_pdeathsig = 1
+
+    def preexec() -> None:
+        prctl(pr_set_pdeathsig, signal.SIGTERM)
+
+    return preexec
+
+
 @dataclass
 class Server:
     name: str
@@ -57,7 +75,7 @@ class Server:
         self._log = self.log_path.open("wb")
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         self.proc = subprocess.Popen([sys.executable, *self.args], stdout=self._log, stderr=subprocess.STDOUT,
-                                     stdin=subprocess.DEVNULL, cwd=ROOT, env=env)
+                                     stdin=subprocess.DEVNULL, cwd=ROOT, env=env, preexec_fn=_die_with_parent())
         self.ps = psutil.Process(self.proc.pid)
 
     async def ready(self, path: str, timeout_s: float = 30.0) -> None:

@@ -193,7 +193,7 @@ def lmgate_metric(url: str, name: str) -> float:
 
 
 def test_dashboard_exprs_against_real_prometheus(stack):
-    sim, lmgate, prom = stack
+    _sim, lmgate, prom = stack
 
     # Traffic in waves from the start: Prometheus only begins scraping a few seconds after
     # it is ready (its discovery manager batches target updates), so the waves overlap that
@@ -264,14 +264,18 @@ def test_dashboard_exprs_against_real_prometheus(stack):
             elif "rate(" in expr:
                 assert sum(values) > 0, (expr, values)
 
-    # a few exact cross-checks of what Prometheus saw
-    by_outcome = {s["metric"].get("outcome"): float(s["value"][1])
-                  for s in results["sum by (outcome) (rate(lmgate_requests_total[1m]))"]}
+    # a few cross-checks of what Prometheus saw (queried directly: independent of panel text)
+    def by_label(expr: str, label: str) -> dict[str, float]:
+        doc = prom.query(expr, at)
+        assert doc["status"] == "success", doc
+        return {s["metric"].get(label, ""): float(s["value"][1]) for s in doc["data"]["result"]}
+
+    by_outcome = by_label("sum by (outcome) (rate(lmgate_requests_total[1m]))", "outcome")
     assert by_outcome.get("ok", 0) > 0 and by_outcome.get("rejected", 0) > 0, by_outcome
-    by_reason = {s["metric"].get("reason") for s in results["sum by (reason) (rate(lmgate_rejections_total[1m]))"]}
-    assert {"invalid_json", "missing_model"} <= by_reason
-    token_models = {s["metric"].get("model") for s in results["sum by (model) (rate(lmgate_completion_tokens_total[1m]))"]}
-    assert {MODEL_A, MODEL_B} <= token_models
+    by_reason = by_label("sum by (reason) (increase(lmgate_rejections_total[1m]))", "reason")
+    assert {"invalid_json", "missing_model"} <= set(by_reason), by_reason
+    by_model = by_label("sum by (model) (rate(lmgate_completion_tokens_total[1m]))", "model")
+    assert by_model.get(MODEL_A, 0) > 0 and by_model.get(MODEL_B, 0) > 0, by_model
     assert prom.vector("sum(lmgate_completion_tokens_total)", at) == [
         lmgate_metric(lmgate.url, "lmgate_completion_tokens_total")]
     assert prom.vector("max_over_time(sum(lmgate_requests_active)[1m:1s])", at)[0] >= 1

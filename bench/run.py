@@ -1,0 +1,184 @@
+"""Run the benchmark: start the fake upstream and lmgate, run every scenario against both
+(interleaved), print the table, write the JSON.
+
+    python -m bench.run [--quick | --smoke] [--out bench/results/latest.json] [--only a,b,e]
+                        [--profile]      # py-spy on lmgate during each scenario (needs py-spy)
+
+Exit status: 0 when every scenario ran and every correctness check passed (timing targets are
+reported, not enforced, unless --strict), 1 otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import signal
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+from . import procs, profile, report
+from .context import SIZES, Ctx
+from .scale import scale
+from .scenarios import handoff, paced_stream, sequential, stream_throughput
+
+Scenario = Callable[[Ctx], Awaitable[dict[str, Any]]]
+SCENARIOS: list[tuple[str, str, Scenario]] = [
+    ("a", "a_sequential", sequential),
+    ("b", "b_stream", stream_throughput),
+    ("c", "c_paced", paced_stream),
+    ("d", "d_handoff", handoff),
+    ("e", "e_scale", scale),
+]
+BUDGET_S = {"full": 330.0, "quick": 90.0, "smoke": 90.0}
+DEFAULT_OUT = Path("bench/results/latest.json")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m bench.run", description="lmgate benchmark: direct vs through lmgate")
+    size = p.add_mutually_exclusive_group()
+    size.add_argument("--quick", action="store_true", help="smaller run (about a minute; 500 waiting clients)")
+    size.add_argument("--smoke", action="store_true", help="tiny run for tests: correctness only")
+    p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="JSON results file (default %(default)s)")
+    p.add_argument("--only", default="", help="comma-separated scenario letters to run (a,b,c,d,e); "
+                   "f is derived from a and b")
+    p.add_argument("--clients", type=int, default=None, help="override the number of waiting clients in (e)")
+    p.add_argument("--profile", action="store_true",
+                   help="record lmgate with py-spy during each scenario; collapsed stacks and top "
+                   "functions go next to --out")
+    p.add_argument("--strict", action="store_true", help="exit 1 when a timing target is missed")
+    return p.parse_args(argv)
+
+
+def fast_loop() -> tuple[Callable[[], asyncio.AbstractEventLoop] | None, str]:
+    try:
+        import uvloop
+    except ImportError:
+        return None, "asyncio"
+    return uvloop.new_event_loop, "uvloop"
+
+
+def available(module: str) -> bool:
+    try:
+        __import__(module)
+    except ImportError:
+        return False
+    return True
+
+
+async def run(args: argparse.Namespace, mode: str, loop_name: str) -> dict[str, Any]:
+    sizes = SIZES[mode]
+    if args.clients:
+        from dataclasses import replace
+        sizes = replace(sizes, scale_clients=args.clients)
+    wanted = {x.strip() for x in args.only.split(",") if x.strip()} or {k for k, _, _ in SCENARIOS}
+    if "f" in wanted:
+        wanted |= {"a", "b"}
+    out_dir = args.out.parent
+    log_dir = out_dir / "logs"
+    budget_end = time.monotonic() + BUDGET_S[mode]
+    fd_limit = procs.raise_fd_limit()
+    # SIGTERM (a test's timeout, a CI cancel) cancels the run, so `finally` stops the servers.
+    task = asyncio.current_task()
+    if task is not None and hasattr(signal, "SIGTERM"):
+        try:
+            asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
+        except (NotImplementedError, RuntimeError):
+            pass
+    doc: dict[str, Any] = {
+        "meta": {"mode": mode, "command": " ".join([Path(sys.executable).name, "-m", "bench.run", *sys.argv[1:]]),
+                 "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "python": platform.python_version(),
+                 "platform": platform.platform(), "cpus": os.cpu_count(), "client_loop": loop_name,
+                 "uvloop": available("uvloop"), "httptools": available("httptools"), "fd_limit": fd_limit,
+                 "sizes": sizes.as_dict()},
+        "scenarios": {},
+    }
+    upstream = procs.fake_upstream(log_dir)
+    lmgate: procs.Server | None = None
+    try:
+        upstream.start()
+        await upstream.ready("/v1/models")
+        lmgate = procs.lmgate(log_dir, upstream.port)
+        lmgate.start()
+        await lmgate.ready("/healthz")
+        doc["meta"]["pids"] = {"upstream": upstream.pid, "lmgate": lmgate.pid}
+        doc["meta"]["rss_start_mb"] = round(lmgate.rss_bytes() / 2**20, 1)
+        ctx = Ctx(upstream=upstream, lmgate=lmgate, sizes=sizes)
+        for letter, name, fn in SCENARIOS:
+            if letter not in wanted:
+                continue
+            doc["scenarios"][name] = await run_one(ctx, name, fn, budget_end, args, out_dir)
+            if not lmgate.alive() or not upstream.alive():
+                doc["scenarios"][name]["error"] = (doc["scenarios"][name].get("error") or "") + \
+                    f" server died: lmgate {lmgate.alive()}, upstream {upstream.alive()}"
+                break
+        doc["meta"]["lmgate_log_tail"] = lmgate.tail(2000)
+    finally:
+        if lmgate is not None:
+            doc["meta"]["lmgate_exit"] = lmgate.stop()
+        doc["meta"]["upstream_exit"] = upstream.stop()
+    return doc
+
+
+async def run_one(ctx: Ctx, name: str, fn: Scenario, budget_end: float, args: argparse.Namespace,
+                  out_dir: Path) -> dict[str, Any]:
+    cap = max(5.0, min(ctx.sizes.cap_s, budget_end - time.monotonic()))
+    recorder = profile.Recorder(ctx.lmgate.pid, out_dir / f"profile-{name}.txt") if args.profile else None
+    t0 = time.perf_counter()
+    sys.stderr.write(f"[bench] {name} (cap {cap:.0f} s) ...\n")
+    try:
+        if recorder is not None:
+            recorder.start()
+        result = await asyncio.wait_for(fn(ctx), cap)
+    except Exception as exc:  # one scenario's failure must not stop the others
+        result = {"error": f"{type(exc).__name__}: {exc}"}
+    finally:
+        if recorder is not None:
+            prof = recorder.stop()
+    if recorder is not None:
+        result["profile"] = prof
+    result["wall_s"] = round(time.perf_counter() - t0, 2)
+    sys.stderr.write(f"[bench] {name} done in {result['wall_s']} s{' ERROR ' + result['error'] if result.get('error') else ''}\n")
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    mode = "smoke" if args.smoke else "quick" if args.quick else "full"
+    factory, loop_name = fast_loop()
+    try:
+        if hasattr(asyncio, "Runner"):
+            with asyncio.Runner(loop_factory=factory) as runner:
+                doc = runner.run(run(args, mode, loop_name))
+        else:  # Python 3.10: the default loop
+            doc = asyncio.run(run(args, mode, "asyncio"))
+    except asyncio.CancelledError:
+        sys.stderr.write("[bench] stopped by SIGTERM; servers stopped\n")
+        return 130
+    scenarios = doc["scenarios"]
+    doc["targets"] = report.evaluate(scenarios)
+    doc["checks"] = report.checks(scenarios)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(doc, indent=2) + "\n")
+    print(f"lmgate bench ({mode}): {doc['meta']['command']}")
+    print(report.table(doc["targets"]))
+    print(report.checks_text(doc["checks"]))
+    for name, sc in scenarios.items():
+        if sc.get("error"):
+            print(f"{name}: ERROR {sc['error']}")
+        if sc.get("profile"):
+            print(profile.text(name, sc["profile"]))
+    print(f"results: {args.out}")
+    failed = any(sc.get("error") for sc in scenarios.values()) or not all(doc["checks"].values())
+    if args.strict and any(t["result"] == "FAIL" for t in doc["targets"]):
+        failed = True
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
