@@ -239,7 +239,10 @@ def create_app(settings: Settings, *, transport: httpx.AsyncBaseTransport | None
     ``registry`` (a fresh one if omitted), never to the process-global registry."""
     from . import routes  # routes import app-level names; keep the import local
 
+    from .compat import LegacyQueue
+
     state = AppState(settings, transport=transport, registry=registry or CollectorRegistry())
+    state.extensions.append(LegacyQueue(state))
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:

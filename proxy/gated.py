@@ -264,6 +264,7 @@ class GatedRequest:
         doc = parse_request(self.body)
         model = doc["model"]
         self.rec.model, self.stream = model, doc.get("stream") is True
+        st.metrics.label(model)  # claim a label slot in arrival order
         self.rec.stream = self.stream
         st.auth.check_model(who, model)
         field, requested = requested_tokens(doc)
@@ -451,7 +452,7 @@ class GatedRequest:
         if rec.outcome == "ok":
             rec.outcome = "timeout" if err.status in (503, 504) else "upstream_error"
         if isinstance(err, ShuttingDown):
-            rec.outcome = "rejected"
+            rec.outcome, rec.reason = "rejected", err.code
         if not self.ex.headers_sent:
             rec.status = err.status
             await send_error(self.send, err, self.id_header)

@@ -61,6 +61,10 @@ class ModelLabels:
             return model
         return OTHER
 
+    def peek(self, model: str) -> str:
+        """The label for ``model`` without claiming a slot (for scrape-time readings)."""
+        return model if model in self._seen else (OTHER if model else "none")
+
 
 class GateCollector(Collector):
     def __init__(self, gate_fn: Callable[[], Gate], label: ModelLabels,
@@ -78,14 +82,14 @@ class GateCollector(Collector):
         for family, counts in ((depth, gate.depth_by_model()), (active, gate.active_by_model())):
             folded: dict[str, int] = {}
             for model, n in counts.items():
-                key = self.label(model)
+                key = self.label.peek(model)
                 folded[key] = folded.get(key, 0) + n
             if not folded:
                 folded["none"] = 0
             for model, n in folded.items():
                 family.add_metric([model], n)
         for model in sorted(gate.loaded):
-            loaded.add_metric([self.label(model)], 1)
+            loaded.add_metric([model], 1)  # names from the upstream itself: already bounded
         switches = CounterMetricFamily("lmgate_model_switches", "Times a request for another model "
                                        "started after the loaded one (a model swap).")
         switches.add_metric([], gate.switches)

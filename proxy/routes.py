@@ -171,7 +171,10 @@ def exception_handlers() -> dict[Any, Any]:
 
 
 def build_routes(state: AppState) -> list[BaseRoute]:
-    routes: list[BaseRoute] = [
+    routes: list[BaseRoute] = []
+    for ext in state.extensions:  # before /queue/{request_id}, so /queue/status wins
+        routes.extend(ext.routes())
+    routes += [
         Route("/", status_page, methods=["GET"]),
         Route("/healthz", healthz, methods=["GET"]),
         Route("/readyz", readyz, methods=["GET"]),
@@ -180,8 +183,6 @@ def build_routes(state: AppState) -> list[BaseRoute]:
         Route("/queue/{request_id}", queue_item, methods=["GET"]),
         Route("/queue/{request_id}", queue_cancel, methods=["DELETE"]),
     ]
-    for ext in state.extensions:
-        routes.extend(ext.routes())
     routes.append(Route("/{path:path}", not_found,
                         methods=["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"]))
     return routes

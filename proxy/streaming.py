@@ -59,42 +59,47 @@ class Boundary:
 
 
 class UsageSniffer:
-    """Counts content events cheaply and keeps the tail of the stream to read ``usage``.
+    """Counts content deltas cheaply and keeps the last chunks to read ``usage``.
 
-    Scanning every chunk as JSON would cost more CPU than the relay itself, so completion
-    tokens are approximated by the number of ``data:`` events unless the upstream reports
-    a usage object (LM Studio does with ``stream_options.include_usage``).
+    Parsing every chunk as JSON would cost more CPU than the relay itself, so completion
+    tokens are approximated by counting non-empty ``content``/``arguments`` deltas (one
+    token each, as LM Studio streams them) unless the upstream reports a usage object
+    (LM Studio does with ``stream_options.include_usage``).
     """
 
-    __slots__ = ("events", "tail")
-    TAIL = 8192
+    __slots__ = ("deltas", "last")
+    KEEP = 4
 
     def __init__(self) -> None:
-        self.events = 0
-        self.tail = b""
+        self.deltas = 0
+        self.last: list[bytes] = []
 
     def feed(self, chunk: bytes) -> None:
-        self.events += chunk.count(b"data:")
-        if len(chunk) >= self.TAIL:
-            self.tail = chunk[-self.TAIL:]
-        else:
-            self.tail = (self.tail + chunk)[-self.TAIL:]
+        if b'nt"' in chunk or b'ts"' in chunk:
+            self.deltas += (chunk.count(b'"content":"') + chunk.count(b'"content": "')
+                            + chunk.count(b'"arguments":"') + chunk.count(b'"arguments": "')
+                            - chunk.count(b'"content":""') - chunk.count(b'"content": ""')
+                            - chunk.count(b'"arguments":""') - chunk.count(b'"arguments": ""'))
+        last = self.last
+        last.append(chunk)
+        if len(last) > self.KEEP:
+            del last[0]
 
     def usage(self) -> tuple[int | None, int | None, bool]:
         """(prompt, completion, approximate)."""
-        idx = self.tail.rfind(b'"usage"')
+        tail = b"".join(self.last)
+        idx = tail.rfind(b'"usage"')
         if idx != -1:
-            start = self.tail.rfind(b"data:", 0, idx)
-            end = self.tail.find(b"\n", idx)
+            start = tail.rfind(b"data:", 0, idx)
+            end = tail.find(b"\n", idx)
             if start != -1:
                 try:
-                    doc = json.loads(self.tail[start + 5: end if end != -1 else None])
+                    doc = json.loads(tail[start + 5: end if end != -1 else None])
                     u = doc.get("usage") or {}
                     return _int(u.get("prompt_tokens")), _int(u.get("completion_tokens")), False
                 except (ValueError, AttributeError):
                     pass
-        content_events = self.events - (2 if self.events >= 2 else self.events)  # role + [DONE]
-        return None, max(0, content_events), True
+        return None, max(0, self.deltas), True
 
 
 def usage_from_json(body: bytes) -> tuple[int | None, int | None]:

@@ -294,10 +294,6 @@ def test_stream_without_usage(make_gate):
     assert g.value("lmgate_completion_tokens_total", model=MODEL_B) > 0  # approximated
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "proxy bug: streaming.UsageSniffer.usage() subtracts only the role chunk and [DONE], "
-    "so a chat stream's final finish_reason chunk (empty delta) is counted as a token: "
-    "completion tokens come out one too high (4 for 3 content events)"))
 def test_stream_without_usage_approximates_one_token_per_content_event(make_gate):
     g = make_gate()
     assert g.chat(MODEL_B, stream=True).status_code == 200
@@ -403,11 +399,6 @@ def test_model_label_cap_folds_into_other(make_gate):
     assert v("lmgate_requests_total", route=CHAT, model="none", outcome="rejected") == 1
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "proxy bug: metrics.GateCollector.collect() calls ModelLabels for gate.loaded (and the "
-    "depth/active models) at scrape time, which claims a label slot; a model LM Studio reports "
-    "as loaded at startup, never requested, takes one of --max-models and a requested model "
-    "then shows up as 'other' (which models keep their names depends on scrape timing)"))
 def test_label_slots_go_to_requested_models_not_to_scrapes(make_gate):
     g = make_gate(max_models=2)
     g.client.portal.call(g.client.app.state.lmgate.gate.set_loaded, {"some-loaded-model"})
@@ -437,11 +428,6 @@ def test_shutdown_refuses_waiting_requests(make_gate):
     assert g.samples("lmgate_queue_depth") == {(("model", "none"),): 0.0}
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "proxy bug: gated.GatedRequest._fail() sets outcome='rejected' for ShuttingDown but not "
-    "rec.reason, so a request refused while it waited (shutdown) counts in "
-    "lmgate_requests_total{outcome=\"rejected\"} but not in lmgate_rejections_total; a request "
-    "refused on arrival while draining does count (reason set in run()), so the two disagree"))
 def test_shutdown_refusal_counts_as_rejection(make_gate):
     g = make_gate(shutdown_grace=5)
     with ThreadPoolExecutor(2) as pool:
