@@ -213,6 +213,7 @@ class Gate:
         del self._running[ticket.seq]
         ticket.state = DONE
         ticket.ended_at = self.clock()
+        self._forget_if_idle(ticket.identity)
         self._bump()
         self._notify(self._dispatch())
 
@@ -271,7 +272,7 @@ class Gate:
         self._per_identity[ticket.identity] = self._per_identity.get(ticket.identity, 0) + 1
         self._bump()
 
-    def _remove_waiting(self, ticket: Ticket) -> None:
+    def _remove_waiting(self, ticket: Ticket, *, starting: bool = False) -> None:
         i = bisect.bisect_left(self._order, ticket.key)
         del self._order[i]
         del self._waiting[ticket.seq]
@@ -280,7 +281,16 @@ class Gate:
             self._per_identity[ticket.identity] = left
         else:
             del self._per_identity[ticket.identity]
-            self._last_tag.pop(ticket.identity, None)
+            if not starting:
+                self._forget_if_idle(ticket.identity)
+
+    def _forget_if_idle(self, identity: str) -> None:
+        """Fair policy: an identity with nothing waiting or running starts afresh next time."""
+        if identity in self._per_identity:
+            return
+        if any(t.identity == identity for t in self._running.values()):
+            return
+        self._last_tag.pop(identity, None)
 
     def compatible(self, model: str, models: frozenset[str] | set[str]) -> bool:
         """May ``model`` run while ``models`` are running (or loaded)?"""
@@ -322,7 +332,7 @@ class Gate:
             for _, seq in self._order[:i]:
                 self._waiting[seq].skipped += 1
             ticket = self._waiting[self._order[i][1]]
-            self._remove_waiting(ticket)
+            self._remove_waiting(ticket, starting=True)
             self._start(ticket)
             started.append(ticket)
         if started:
