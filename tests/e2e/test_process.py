@@ -1,0 +1,102 @@
+"""The lmgate process itself: --demo, and graceful shutdown on a real SIGTERM."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.servers import Process, free_port, start_lmgate, start_simulator
+
+MODEL = "qwen2.5-7b-instruct"
+posix_only = pytest.mark.skipif(os.name == "nt", reason="SIGTERM delivery differs on Windows")
+
+
+def chat(stream: bool, tokens: int, text: str) -> dict:
+    return {"model": MODEL, "stream": stream, "max_tokens": tokens, "messages": [{"role": "user", "content": text}]}
+
+
+def post(url: str, body: dict) -> httpx.Response:
+    with httpx.Client(timeout=30) as client:
+        return client.post(url + "/v1/chat/completions", json=body)
+
+
+def wait_queue(url: str, depth: int, active: int) -> None:
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        q = httpx.get(url + "/queue").json()
+        if q["depth"] == depth and q["active"] == active:
+            return
+        time.sleep(0.01)
+    raise AssertionError(f"queue never reached depth={depth} active={active}: {q}")
+
+
+def test_demo_mode_runs_with_no_lm_studio(tmp_path: Path) -> None:
+    port = free_port()
+    proc = Process(["-m", "proxy", "--demo", "--port", str(port)], port, tmp_path / "demo.log", "/healthz")
+    try:
+        models = httpx.get(proc.url + "/v1/models", timeout=10).json()
+        assert MODEL in [m["id"] for m in models["data"]]
+        resp = post(proc.url, chat(False, 3, "hello demo"))
+        assert resp.status_code == 200 and "hello demo" in resp.json()["choices"][0]["message"]["content"]
+        assert "demo mode" in proc.output()
+    finally:
+        proc.stop()
+
+
+@posix_only
+def test_sigterm_refuses_waiting_and_lets_running_finish(tmp_path: Path) -> None:
+    sim = start_simulator(tmp_path, tokens_per_s=20, load_s=0)
+    gate = start_lmgate(tmp_path, sim.url, "--shutdown-grace", "10")
+    pool = ThreadPoolExecutor(3)
+    try:
+        running: Future[httpx.Response] = pool.submit(post, gate.url, chat(True, 30, "first"))
+        wait_queue(gate.url, 0, 1)
+        waiting_stream = pool.submit(post, gate.url, chat(True, 3, "second"))
+        wait_queue(gate.url, 1, 1)
+        waiting_plain = pool.submit(post, gate.url, chat(False, 3, "third"))
+        wait_queue(gate.url, 2, 1)
+        gate.signal(signal.SIGTERM)
+        plain = waiting_plain.result(10)
+        assert plain.status_code == 503 and plain.json()["error"]["code"] == "shutting_down"
+        stream = waiting_stream.result(10)
+        last = [ln for ln in stream.text.split("\n") if ln.startswith("data: ")][-1]
+        assert json.loads(last[6:])["error"]["code"] == "shutting_down"
+        first = running.result(20)
+        assert first.status_code == 200 and first.text.rstrip().endswith("data: [DONE]")
+        assert gate.proc.wait(15) is not None
+        assert "Traceback" not in gate.output()
+        log = httpx.get(sim.url + "/sim/stats").json()["log"]
+        assert [e["user"] for e in log] == ["first"]  # the refused ones never reached LM Studio
+    finally:
+        pool.shutdown(wait=False, cancel_futures=True)
+        gate.stop()
+        sim.stop()
+
+
+@posix_only
+def test_sigterm_cuts_off_a_stream_past_the_grace_period(tmp_path: Path) -> None:
+    sim = start_simulator(tmp_path, tokens_per_s=10, load_s=0)
+    gate = start_lmgate(tmp_path, sim.url, "--shutdown-grace", "0.5")
+    pool = ThreadPoolExecutor(1)
+    try:
+        running = pool.submit(post, gate.url, chat(True, 200, "long"))
+        wait_queue(gate.url, 0, 1)
+        gate.signal(signal.SIGTERM)
+        resp = running.result(15)
+        events = [ln for ln in resp.text.split("\n") if ln.startswith("data: ")]
+        assert json.loads(events[-1][6:])["error"]["code"] == "shutting_down"
+        assert len(events) > 2  # it did stream before being cut off
+        assert gate.proc.wait(15) is not None
+        stats = httpx.get(sim.url + "/sim/stats").json()
+        assert stats["cancelled"] == 1  # the upstream generation was stopped too
+    finally:
+        pool.shutdown(wait=False, cancel_futures=True)
+        gate.stop()
+        sim.stop()
