@@ -158,3 +158,13 @@ def test_cli_help_and_version() -> None:
     assert result.returncode == 0 and "--queue-timeout" in result.stdout
     result = run_cli("--version")
     assert result.returncode == 0 and result.stdout.startswith("lmgate ")
+
+
+def test_example_config_loads_and_documents_every_option() -> None:
+    example = Path(__file__).resolve().parents[2] / "deploy" / "lmgate.example.toml"
+    s = load_settings(["--config", str(example)], env={})
+    assert [k.name for k in s.keys] == ["alice", "ops"] and s.keys[1].admin
+    assert s.groups and s.max_queue == 100
+    text = example.read_text()
+    for opt in OPTIONS:
+        assert f"{opt.name} =" in text, f"{opt.name} is not documented in the example config"
