@@ -169,3 +169,22 @@ def test_sdk_sees_queue_comments_as_nothing_and_errors_as_api_error(sim: Process
     assert "no-such-model" in str(info.value)
     assert holder.result(timeout=30).choices[0].message.content
     client.close()
+
+
+def test_knows_the_loaded_model_at_start(tmp_path: Path) -> None:
+    sim = start_simulator(tmp_path, tokens_per_s=0, load_s=0, extra=["--loaded", MODELS[1]])
+    gate = start_lmgate(tmp_path, sim.url)
+    try:
+        q = httpx.get(gate.url + "/queue").json()
+        assert q["loaded_models"] == [MODELS[1]]
+        client = openai.OpenAI(base_url=gate.url + "/v1", api_key="x", max_retries=0)
+        client.chat.completions.create(model=MODELS[1], messages=[{"role": "user", "content": "x"}])
+        assert httpx.get(gate.url + "/queue").json()["model_switches"] == 0
+        client.chat.completions.create(model=MODELS[0], messages=[{"role": "user", "content": "x"}])
+        assert httpx.get(gate.url + "/queue").json()["model_switches"] == 1
+        metrics = httpx.get(gate.url + "/metrics").text
+        assert "lmgate_model_switches_total 1.0" in metrics
+        client.close()
+    finally:
+        gate.stop()
+        sim.stop()

@@ -252,3 +252,19 @@ def test_positions_follow_the_fair_policy() -> None:
 async def _post_and_position(client: httpx.AsyncClient, headers: dict[str, str]) -> int:
     async with client.stream("POST", "/v1/chat/completions", json=chat_body(stream=True), headers=headers) as resp:
         return int(resp.headers["x-queue-position"])
+
+
+def test_secrets_never_logged(caplog: pytest.LogCaptureFixture) -> None:
+    async def body() -> None:
+        with caplog.at_level(logging.DEBUG):
+            async with serve(keyed(upstream_key="lm-studio-token", log_format="json")) as r:
+                await r.client.post("/v1/chat/completions", json=chat_body(), headers=ALICE)
+                await r.client.post("/v1/chat/completions", json=chat_body(), headers=BOB)
+                await r.client.post("/v1/chat/completions", json=chat_body(),
+                                    headers={"authorization": "Bearer sk-wrong-secret-1"})
+    run(body)
+    text = "\n".join(rec.getMessage() for rec in caplog.records)
+    access = [json.loads(rec.getMessage()) for rec in caplog.records if rec.name == "lmgate.access"]
+    assert {a["client"] for a in access} >= {"alice", "bob"}
+    for secret in ("sk-alice-123456", "sk-bob-12345678", "sk-wrong-secret-1", "lm-studio-token"):
+        assert secret not in text

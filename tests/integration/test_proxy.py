@@ -408,3 +408,25 @@ def test_shutdown_refuses_waiting_and_gives_running_the_grace() -> None:
 
 def test_settings_used_by_harness_are_plain_settings() -> None:
     assert Settings().with_(max_queue=3).max_queue == 3
+
+
+def test_parallel_same_model_overlaps_other_model_waits() -> None:
+    async def body() -> None:
+        async with serve(parallel=2) as r:
+            a1 = asyncio.create_task(r.client.post("/v1/chat/completions", json=chat_body("A", act="hold")))
+            a2 = asyncio.create_task(r.client.post("/v1/chat/completions", json=chat_body("A", act="hold")))
+            await r.upstream.wait_for_requests(2)  # both A requests run upstream at once
+            b = asyncio.create_task(r.client.post("/v1/chat/completions", json=chat_body("B")))
+            await r.wait_depth(1)
+            a3 = asyncio.create_task(r.client.post("/v1/chat/completions", json=chat_body("A")))
+            await r.wait_depth(2)  # strict FIFO: A3 may not overtake B
+            r.upstream.release(0)
+            await a1
+            assert r.state.gate.depth == 2 and len(r.upstream.seen) == 2  # B waits for A2 too
+            r.upstream.release(1)
+            await a2
+            assert (await b).headers["x-queue-position"] == "1"
+            assert (await a3).status_code == 200
+            assert [json.loads(s.body)["model"] for s in r.upstream.seen] == ["A", "A", "B", "A"]
+            await r.assert_gate_free()
+    run(body)
