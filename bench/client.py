@@ -38,7 +38,7 @@ def chat_request(port: int, **fields: Any) -> bytes:
 
 
 class Head:
-    __slots__ = ("status", "headers", "raw")
+    __slots__ = ("headers", "raw", "status")
 
     def __init__(self, raw: bytes) -> None:
         self.raw = raw
@@ -143,9 +143,10 @@ class SseCollector:
     byte for identity checks when ``keep_raw`` is set.
     """
 
-    __slots__ = ("events", "raw", "keep_raw", "_buf", "first_ns", "n_data", "done_ns", "on_comment")
+    __slots__ = ("_buf", "done_ns", "events", "first_ns", "keep_raw", "n_data", "on_comment", "raw")
 
-    def __init__(self, keep_raw: bool = False, on_comment: Callable[[int, bytes], None] | None = None) -> None:
+    def __init__(self, keep_raw: bool = False,
+                 on_comment: Callable[[int, bytes], None] | None = None) -> None:
         self.events: list[tuple[int, str, bytes]] = []
         self.raw: list[bytes] = []
         self.keep_raw = keep_raw

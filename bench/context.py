@@ -3,11 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
-from dataclasses import asdict, dataclass
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
+from typing_extensions import Self
+
+from . import profile
 from .client import Conn
 from .procs import Server
 
@@ -40,9 +46,9 @@ class Sizes:
 
 
 SIZES = {
-    "full": Sizes(rounds=5, seq_requests=2000, seq_warmup=200, stream_chunks=1000, streams_per_round=20,
-                  paced_chunks=200, paced_delay_ms=5, paced_streams=1, handoff_requests=50,
-                  handoff_delay_ms=5, handoff_rounds=3, scale_clients=5000, scale_chunks=3,
+    "full": Sizes(rounds=7, seq_requests=2000, seq_warmup=200, stream_chunks=1000, streams_per_round=20,
+                  paced_chunks=200, paced_delay_ms=5, paced_streams=2, handoff_requests=50,
+                  handoff_delay_ms=5, handoff_rounds=5, scale_clients=5000, scale_chunks=3,
                   cpu_window_s=5.0, queue_samples=30, cap_s=150.0),
     "quick": Sizes(rounds=3, seq_requests=500, seq_warmup=100, stream_chunks=1000, streams_per_round=5,
                    paced_chunks=200, paced_delay_ms=5, paced_streams=1, handoff_requests=50,
@@ -60,6 +66,23 @@ class Ctx:
     upstream: Server
     lmgate: Server
     sizes: Sizes
+    profile_dir: Path | None = None
+    profile_mode: str = "nonblocking"
+    profiles: dict[str, Any] = field(default_factory=dict)
+
+    @contextlib.contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        """With --profile: py-spy on lmgate for the duration of this block (``profiles[name]``)."""
+        if self.profile_dir is None:
+            yield
+            return
+        rec = profile.Recorder(self.lmgate.pid, self.profile_dir / f"profile-{name}.txt", self.profile_mode)
+        rec.start()
+        time.sleep(0.3)  # let py-spy attach before the work starts
+        try:
+            yield
+        finally:
+            self.profiles[name] = rec.stop()
 
     def port(self, side: str) -> int:
         return self.upstream.port if side == DIRECT else self.lmgate.port
@@ -89,7 +112,7 @@ class Meter:
     def __init__(self, ctx: Ctx) -> None:
         self.ctx = ctx
 
-    def __enter__(self) -> Meter:
+    def __enter__(self) -> Self:
         self.t0 = time.perf_counter()
         self.c0 = time.process_time()
         self.l0 = self.ctx.lmgate.cpu_s()

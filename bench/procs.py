@@ -74,8 +74,10 @@ class Server:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         self._log = self.log_path.open("wb")
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        self.proc = subprocess.Popen([sys.executable, *self.args], stdout=self._log, stderr=subprocess.STDOUT,
-                                     stdin=subprocess.DEVNULL, cwd=ROOT, env=env, preexec_fn=_die_with_parent())
+        # preexec_fn: the bench spawns its servers before it starts any thread of its own
+        self.proc = subprocess.Popen(
+            [sys.executable, *self.args], stdout=self._log, stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL, cwd=ROOT, env=env, preexec_fn=_die_with_parent())  # noqa: PLW1509
         self.ps = psutil.Process(self.proc.pid)
 
     async def ready(self, path: str, timeout_s: float = 30.0) -> None:

@@ -43,11 +43,16 @@ TARGETS = [
     Target(A, "latency p99 (added)", _g(A, "summary", DIRECT, "p99_ms"), _g(A, "summary", LMGATE, "p99_ms"),
            _g(A, "summary", "added_p99_ms"), "<=", 3.0),
     Target(B, "relay chunks/s (ratio)", _g(B, "summary", DIRECT, "relay_chunks_per_s"),
-           _g(B, "summary", LMGATE, "relay_chunks_per_s"), _g(B, "summary", "relay_rate_ratio"), ">=", 0.9, "x"),
+           _g(B, "summary", LMGATE, "relay_chunks_per_s"), _g(B, "summary", "relay_rate_ratio"), ">=", 0.9,
+           "x"),
     Target(B, "end-to-end chunks/s (ratio)", _g(B, "summary", DIRECT, "e2e_chunks_per_s"),
            _g(B, "summary", LMGATE, "e2e_chunks_per_s"), _g(B, "summary", "e2e_rate_ratio"), ">=", None, "x"),
     Target(B, "first chunk (added)", _g(B, "summary", DIRECT, "first_chunk_ms"),
            _g(B, "summary", LMGATE, "first_chunk_ms"), _g(B, "summary", "first_chunk_added_ms"), "<=", 1.0),
+    Target(B, "first chunk, 1-chunk stream (added)",
+           _g(B, "summary", DIRECT, "first_chunk_1_chunk_stream_ms"),
+           _g(B, "summary", LMGATE, "first_chunk_1_chunk_stream_ms"),
+           _g(B, "summary", "first_chunk_1_chunk_stream_added_ms"), "<=", None),
     Target(C, "inter-chunk gap p99 (added)", _g(C, "summary", DIRECT, "p99"), _g(C, "summary", LMGATE, "p99"),
            _g(C, "summary", "gap_p99_added_ms"), "<=", 1.0),
     Target(C, "inter-chunk gap p50 (added)", _g(C, "summary", DIRECT, "p50"), _g(C, "summary", LMGATE, "p50"),
@@ -70,7 +75,8 @@ TARGETS = [
            _g(A, "summary", "lmgate_cpu_ms_per_request"), "<=", 0.5),
     Target("f_cpu", "lmgate CPU per 1,000 chunks", _none, _g(B, "summary", "lmgate_cpu_ms_per_1000_chunks"),
            _g(B, "summary", "lmgate_cpu_ms_per_1000_chunks"), "<=", 10.0),
-    Target("f_cpu", "client CPU per request (bench's own cost)", _g(A, "summary", "client_cpu_ms_per_request"), _none,
+    Target("f_cpu", "client CPU per request (bench's own cost)",
+           _g(A, "summary", "client_cpu_ms_per_request"), _none,
            _g(A, "summary", "client_cpu_ms_per_request"), "<=", None),
     Target("f_cpu", "fake upstream CPU per request", _g(A, "summary", "upstream_cpu_ms_per_request"), _none,
            _g(A, "summary", "upstream_cpu_ms_per_request"), "<=", None),
@@ -89,8 +95,8 @@ def evaluate(scenarios: dict[str, Any]) -> list[dict[str, Any]]:
             verdict = "pass" if value <= t.limit else "FAIL"
         else:
             verdict = "pass" if value >= t.limit else "FAIL"
-        rows.append({"scenario": t.scenario, "metric": t.metric, "unit": t.unit, "direct": t.direct(scenarios),
-                     "lmgate": t.lmgate(scenarios), "value": value,
+        rows.append({"scenario": t.scenario, "metric": t.metric, "unit": t.unit,
+                     "direct": t.direct(scenarios), "lmgate": t.lmgate(scenarios), "value": value,
                      "target": None if t.limit is None else f"{t.op} {t.limit:g}", "result": verdict})
     return rows
 
@@ -128,13 +134,14 @@ def fmt(v: Any) -> str:
 def table(rows: list[dict[str, Any]]) -> str:
     head = ["scenario", "metric", "direct", "lmgate", "diff/ratio", "target", "result"]
     body = [[r["scenario"], r["metric"] + (f" [{r['unit']}]" if r["unit"] else ""), fmt(r["direct"]),
-             fmt(r["lmgate"]), fmt(r["value"]) if r["direct"] is not None and r["lmgate"] is not None else "-",
+             fmt(r["lmgate"]),
+             fmt(r["value"]) if r["direct"] is not None and r["lmgate"] is not None else "-",
              r["target"] or "-", r["result"]] for r in rows]
-    widths = [max(len(str(x)) for x in col) for col in zip(head, *body)]
+    widths = [max(len(str(x)) for x in col) for col in zip(head, *body, strict=True)]
 
     def line(cells: list[str]) -> str:
         return "  ".join(str(c).ljust(w) if i < 2 else str(c).rjust(w)
-                         for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
+                         for i, (c, w) in enumerate(zip(cells, widths, strict=True))).rstrip()
 
     sep = "  ".join("-" * w for w in widths)
     return "\n".join([line(head), sep, *(line(b) for b in body)])

@@ -2,7 +2,7 @@
 (interleaved), print the table, write the JSON.
 
     python -m bench.run [--quick | --smoke] [--out bench/results/latest.json] [--only a,b,e]
-                        [--profile]      # py-spy on lmgate during each scenario (needs py-spy)
+                        [--profile [--profile-mode nonblocking|blocking|native]]
 
 Exit status: 0 when every scenario ran and every correctness check passed (timing targets are
 reported, not enforced, unless --strict), 1 otherwise.
@@ -35,14 +35,17 @@ SCENARIOS: list[tuple[str, str, Scenario]] = [
     ("d", "d_handoff", handoff),
     ("e", "e_scale", scale),
 ]
+PHASED = {"e_scale"}  # profiled phase by phase (ctx.phase), not as a whole
 BUDGET_S = {"full": 330.0, "quick": 90.0, "smoke": 90.0}
 DEFAULT_OUT = Path("bench/results/latest.json")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m bench.run", description="lmgate benchmark: direct vs through lmgate")
+    p = argparse.ArgumentParser(prog="python -m bench.run",
+                                description="lmgate benchmark: direct vs through lmgate")
     size = p.add_mutually_exclusive_group()
-    size.add_argument("--quick", action="store_true", help="smaller run (about a minute; 500 waiting clients)")
+    size.add_argument("--quick", action="store_true",
+                      help="smaller run (under a minute; 500 waiting clients)")
     size.add_argument("--smoke", action="store_true", help="tiny run for tests: correctness only")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="JSON results file (default %(default)s)")
     p.add_argument("--only", default="", help="comma-separated scenario letters to run (a,b,c,d,e); "
@@ -51,6 +54,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--profile", action="store_true",
                    help="record lmgate with py-spy during each scenario; collapsed stacks and top "
                    "functions go next to --out")
+    p.add_argument("--profile-mode", choices=list(profile.MODES), default=None,
+                   help="py-spy sampling (implies --profile): nonblocking (default; right self time, "
+                   "torn stacks), blocking (whole stacks, syscalls overstated), native (blocking + C "
+                   "frames such as the garbage collector)")
     p.add_argument("--strict", action="store_true", help="exit 1 when a timing target is missed")
     return p.parse_args(argv)
 
@@ -91,7 +98,7 @@ async def run(args: argparse.Namespace, mode: str, loop_name: str) -> dict[str, 
         except (NotImplementedError, RuntimeError):
             pass
     doc: dict[str, Any] = {
-        "meta": {"mode": mode, "command": " ".join([Path(sys.executable).name, "-m", "bench.run", *sys.argv[1:]]),
+        "meta": {"mode": mode, "command": " ".join(["python", "-m", "bench.run", *sys.argv[1:]]),
                  "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "python": platform.python_version(),
                  "platform": platform.platform(), "cpus": os.cpu_count(), "client_loop": loop_name,
                  "uvloop": available("uvloop"), "httptools": available("httptools"), "fd_limit": fd_limit,
@@ -107,8 +114,10 @@ async def run(args: argparse.Namespace, mode: str, loop_name: str) -> dict[str, 
         lmgate.start()
         await lmgate.ready("/healthz")
         doc["meta"]["pids"] = {"upstream": upstream.pid, "lmgate": lmgate.pid}
+        doc["meta"]["ports"] = {"upstream": upstream.port, "lmgate": lmgate.port}
         doc["meta"]["rss_start_mb"] = round(lmgate.rss_bytes() / 2**20, 1)
-        ctx = Ctx(upstream=upstream, lmgate=lmgate, sizes=sizes)
+        ctx = Ctx(upstream=upstream, lmgate=lmgate, sizes=sizes,
+                  profile_dir=out_dir if args.profile else None, profile_mode=args.profile_mode)
         for letter, name, fn in SCENARIOS:
             if letter not in wanted:
                 continue
@@ -128,27 +137,68 @@ async def run(args: argparse.Namespace, mode: str, loop_name: str) -> dict[str, 
 async def run_one(ctx: Ctx, name: str, fn: Scenario, budget_end: float, args: argparse.Namespace,
                   out_dir: Path) -> dict[str, Any]:
     cap = max(5.0, min(ctx.sizes.cap_s, budget_end - time.monotonic()))
-    recorder = profile.Recorder(ctx.lmgate.pid, out_dir / f"profile-{name}.txt") if args.profile else None
+    recorder = None
+    if args.profile and name not in PHASED:
+        recorder = profile.Recorder(ctx.lmgate.pid, out_dir / f"profile-{name}.txt", args.profile_mode)
     t0 = time.perf_counter()
+    noise = Noise(ctx)
     sys.stderr.write(f"[bench] {name} (cap {cap:.0f} s) ...\n")
     try:
         if recorder is not None:
             recorder.start()
         result = await asyncio.wait_for(fn(ctx), cap)
-    except Exception as exc:  # one scenario's failure must not stop the others
+    except Exception as exc:  # noqa: BLE001 - one scenario's failure must not stop the others
         result = {"error": f"{type(exc).__name__}: {exc}"}
     finally:
         if recorder is not None:
             prof = recorder.stop()
     if recorder is not None:
-        result["profile"] = prof
+        result["profiles"] = {name: prof}
+    if ctx.profiles:
+        result["profiles"] = dict(ctx.profiles)
+        ctx.profiles.clear()
     result["wall_s"] = round(time.perf_counter() - t0, 2)
-    sys.stderr.write(f"[bench] {name} done in {result['wall_s']} s{' ERROR ' + result['error'] if result.get('error') else ''}\n")
+    result["other_load"] = noise.stop()
+    error = f" ERROR {result['error']}" if result.get("error") else ""
+    sys.stderr.write(f"[bench] {name} done in {result['wall_s']} s{error}\n")
     return result
+
+
+class Noise:
+    """CPU used on this machine by processes other than the bench and its two servers while a
+    scenario runs: other work on a shared machine makes the tail latencies noisy."""
+
+    def __init__(self, ctx: Ctx) -> None:
+        self.ctx = ctx
+        self.t0 = time.perf_counter()
+        self.sys0 = _busy()
+        self.ours0 = self._ours()
+
+    def _ours(self) -> float:
+        return time.process_time() + self.ctx.lmgate.cpu_s() + self.ctx.upstream.cpu_s()
+
+    def stop(self) -> dict[str, float]:
+        wall = time.perf_counter() - self.t0
+        other = max(0.0, (_busy() - self.sys0) - (self._ours() - self.ours0))
+        cores = os.cpu_count() or 1
+        return {"other_cpu_s": round(other, 2),
+                "other_pct_of_machine": round(100 * other / (wall * cores), 1),
+                "loadavg_1m": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else -1.0}
+
+
+def _busy() -> float:
+    import psutil
+
+    t = psutil.cpu_times()  # process time only: interrupts and steal are not "other processes"
+    return float(t.user + t.system + getattr(t, "nice", 0.0))
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.profile_mode is not None:
+        args.profile = True
+    else:
+        args.profile_mode = "nonblocking"
     mode = "smoke" if args.smoke else "quick" if args.quick else "full"
     factory, loop_name = fast_loop()
     try:
@@ -168,11 +218,17 @@ def main(argv: list[str] | None = None) -> int:
     print(f"lmgate bench ({mode}): {doc['meta']['command']}")
     print(report.table(doc["targets"]))
     print(report.checks_text(doc["checks"]))
+    busy = {n: sc["other_load"]["other_pct_of_machine"]
+            for n, sc in scenarios.items() if sc.get("other_load")}
+    if busy:
+        print("other load on this machine during each scenario (% of all cores): "
+              + ", ".join(f"{n} {v}" for n, v in busy.items())
+              + ("  <- tail latencies are not trustworthy above ~10" if max(busy.values()) > 10 else ""))
     for name, sc in scenarios.items():
         if sc.get("error"):
             print(f"{name}: ERROR {sc['error']}")
-        if sc.get("profile"):
-            print(profile.text(name, sc["profile"]))
+        for part, prof in (sc.get("profiles") or {}).items():
+            print(profile.text(part, prof))
     print(f"results: {args.out}")
     failed = any(sc.get("error") for sc in scenarios.values()) or not all(doc["checks"].values())
     if args.strict and any(t["result"] == "FAIL" for t in doc["targets"]):

@@ -16,6 +16,8 @@ as seen by the fake upstream (each body carries ``bench_index``).
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import itertools
 import json
 import time
 from typing import Any
@@ -100,24 +102,27 @@ async def scale(ctx: Ctx) -> dict[str, Any]:
         waiters = list(await asyncio.gather(*(connect(i) for i in range(n))))
         phases["connect"] = r(time.perf_counter() - t, 3)
 
-        t = time.perf_counter()
-        for w in waiters:
-            w.start(chat_request(port, stream=True, bench_chunks=sz.scale_chunks, bench_index=w.index))
-            await asyncio.wait_for(w.entered_evt.wait(), 10.0)
-            if w.entered is None:
-                raise RuntimeError(f"client {w.index} was not admitted: status {w.status}, {w.error}")
-        phases["admit"] = r(time.perf_counter() - t, 3)
+        with ctx.phase("e_admit"):
+            t = time.perf_counter()
+            for w in waiters:
+                w.start(chat_request(port, stream=True, bench_chunks=sz.scale_chunks, bench_index=w.index))
+                await asyncio.wait_for(w.entered_evt.wait(), 10.0)
+                if w.entered is None:
+                    raise RuntimeError(f"client {w.index} was not admitted: status {w.status}, {w.error}")
+            phases["admit"] = r(time.perf_counter() - t, 3)
         out["summary"]["admit_per_client_ms"] = r(phases["admit"] * 1000 / n)
 
         await asyncio.sleep(0.5)
         rss = lm.rss_bytes()
-        c0, t0 = lm.cpu_s(), time.perf_counter()
-        await asyncio.sleep(sz.cpu_window_s)
-        cpu, wall = lm.cpu_s() - c0, time.perf_counter() - t0
+        with ctx.phase("e_waiting"):
+            c0, t0 = lm.cpu_s(), time.perf_counter()
+            await asyncio.sleep(sz.cpu_window_s)
+            cpu, wall = lm.cpu_s() - c0, time.perf_counter() - t0
         out["summary"]["cpu_waiting_pct_of_core"] = r(cpu / wall * 100, 2)
         out["summary"]["cpu_waiting_window_s"] = r(wall, 2)
 
-        lat, size, depth = await _queue_latency(port, sz.queue_samples)
+        with ctx.phase("e_queue_get"):
+            lat, size, depth = await _queue_latency(port, sz.queue_samples)
         out["summary"]["queue_get_ms"] = summary_ms(lat)
         out["summary"]["queue_body_bytes"] = size
         out["checks"]["queue_depth_seen"] = depth == n + 1
@@ -138,8 +143,9 @@ async def scale(ctx: Ctx) -> dict[str, Any]:
         tasks = [w.task for w in waiters if w.task is not None]
         if holder.task is not None:
             tasks.append(holder.task)
-        done, pending = await asyncio.wait(tasks, timeout=max(30.0, sz.cap_s - 30))
-        phases["drain"] = r(time.perf_counter() - t, 3)
+        with ctx.phase("e_drain"):
+            _done, pending = await asyncio.wait(tasks, timeout=max(30.0, sz.cap_s - 30))
+            phases["drain"] = r(time.perf_counter() - t, 3)
         out["summary"]["served_per_s"] = r(n / phases["drain"], 1) if not pending else None
         out["checks"]["drained_in_time"] = not pending
 
@@ -152,12 +158,14 @@ async def scale(ctx: Ctx) -> dict[str, Any]:
         out["checks"]["every_client_entered"] = all(w.entered is not None for w in waiters)
         out["checks"]["every_client_position_update"] = all(w.positions for w in waiters)
         out["checks"]["positions_never_increase"] = all(
-            all(b[1] < a[1] for a, b in zip(w.positions, w.positions[1:])) for w in waiters)
+            all(b[1] < a[1] for a, b in itertools.pairwise(w.positions)) for w in waiters)
         out["checks"]["every_client_served"] = all(
-            w.status == 200 and w.col.done_ns is not None and w.col.n_data == sz.scale_chunks for w in waiters)
+            w.status == 200 and w.col.done_ns is not None and w.col.n_data == sz.scale_chunks
+            for w in waiters)
         after = sum(1 for w in waiters if any(t_ns >= released_ns for t_ns, _ in w.positions))
         out["summary"]["clients_with_update_after_release"] = after
-        out["summary"]["out_of_order_at_upstream"] = sum(1 for a, b in zip(order, order[1:]) if b != a + 1)
+        out["summary"]["out_of_order_at_upstream"] = sum(
+            1 for a, b in itertools.pairwise(order) if b != a + 1)
         errors = [w.error for w in waiters if w.error]
         out["summary"]["client_errors"] = len(errors)
         if errors:
@@ -166,11 +174,12 @@ async def scale(ctx: Ctx) -> dict[str, Any]:
     finally:
         for w in waiters:
             w.close()
-        for w in (holder, canary):
-            if w is not None:
-                w.close()
+        for extra in (holder, canary):
+            if extra is not None:
+                extra.close()
         if holder is not None and holder.col.done_ns is None:
-            await ctx.upstream_call("POST", "/release")
+            with contextlib.suppress(OSError, HttpError, asyncio.TimeoutError):
+                await ctx.upstream_call("POST", "/release")
 
 
 async def _until(cond: Any, timeout_s: float, error: str | None) -> bool:

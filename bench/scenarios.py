@@ -4,6 +4,7 @@ lmgate, interleaved round by round, and returns per-round figures, a summary and
 from __future__ import annotations
 
 import asyncio
+import itertools
 import time
 from typing import Any
 
@@ -41,7 +42,7 @@ async def sequential(ctx: Ctx) -> dict[str, Any]:
     out["summary"]["client_cpu_ms_per_request"] = r(s[DIRECT]["client_cpu_s"] * 1000 / max(1, n_di))
     out["summary"]["upstream_cpu_ms_per_request"] = r(s[DIRECT]["upstream_cpu_s"] * 1000 / max(1, n_di))
     out["checks"]["all_200"] = all(x["ok"] == x["n"] for x in rounds)
-    out["checks"]["bodies_identical"] = bodies.get(DIRECT) is not None and bodies.get(DIRECT) == bodies.get(LMGATE)
+    out["checks"]["bodies_identical"] = bool(bodies.get(DIRECT)) and bodies.get(DIRECT) == bodies.get(LMGATE)
     return out
 
 
@@ -91,6 +92,7 @@ async def stream_throughput(ctx: Ctx) -> dict[str, Any]:
     rounds: list[dict[str, Any]] = []
     raws: dict[str, bytes] = {}
     per_stream: dict[str, list[dict[str, float]]] = {DIRECT: [], LMGATE: []}
+    single: dict[str, list[float]] = {DIRECT: [], LMGATE: []}
     complete = True
     for rn in range(sz.rounds):
         for side in ctx.sides(rn):
@@ -105,6 +107,12 @@ async def stream_throughput(ctx: Ctx) -> dict[str, Any]:
                     for _ in range(sz.streams_per_round):
                         t0, col = await one_stream(conn, raw)
                         results.append((t0, col))
+                # The same first-chunk figure without the burst of 999 more chunks behind it.
+                one = chat_request(port, stream=True, bench_chunks=1)
+                for _ in range(sz.streams_per_round):
+                    t0, col = await one_stream(conn, one)
+                    if col.first_ns is not None:
+                        single[side].append((col.first_ns - t0) / 1e6)
             finally:
                 conn.close()
             for t0, col in results:
@@ -128,15 +136,20 @@ async def stream_throughput(ctx: Ctx) -> dict[str, Any]:
             "relay_chunks_per_s": r(median(x["relay_chunks_per_s"] for x in ss), 1),
             "e2e_chunks_per_s": r(median(x["e2e_chunks_per_s"] for x in ss), 1),
             "stream_ms": r(median(x["total_ms"] for x in ss)),
+            "first_chunk_1_chunk_stream_ms": r(median(single[side])),
             "chunks": sum(x["chunks"] for x in mine),
             "lmgate_cpu_s": r(sum(x["lmgate_cpu_s"] for x in mine)),
         }
-    summary["relay_rate_ratio"] = ratio(summary[LMGATE]["relay_chunks_per_s"], summary[DIRECT]["relay_chunks_per_s"])
-    summary["e2e_rate_ratio"] = ratio(summary[LMGATE]["e2e_chunks_per_s"], summary[DIRECT]["e2e_chunks_per_s"])
-    summary["first_chunk_added_ms"] = diff(summary[LMGATE]["first_chunk_ms"], summary[DIRECT]["first_chunk_ms"])
-    summary["lmgate_cpu_ms_per_1000_chunks"] = r(summary[LMGATE]["lmgate_cpu_s"] * 1e6 / max(1, summary[LMGATE]["chunks"]))
+    lm, di = summary[LMGATE], summary[DIRECT]
+    summary["relay_rate_ratio"] = ratio(lm["relay_chunks_per_s"], di["relay_chunks_per_s"])
+    summary["e2e_rate_ratio"] = ratio(lm["e2e_chunks_per_s"], di["e2e_chunks_per_s"])
+    summary["first_chunk_added_ms"] = diff(lm["first_chunk_ms"], di["first_chunk_ms"])
+    summary["first_chunk_1_chunk_stream_added_ms"] = diff(lm["first_chunk_1_chunk_stream_ms"],
+                                                          di["first_chunk_1_chunk_stream_ms"])
+    summary["lmgate_cpu_ms_per_1000_chunks"] = r(lm["lmgate_cpu_s"] * 1e6 / max(1, lm["chunks"]))
+    identical = bool(raws.get(DIRECT)) and raws.get(DIRECT) == raws.get(LMGATE)
     return {"rounds": rounds, "summary": summary,
-            "checks": {"complete": complete, "bytes_identical": bool(raws.get(DIRECT)) and raws.get(DIRECT) == raws.get(LMGATE),
+            "checks": {"complete": complete, "bytes_identical": identical,
                        "stream_bytes": len(raws.get(DIRECT, b""))}}
 
 
@@ -150,7 +163,8 @@ async def paced_stream(ctx: Ctx) -> dict[str, Any]:
     for rn in range(sz.rounds):
         for side in ctx.sides(rn):
             port = ctx.port(side)
-            raw = chat_request(port, stream=True, bench_chunks=sz.paced_chunks, bench_delay_ms=sz.paced_delay_ms)
+            raw = chat_request(port, stream=True, bench_chunks=sz.paced_chunks,
+                               bench_delay_ms=sz.paced_delay_ms)
             conn = await Conn.open(port)
             try:
                 mine: list[float] = []
@@ -159,13 +173,17 @@ async def paced_stream(ctx: Ctx) -> dict[str, Any]:
                     raws.setdefault(side, col.body())
                     complete &= col.n_data == sz.paced_chunks and col.done_ns is not None
                     ts = col.data_times()
-                    mine += [(b - a) / 1e6 for a, b in zip(ts, ts[1:])]
+                    mine += [(b - a) / 1e6 for a, b in itertools.pairwise(ts)]
             finally:
                 conn.close()
             gaps[side] += mine
-            rounds.append({"side": side, "round": rn, "gap_p50_ms": r(pct(mine, 50)), "gap_p99_ms": r(pct(mine, 99)),
-                           "gap_max_ms": r(max(mine) if mine else None)})
-    summary: dict[str, Any] = {side: summary_ms(gaps[side]) for side in SIDES}
+            rounds.append({"side": side, "round": rn, "gap_p50_ms": r(pct(mine, 50)),
+                           "gap_p99_ms": r(pct(mine, 99)), "gap_max_ms": r(max(mine) if mine else None)})
+    summary: dict[str, Any] = {}
+    for side in SIDES:
+        its = [x for x in rounds if x["side"] == side]
+        summary[side] = {"p50": r(median(x["gap_p50_ms"] for x in its)),
+                         "p99": r(median(x["gap_p99_ms"] for x in its)), "pooled": summary_ms(gaps[side])}
     summary["gap_p99_added_ms"] = diff(summary[LMGATE]["p99"], summary[DIRECT]["p99"])
     summary["gap_p50_added_ms"] = diff(summary[LMGATE]["p50"], summary[DIRECT]["p50"])
     return {"rounds": rounds, "summary": summary,
@@ -178,7 +196,7 @@ def handoff_gaps(records: list[tuple[int, int, int]]) -> tuple[list[float], bool
     """Gaps (ms) between one response's end and the next arrival, in arrival order; and
     whether the upstream never had two requests at once."""
     recs = sorted(records, key=lambda x: x[1])
-    gaps = [(b[1] - a[2]) / 1e6 for a, b in zip(recs, recs[1:])]
+    gaps = [(b[1] - a[2]) / 1e6 for a, b in itertools.pairwise(recs)]
     return gaps, all(g >= 0 for g in gaps)
 
 
@@ -234,7 +252,8 @@ async def _handoff_sequential(ctx: Ctx) -> list[int]:
     statuses = []
     try:
         for i in range(sz.handoff_requests):
-            head, _ = await conn.request(chat_request(port, bench_delay_ms=sz.handoff_delay_ms, bench_index=i))
+            raw = chat_request(port, bench_delay_ms=sz.handoff_delay_ms, bench_index=i)
+            head, _ = await conn.request(raw)
             statuses.append(head.status)
     finally:
         conn.close()

@@ -455,8 +455,8 @@ class GatedRequest:
             rec.outcome, rec.reason = "rejected", err.code
         if not self.ex.headers_sent:
             rec.status = err.status
+            self.ex.finished = True  # before the last write: a disconnect now changes nothing
             await send_error(self.send, err, self.id_header)
-            self.ex.finished = True
             return
         if not self.ex.boundary.clean:
             # The upstream broke off inside an event: close that event so the error below
