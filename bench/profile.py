@@ -139,8 +139,9 @@ def _short(frame: str) -> str:
 def text(name: str, prof: dict[str, Any], n: int = 12) -> str:
     if prof.get("error"):
         return f"profile {name}: {prof['error']}"
-    lines = [f"profile {name} ({prof.get('mode', '?')}): {prof['samples']} samples at {prof['rate_hz']} Hz "
-             f"= {prof['cpu_s']} s on CPU ({prof['file']})"]
+    head = (f"profile {name} ({prof.get('mode', '?')}): {prof['samples']} samples at {prof['rate_hz']} Hz "
+            f"= {prof['cpu_s']} s on CPU ({prof['file']})")
+    lines = [head]
     for key, title in (("by_package", "self% by package"), ("self", "self%  function"),
                        ("lmgate_inclusive", "incl%  lmgate (proxy/) function"),
                        ("inclusive", "incl%  library function")):

@@ -147,6 +147,8 @@ async def run_one(ctx: Ctx, name: str, fn: Scenario, budget_end: float, args: ar
         if recorder is not None:
             recorder.start()
         result = await asyncio.wait_for(fn(ctx), cap)
+    except asyncio.TimeoutError:
+        result = {"error": f"did not finish within its cap of {cap:.0f} s"}
     except Exception as exc:  # noqa: BLE001 - one scenario's failure must not stop the others
         result = {"error": f"{type(exc).__name__}: {exc}"}
     finally:
