@@ -12,6 +12,11 @@ import httpx
 from .config import Settings
 from .errors import ProxyError, UpstreamTimeout, UpstreamUnavailable
 
+try:  # httptools is installed with lmgate where wheels exist; without it httpx's own layer is used
+    from .transport import LeanTransport
+except ImportError:  # pragma: no cover
+    LeanTransport = None  # type: ignore[assignment,misc]
+
 log = logging.getLogger("lmgate")
 
 # RFC 9110 section 7.6.1 plus the de-facto ones; never forwarded in either direction.
@@ -38,6 +43,8 @@ class Upstream:
         self.base = base_url(settings.upstream)
         self.key = settings.upstream_key
         self.strip_credentials = bool(settings.keys) or bool(settings.upstream_key)
+        if transport is None and urlsplit(self.base).scheme == "http" and LeanTransport is not None:
+            transport = LeanTransport()
         self.client = httpx.AsyncClient(
             transport=transport,
             timeout=httpx.Timeout(connect=settings.connect_timeout, read=settings.read_timeout,

@@ -166,7 +166,8 @@ async def serve(settings: Settings | None = None, **overrides: Any) -> AsyncIter
 
 @contextlib.asynccontextmanager
 async def _serve(up: Upstream, settings: Settings, registry: CollectorRegistry) -> AsyncIterator[Running]:
-    app = create_app(settings, registry=registry)
+    # httpx's default transport, so that respx (which patches httpcore) scripts the upstream
+    app = create_app(settings, registry=registry, transport=httpx.AsyncHTTPTransport())
     port = free_port()
     config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on")
     server = uvicorn.Server(config)
