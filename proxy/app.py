@@ -22,7 +22,7 @@ from .config import Settings
 from .errors import ShuttingDown
 from .eta import Estimator
 from .gate import Gate, Ticket
-from .gated import Exchange, GatedRequest, Receive, Scope, Send
+from .gated import Exchange, GatedRequest, Receive, RequestIds, Scope, Send
 from .metrics import Metrics, RequestRecord
 from .upstream import Upstream
 
@@ -85,6 +85,7 @@ class AppState:
         self.metrics.attach_gate(lambda: self.gate, lambda: self.upstream.up)
         self.registry = registry
         self.exchanges: dict[Ticket, Exchange] = {}
+        self.ids = RequestIds()
         self.recent: OrderedDict[str, dict[str, Any]] = OrderedDict()
         self.draining = False
         self.started_at = time.time()

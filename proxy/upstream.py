@@ -28,6 +28,7 @@ REQUEST_DROP = HOP_BY_HOP | {b"host", b"content-length", b"expect"}
 CLIENT_CREDENTIALS = frozenset({b"authorization", b"x-api-key"})
 RESPONSE_DROP = HOP_BY_HOP | {b"server", b"date"}
 PROBE_TIMEOUT_S = 2.0
+URL_CACHE_SIZE = 256
 
 
 def base_url(upstream: str) -> str:
@@ -43,12 +44,16 @@ class Upstream:
         self.base = base_url(settings.upstream)
         self.key = settings.upstream_key
         self.strip_credentials = bool(settings.keys) or bool(settings.upstream_key)
+        self.lean: LeanTransport | None = None
         if transport is None and urlsplit(self.base).scheme == "http" and LeanTransport is not None:
-            transport = LeanTransport()
+            transport = self.lean = LeanTransport()
+        timeout = httpx.Timeout(connect=settings.connect_timeout, read=settings.read_timeout,
+                                write=settings.read_timeout, pool=None)
+        self.timeouts = timeout.as_dict()
+        self._urls: dict[tuple[str, bytes], httpx.URL] = {}
         self.client = httpx.AsyncClient(
             transport=transport,
-            timeout=httpx.Timeout(connect=settings.connect_timeout, read=settings.read_timeout,
-                                  write=settings.read_timeout, pool=None),
+            timeout=timeout,
             limits=httpx.Limits(max_connections=None, max_keepalive_connections=64),
             follow_redirects=False,
             trust_env=False,
@@ -71,13 +76,28 @@ class Upstream:
             out.append((name, value))
         if self.key:
             out.append((b"authorization", b"Bearer " + self.key.encode()))
-        url = self.base + path + ("?" + query.decode("latin-1") if query else "")
-        return httpx.Request(method, url, headers=out, content=body)
+        return httpx.Request(method, self._url(path, query), headers=out, content=body)
+
+    def _url(self, path: str, query: bytes) -> httpx.URL:
+        """Parsed upstream URLs, cached: parsing one costs more than the rest of a request."""
+        key = (path, query)
+        url = self._urls.get(key)
+        if url is None:
+            url = httpx.URL(self.base + path + ("?" + query.decode("latin-1") if query else ""))
+            if len(self._urls) >= URL_CACHE_SIZE:
+                self._urls.clear()
+            self._urls[key] = url
+        return url
 
     async def send(self, request: httpx.Request) -> httpx.Response:
         """Send and return a streaming response, mapping transport failures to ProxyErrors."""
         try:
-            response = await self.client.send(request, stream=True)
+            if self.lean is not None:
+                # straight to the transport: no redirects, cookies or auth flow to run
+                request.extensions["timeout"] = self.timeouts
+                response = await self.lean.handle_async_request(request)
+            else:
+                response = await self.client.send(request, stream=True)
         except Exception as exc:
             raise map_error(exc) from exc
         self.up = True
