@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 import socket
 import sys
@@ -16,6 +17,7 @@ from .app import AppState, create_app
 from .config import ConfigError, Settings, load_settings
 
 log = logging.getLogger("lmgate")
+GC_GEN0_THRESHOLD = 20_000
 
 
 class LmgateServer(uvicorn.Server):
@@ -87,7 +89,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     log.info("lmgate %s listening on http://%s:%d, upstream %s, parallel %d, max queue %d",
              __version__, settings.host, settings.port, settings.upstream, settings.parallel,
              settings.max_queue)
-    build_server(settings).run()
+    server = build_server(settings)
+    # Everything built so far lives as long as the process: keep it out of the collector's
+    # way, and collect less often, so thousands of waiting clients do not cause long pauses.
+    gc.freeze()
+    gc.set_threshold(GC_GEN0_THRESHOLD, 20, 50)
+    server.run()
 
 
 if __name__ == "__main__":

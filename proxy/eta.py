@@ -32,9 +32,10 @@ class Estimator:
             return self.by_model[model]
         return self.overall_s if self.overall_s is not None else DEFAULT_SERVICE_S
 
-    def eta_ms(self, gate: Gate, ticket: Ticket) -> int:
+    def eta_ms(self, gate: Gate, ticket: Ticket, position: int | None = None) -> int:
         """Expected wait before ``ticket`` starts: requests ahead times their service time."""
-        position = gate.position(ticket)
+        if position is None:
+            position = gate.position(ticket)
         if position <= 0:
             return 0
         ahead = position - 1 + gate.active

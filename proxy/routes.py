@@ -17,7 +17,9 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
 from .auth import Principal
-from .errors import Forbidden, NotFound, ProxyError, Unauthorized
+from .errors import BadRequest, Forbidden, NotFound, ProxyError, Unauthorized
+
+DEFAULT_LIST_LIMIT = 500
 from .gate import Ticket
 from .gated import client_address
 
@@ -40,8 +42,10 @@ def viewer(state: AppState, request: Request) -> Principal | None:
     return state.auth.authenticate(headers, address)
 
 
-def ticket_view(state: AppState, t: Ticket, who: Principal | None, now: float) -> dict[str, Any]:
-    position = state.gate.position(t)
+def ticket_view(state: AppState, t: Ticket, who: Principal | None, now: float,
+                position: int | None = None) -> dict[str, Any]:
+    if position is None:
+        position = state.gate.position(t)
     mine = who is not None and (who.admin or who.identity == t.identity)
     out: dict[str, Any] = {
         "request_id": t.request_id if mine else None,
@@ -56,7 +60,7 @@ def ticket_view(state: AppState, t: Ticket, who: Principal | None, now: float) -
     if t.started_at is not None:
         out["running_s"] = round(now - t.started_at, 3)
     else:
-        out["eta_ms"] = state.eta.eta_ms(state.gate, t)
+        out["eta_ms"] = state.eta.eta_ms(state.gate, t, position)
     if who is not None and who.admin:
         out["client"] = t.meta.get("client")
     return out
@@ -66,6 +70,10 @@ async def queue_snapshot(request: Request) -> Response:
     state: AppState = request.app.state.lmgate
     who = viewer(state, request)
     gate, now = state.gate, time.monotonic()
+    limit = _int_param(request, "limit", DEFAULT_LIST_LIMIT)
+    # the first `limit` in line (?limit=N; `depth` is the full count; /queue/{id} finds any one)
+    waiting = [ticket_view(state, t, who, now, index + 1)
+               for index, t in enumerate(gate.waiting()[:limit])]
     return JSONResponse({
         "object": "queue",
         "depth": gate.depth,
@@ -81,8 +89,18 @@ async def queue_snapshot(request: Request) -> Response:
         "totals": dict(state.totals),
         "uptime_s": round(time.time() - state.started_at, 1),
         "running": [ticket_view(state, t, who, now) for t in gate.running],
-        "waiting": [ticket_view(state, t, who, now) for t in gate.waiting()],
+        "waiting": waiting,
+        "waiting_listed": len(waiting),
     })
+
+
+def _int_param(request: Request, name: str, default: int) -> int:
+    raw = request.query_params.get(name)
+    if raw is None:
+        return default
+    if not raw.isdigit():
+        raise BadRequest(f"'{name}' must be a non-negative integer", param=name)
+    return int(raw)
 
 
 async def queue_item(request: Request) -> Response:
