@@ -122,6 +122,9 @@ def test_queue_headers_positions_depth_and_wait() -> None:
             await r.wait_depth(3)
             snap = (await r.client.get("/queue")).json()
             assert [w["position"] for w in snap["waiting"]] == [1, 2, 3]
+            short = (await r.client.get("/queue?limit=2")).json()
+            assert [w["position"] for w in short["waiting"]] == [1, 2] and short["depth"] == 3
+            assert (await r.client.get("/queue?limit=x")).status_code == 400
             assert snap["active"] == 1 and snap["depth"] == 3
             one = snap["waiting"][0]
             item = (await r.client.get(f"/queue/{one['request_id']}")).json()
