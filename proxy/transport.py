@@ -43,6 +43,7 @@ class _Connection(asyncio.Protocol):
         self.body: list[bytes] = []
         self.buffered = 0
         self.headers_done = False
+        self.keep_alive = False
         self.complete = False
         self.got_bytes = False
         self.error: Exception | None = None
@@ -95,6 +96,7 @@ class _Connection(asyncio.Protocol):
 
     def on_headers_complete(self) -> None:
         self.status = self.parser.get_status_code()
+        self.keep_alive = self.parser.should_keep_alive()  # only meaningful here, not later
         self.headers_done = True
 
     def on_body(self, body: bytes) -> None:
@@ -153,7 +155,7 @@ class _Connection(asyncio.Protocol):
 
     @property
     def reusable(self) -> bool:
-        return (self.complete and not self.closed and self.parser.should_keep_alive()
+        return (self.complete and not self.closed and self.keep_alive
                 and self.transport is not None and not self.transport.is_closing())
 
 
