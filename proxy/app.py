@@ -239,7 +239,6 @@ def create_app(settings: Settings, *, transport: httpx.AsyncBaseTransport | None
     """Build lmgate. ``transport`` replaces the upstream connection (tests); metrics go to
     ``registry`` (a fresh one if omitted), never to the process-global registry."""
     from . import routes  # routes import app-level names; keep the import local
-
     from .compat import LegacyQueue
 
     state = AppState(settings, transport=transport, registry=registry or CollectorRegistry())

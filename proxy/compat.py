@@ -26,9 +26,10 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
 from . import __version__
-from .errors import BadRequest, ProxyError, QueueFullError, QueueTimeout, ShuttingDown
-from .gate import GateClosed, QueueFull, Ticket
-from .gated import client_address, header_map, read_body
+from .errors import BadRequest, ProxyError, QueueTimeout, ShuttingDown
+from .gate import Ticket
+from .gated import submit_ticket
+from .inbound import client_address, header_map, read_body
 from .metrics import RequestRecord
 from .routes import error_response
 
@@ -149,23 +150,12 @@ class LegacyQueue:
             st.auth.check_model(who, doc["model"])
             st.metrics.label(doc["model"])
             st.auth.check_rate(who)
-            key = who.key
-            if key is not None and key.max_queued is not None and st.gate.waiting_for(who.identity) >= key.max_queued:
-                raise QueueFullError(f"key '{key.name}' already has {key.max_queued} requests waiting",
-                                     code="key_queue_full", retry_after_s=st.eta.retry_after_s(st.gate))
             client_id = doc.pop("client_id")
             doc["stream"] = True
             job = Job(client_id, doc, who.identity, who.label)
             ticket = Ticket(request_id=job.id, model=doc["model"], identity=who.identity,
                             meta={"client": who.label, "stream": True, "route": ROUTE, "admin": who.admin})
-            ticket.waiter = asyncio.get_running_loop().create_future()
-            try:
-                st.gate.submit(ticket)
-            except QueueFull:
-                raise QueueFullError(f"the queue is full ({st.gate.max_queue} requests waiting)",
-                                     retry_after_s=st.eta.retry_after_s(st.gate)) from None
-            except GateClosed:
-                raise ShuttingDown("lmgate is shutting down") from None
+            submit_ticket(st, who, ticket)
         except ProxyError as err:
             rec = RequestRecord(request_id="-", route=ROUTE, client=client_address(request.scope),
                                 outcome="rejected", status=err.status, reason=err.code)

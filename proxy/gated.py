@@ -17,45 +17,49 @@ or a final SSE error event.
 from __future__ import annotations
 
 import asyncio
-import itertools
 import json
 import logging
-import secrets
 import time
-from collections.abc import Awaitable, Callable, MutableMapping
 from typing import TYPE_CHECKING, Any
 
 import httpx
 
 from . import streaming as sse
 from .errors import (
-    BadRequest,
     Forbidden,
-    PayloadTooLarge,
     ProxyError,
     QueueFullError,
     QueueTimeout,
     ShuttingDown,
 )
 from .gate import RUNNING, GateClosed, QueueFull, Ticket
+from .inbound import (
+    ClientGone,
+    Receive,
+    RequestIds,
+    Scope,
+    Send,
+    client_address,
+    header_map,
+    parse_request,
+    read_body,
+    request_id_from,
+    requested_tokens,
+    send_error,
+)
 from .metrics import RequestRecord
 from .upstream import RESPONSE_DROP, map_error
 
+__all__ = ["ClientGone", "Exchange", "GatedRequest", "RequestIds", "Receive", "Scope", "Send",
+           "client_address", "header_map", "read_body", "submit_ticket"]
+
 if TYPE_CHECKING:
     from .app import AppState
-
-Scope = MutableMapping[str, Any]
-Message = MutableMapping[str, Any]
-Receive = Callable[[], Awaitable[Message]]
-Send = Callable[[Message], Awaitable[None]]
+    from .auth import Principal
 
 log = logging.getLogger("lmgate")
 ERROR_BODY_CAP = 64 * 1024
 USAGE_BODY_CAP = 4 * 1024 * 1024
-
-
-class ClientGone(Exception):
-    """The client went away before lmgate could answer."""
 
 
 class Exchange:
@@ -83,101 +87,28 @@ class Exchange:
         self.task.cancel()
 
 
-def header_map(scope: Scope) -> dict[bytes, bytes]:
-    return {k.lower(): v for k, v in scope["headers"]}
-
-
-def request_id_from(headers: dict[bytes, bytes], ids: RequestIds) -> str:
-    given = headers.get(b"x-request-id", b"").decode("latin-1").strip()
-    if given and len(given) <= 128 and given.isprintable():
-        return given
-    return ids.next()
-
-
-class RequestIds:
-    """Unique, unguessable-enough ids without a syscall per request: a random per-process
-    prefix and a counter."""
-
-    def __init__(self) -> None:
-        self.prefix = secrets.token_hex(6)
-        self.counter = itertools.count(1)
-
-    def next(self) -> str:
-        return f"{self.prefix}{next(self.counter):08x}"
-
-
-
-def client_address(scope: Scope) -> str:
-    client = scope.get("client")
-    return str(client[0]) if client else "unknown"
-
-
-async def read_body(receive: Receive, headers: dict[bytes, bytes], limit: int) -> bytes:
-    declared = headers.get(b"content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise PayloadTooLarge(f"request body is {int(declared)} bytes; the limit is {limit}")
-    chunks: list[bytes] = []
-    size = 0
-    while True:
-        msg = await receive()
-        if msg["type"] == "http.disconnect":
-            raise ClientGone()
-        chunk = msg.get("body", b"")
-        size += len(chunk)
-        if size > limit:
-            raise PayloadTooLarge(f"request body is over the limit of {limit} bytes")
-        chunks.append(chunk)
-        if not msg.get("more_body", False):
-            return b"".join(chunks)
-
-
-def parse_request(body: bytes) -> dict[str, Any]:
-    """The JSON body, checked just enough to schedule it: a ``model`` and a boolean ``stream``."""
-    if not body.strip():
-        raise BadRequest("request body is empty; expected a JSON object with a 'model' field")
-    try:
-        doc = json.loads(body)
-    except (ValueError, RecursionError) as exc:
-        raise BadRequest(f"request body is not valid JSON: {str(exc)[:200]}", code="invalid_json") from None
-    if not isinstance(doc, dict):
-        raise BadRequest("request body must be a JSON object", code="invalid_json")
-    model = doc.get("model")
-    if not isinstance(model, str) or not model.strip():
-        raise BadRequest("'model' is required and must be a non-empty string", param="model",
-                         code="missing_model")
-    if len(model) > 512:
-        raise BadRequest("'model' is too long", param="model")
-    stream = doc.get("stream", False)
-    if stream is not None and not isinstance(stream, bool):
-        raise BadRequest("'stream' must be true or false", param="stream")
-    for name in ("max_tokens", "max_completion_tokens", "max_output_tokens"):
-        value = doc.get(name)
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
-            raise BadRequest(f"'{name}' must be a non-negative integer", param=name)
-    return doc
-
-
-def requested_tokens(doc: dict[str, Any]) -> tuple[str, int | None]:
-    for name in ("max_tokens", "max_completion_tokens", "max_output_tokens"):
-        if doc.get(name) is not None:
-            return name, doc[name]
-    return "max_tokens", None
-
-
-async def send_error(send: Send, err: ProxyError, extra: list[tuple[bytes, bytes]]) -> None:
-    body = err.to_json()
-    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
-    headers += [(k.encode(), v.encode()) for k, v in err.headers().items()]
-    await send({"type": "http.response.start", "status": err.status, "headers": headers + extra})
-    await send({"type": "http.response.body", "body": body, "more_body": False})
-
-
 async def watch_disconnect(receive: Receive, ex: Exchange) -> None:
     while True:
         msg = await receive()
         if msg["type"] == "http.disconnect":
             ex.interrupt(None)
             return
+
+
+def submit_ticket(st: AppState, who: Principal, ticket: Ticket) -> None:
+    """Put a ticket in the gate, within the caller's per-key limit; ProxyErrors otherwise."""
+    key = who.key
+    if key is not None and key.max_queued is not None and st.gate.waiting_for(who.identity) >= key.max_queued:
+        raise QueueFullError(f"key '{key.name}' already has {key.max_queued} requests waiting",
+                             code="key_queue_full", retry_after_s=st.eta.retry_after_s(st.gate))
+    ticket.waiter = asyncio.get_running_loop().create_future()
+    try:
+        st.gate.submit(ticket)
+    except QueueFull:
+        raise QueueFullError(f"the queue is full ({st.gate.max_queue} requests waiting); try again "
+                             "later", retry_after_s=st.eta.retry_after_s(st.gate)) from None
+    except GateClosed:
+        raise ShuttingDown("lmgate is shutting down") from None
 
 
 class GatedRequest:
@@ -219,10 +150,8 @@ class GatedRequest:
         try:
             await self._serve(ticket)
         except asyncio.CancelledError:
-            task = asyncio.current_task()
-            if not (self.ex.gone or self.ex.abort) or task is None:
+            if not self._ours():
                 raise
-            task.uncancel()
             await self._interrupted()
         except ProxyError as err:
             await self._fail(err)
@@ -255,10 +184,8 @@ class GatedRequest:
         except ClientGone:
             self.rec.outcome, self.rec.status = "client_gone", 499
         except asyncio.CancelledError:
-            task = asyncio.current_task()
-            if not self.ex.gone or task is None:
+            if not self._ours():
                 raise
-            task.uncancel()
             await self._interrupted()
         except ProxyError as err:
             await self._fail(err)
@@ -287,21 +214,10 @@ class GatedRequest:
             doc[field] = capped
             self.body = json.dumps(doc).encode()
         st.auth.check_rate(who)
-        key = who.key
-        if key is not None and key.max_queued is not None and st.gate.waiting_for(who.identity) >= key.max_queued:
-            raise QueueFullError(f"key '{key.name}' already has {key.max_queued} requests waiting",
-                                 code="key_queue_full", retry_after_s=st.eta.retry_after_s(st.gate))
         ticket = Ticket(request_id=self.rid, model=model, identity=who.identity,
                         meta={"client": who.label, "stream": self.stream, "route": self.rec.route,
                               "admin": who.admin})
-        ticket.waiter = asyncio.get_running_loop().create_future()
-        try:
-            st.gate.submit(ticket)
-        except QueueFull:
-            raise QueueFullError(f"the queue is full ({st.gate.max_queue} requests waiting); "
-                                 "try again later", retry_after_s=st.eta.retry_after_s(st.gate)) from None
-        except GateClosed:
-            raise ShuttingDown("lmgate is shutting down") from None
+        submit_ticket(st, who, ticket)
         self.rec.position = ticket.position_at_arrival
         return ticket
 
@@ -478,6 +394,15 @@ class GatedRequest:
             await self._write(b"\n\n")
         await self._write(err.sse_event())
         await self._end()
+
+    def _ours(self) -> bool:
+        """Was this cancellation ours (disconnect, shutdown, admin cancel)? Then it is absorbed;
+        anyone else's (the server stopping the task) must go on up."""
+        task = asyncio.current_task()
+        if not (self.ex.gone or self.ex.abort) or task is None:
+            return False
+        task.uncancel()
+        return True
 
     async def _interrupted(self) -> None:
         if self.ex.gone:

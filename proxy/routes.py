@@ -18,13 +18,13 @@ from starlette.routing import BaseRoute, Route
 
 from .auth import Principal
 from .errors import BadRequest, Forbidden, NotFound, ProxyError, Unauthorized
-
-DEFAULT_LIST_LIMIT = 500
 from .gate import Ticket
-from .gated import client_address
+from .inbound import client_address
 
 if TYPE_CHECKING:
     from .app import AppState
+
+DEFAULT_LIST_LIMIT = 500
 
 
 def error_response(err: ProxyError, extra: dict[str, str] | None = None) -> JSONResponse:

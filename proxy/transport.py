@@ -16,8 +16,8 @@ import asyncio
 from collections.abc import AsyncIterator
 from typing import Any
 
-import httpx
 import httptools
+import httpx
 
 READ_SIZE_HIGH_WATER = 1024 * 1024
 MAX_IDLE_PER_HOST = 64
