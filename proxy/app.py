@@ -48,6 +48,7 @@ FORWARDED_ROUTES = {
 MODEL_DETAIL_PREFIXES = (("/v1/models/", "/v1/models/{id}"), ("/api/v0/models/", "/api/v0/models/{id}"))
 ADMIN_PREFIXES = ("/api/v1/models/load", "/api/v1/models/unload", "/api/v1/models/download")
 RECENT_CAP = 2000
+UPSTREAM_PROBE_INTERVAL_S = 15.0
 
 
 def classify(method: str, path: str) -> tuple[str, str] | None:
@@ -91,6 +92,8 @@ class AppState:
         self.started_at = time.time()
         self._refresh: asyncio.Task[None] | None = None
         self._grace: asyncio.Task[None] | None = None
+        self._watch: asyncio.Task[None] | None = None
+        self.probe_interval_s = UPSTREAM_PROBE_INTERVAL_S
         self.extensions: list[Any] = []
         self.totals = {"served": 0, "failed": 0, "rejected": 0, "completion_tokens": 0}
 
@@ -136,10 +139,24 @@ class AppState:
         else:
             log.warning("upstream %s is not answering; requests get 502 until it is back",
                         self.upstream.base)
+        self._watch = asyncio.get_running_loop().create_task(self._watch_upstream())
         if self.auth.open and self.settings.host not in ("127.0.0.1", "localhost", "::1"):
             log.warning("no [[keys]] configured and listening on %s: ANYONE who can reach this "
                         "port can use the LLM server. Configure [[keys]] to require API keys.",
                         self.settings.host)
+
+    async def _watch_upstream(self) -> None:
+        """Keep ``upstream_up`` true to life, and notice a model loaded by hand in LM Studio
+        while nothing runs through lmgate."""
+        while True:
+            await asyncio.sleep(self.probe_interval_s)
+            was_up = self.upstream.up
+            up = await self.upstream.probe()
+            if up != was_up:
+                log.log(logging.INFO if up else logging.WARNING, "upstream %s is %s",
+                        self.upstream.base, "back up" if up else "not answering")
+            if up and not self.gate.running:
+                await self.refresh_loaded()
 
     def begin_shutdown(self) -> None:
         """Stop admitting; fail waiting requests now; give running ones the grace period."""
@@ -166,7 +183,7 @@ class AppState:
             await asyncio.sleep(0.05)
 
     async def aclose(self) -> None:
-        for task in (self._refresh, self._grace):
+        for task in (self._refresh, self._grace, self._watch):
             if task is not None:
                 task.cancel()
         await self.upstream.aclose()

@@ -433,3 +433,22 @@ def test_parallel_same_model_overlaps_other_model_waits() -> None:
             assert [json.loads(s.body)["model"] for s in r.upstream.seen] == ["A", "A", "B", "A"]
             await r.assert_gate_free()
     run(body)
+
+
+def test_upstream_watch_notices_an_outage() -> None:
+    async def body() -> None:
+        async with serve() as r:
+            assert r.state.upstream.up is True
+            r.state.upstream.base = "http://127.0.0.1:1"  # nothing listens there
+            r.state.probe_interval_s = 0.05
+            assert r.state._watch is not None
+            r.state._watch.cancel()
+            r.state._watch = asyncio.create_task(r.state._watch_upstream())
+            for _ in range(200):
+                if r.state.upstream.up is False:
+                    break
+                await asyncio.sleep(0.01)
+            assert r.state.upstream.up is False
+            metrics = (await r.client.get("/metrics")).text
+            assert "lmgate_upstream_up 0.0" in metrics
+    run(body)
