@@ -194,7 +194,7 @@ class AppState:
             if ticket.request_id == request_id:
                 ex.interrupt(reason)
                 return True
-        return False
+        return any(ext.cancel(request_id, reason) for ext in self.extensions)
 
 
 def _grant(ticket: Ticket) -> None:

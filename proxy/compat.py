@@ -128,6 +128,15 @@ class LegacyQueue:
             if job.task is not None and not job.task.done():
                 job.task.cancel()
 
+    def cancel(self, request_id: str, reason: ProxyError) -> bool:
+        """Admin cancel of a job that is waiting or running."""
+        job = self.jobs.get(request_id)
+        if job is None or job.task is None or job.task.done():
+            return False
+        job.error = reason.message
+        job.task.cancel()
+        return True
+
     def routes(self) -> list[BaseRoute]:
         return [
             Route("/queue/add", self.add, methods=["POST"]),

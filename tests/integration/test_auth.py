@@ -268,3 +268,27 @@ def test_secrets_never_logged(caplog: pytest.LogCaptureFixture) -> None:
     assert {a["client"] for a in access} >= {"alice", "bob"}
     for secret in ("sk-alice-123456", "sk-bob-12345678", "sk-wrong-secret-1", "lm-studio-token"):
         assert secret not in text
+
+
+def test_admin_cancels_an_old_api_job() -> None:
+    async def body() -> None:
+        async with serve(keyed()) as r:
+            holder = asyncio.create_task(r.client.post("/v1/chat/completions", json=chat_body(act="hold"),
+                                                       headers=ROOT))
+            await r.upstream.wait_for_requests(1)
+            added = await r.client.post("/queue/add", headers=BOB, json={
+                "client_id": "page", "model": "m1", "messages": [{"role": "user", "content": "x"}]})
+            job_id = added.json()["request_id"]
+            assert added.json()["queue_position"] == 1
+            assert (await r.client.delete(f"/queue/{job_id}", headers=BOB)).status_code == 403
+            assert (await r.client.delete(f"/queue/{job_id}", headers=ROOT)).status_code == 200
+            for _ in range(100):
+                record = (await r.client.get(f"/request/{job_id}")).json()
+                if record["status"] == "error":
+                    break
+                await asyncio.sleep(0.01)
+            assert record["status"] == "error" and "administrator" in record["error"]
+            assert r.state.gate.depth == 0 and len(r.upstream.seen) == 1
+            r.upstream.release(0)
+            await holder
+    run(body)
