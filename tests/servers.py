@@ -3,14 +3,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -41,15 +43,18 @@ class Process:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited early ({self.proc.returncode}):\n{self.output()}")
+                text = self.output()
+                self._log.close()
+                raise RuntimeError(f"server exited early ({self.proc.returncode}):\n{text}")
             try:
                 if httpx.get(self.url + path, timeout=0.5).status_code < 500:
                     return
             except httpx.HTTPError:
                 pass
             time.sleep(0.05)
+        text = self.output()
         self.stop()
-        raise RuntimeError(f"server not ready in {timeout_s} s:\n{self.output()}")
+        raise RuntimeError(f"server not ready in {timeout_s} s:\n{text}")
 
     def output(self) -> str:
         self._log.flush()
@@ -82,3 +87,18 @@ def start_lmgate(tmp: Path, upstream: str, *args: str, env: dict[str, str] | Non
     port = free_port()
     return Process(["-m", "proxy", "--upstream", upstream, "--port", str(port), *args], port,
                    tmp / f"lmgate-{port}.log", "/healthz", env=env)
+
+
+@contextlib.contextmanager
+def running_stack(tmp: Path, *lmgate_args: str, **sim_kwargs: Any) -> Iterator[tuple[Process, Process]]:
+    """The simulator and lmgate in front of it; both stopped afterwards, whatever happens,
+    including lmgate failing to start."""
+    sim = start_simulator(tmp, **sim_kwargs)
+    try:
+        gate = start_lmgate(tmp, sim.url, *lmgate_args)
+        try:
+            yield sim, gate
+        finally:
+            gate.stop()
+    finally:
+        sim.stop()

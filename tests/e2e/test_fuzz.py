@@ -16,7 +16,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.servers import Process, start_lmgate, start_simulator
+from tests.servers import Process, running_stack
 
 MAX_BODY = 50_000
 PATHS = ["/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/api/v0/chat/completions"]
@@ -26,12 +26,9 @@ MODEL = "qwen2.5-7b-instruct"
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Process, Process]]:
     tmp = tmp_path_factory.mktemp("fuzz")
-    sim = start_simulator(tmp, tokens_per_s=0, load_s=0)
-    gate = start_lmgate(tmp, sim.url, "--log-level", "error", "--max-body", str(MAX_BODY),
-                        "--queue-timeout", "20")
-    yield sim, gate
-    gate.stop()
-    sim.stop()
+    with running_stack(tmp, "--log-level", "error", "--max-body", str(MAX_BODY), "--queue-timeout", "20",
+                       tokens_per_s=0, load_s=0) as pair:
+        yield pair
 
 
 json_values = st.recursive(

@@ -12,7 +12,7 @@ import httpx
 import pytest
 
 from proxy.simulator import expected_reply, expected_tool_call
-from tests.servers import Process, start_lmgate, start_simulator
+from tests.servers import Process, running_stack
 
 MODEL = "qwen2.5-7b-instruct"
 OTHER = "llama-3.2-3b-instruct"
@@ -21,12 +21,9 @@ OTHER = "llama-3.2-3b-instruct"
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Process, Process]]:
     tmp = tmp_path_factory.mktemp("legacy")
-    sim = start_simulator(tmp, tokens_per_s=80, load_s=0.1)
-    gate = start_lmgate(tmp, sim.url, "--log-level", "warning", "--result-ttl", "2",
-                        "--stream-open-timeout", "1.5")
-    yield sim, gate
-    gate.stop()
-    sim.stop()
+    with running_stack(tmp, "--log-level", "warning", "--result-ttl", "2", "--stream-open-timeout", "1.5",
+                       tokens_per_s=80, load_s=0.1) as pair:
+        yield pair
 
 
 def submit(base: str, content: str, model: str = MODEL, **extra: object) -> dict:

@@ -12,7 +12,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.servers import Process, free_port, start_lmgate, start_simulator
+from tests.servers import Process, free_port, running_stack
 
 MODEL = "qwen2.5-7b-instruct"
 posix_only = pytest.mark.skipif(os.name == "nt", reason="SIGTERM delivery differs on Windows")
@@ -52,8 +52,11 @@ def test_demo_mode_runs_with_no_lm_studio(tmp_path: Path) -> None:
 
 @posix_only
 def test_sigterm_refuses_waiting_and_lets_running_finish(tmp_path: Path) -> None:
-    sim = start_simulator(tmp_path, tokens_per_s=20, load_s=0)
-    gate = start_lmgate(tmp_path, sim.url, "--shutdown-grace", "10")
+    with running_stack(tmp_path, "--shutdown-grace", "10", tokens_per_s=20, load_s=0) as (sim, gate):
+        sigterm_refuses_waiting(sim, gate)
+
+
+def sigterm_refuses_waiting(sim: Process, gate: Process) -> None:
     pool = ThreadPoolExecutor(3)
     try:
         running: Future[httpx.Response] = pool.submit(post, gate.url, chat(True, 30, "first"))
@@ -76,14 +79,15 @@ def test_sigterm_refuses_waiting_and_lets_running_finish(tmp_path: Path) -> None
         assert [e["user"] for e in log] == ["first"]  # the refused ones never reached LM Studio
     finally:
         pool.shutdown(wait=False, cancel_futures=True)
-        gate.stop()
-        sim.stop()
 
 
 @posix_only
 def test_sigterm_cuts_off_a_stream_past_the_grace_period(tmp_path: Path) -> None:
-    sim = start_simulator(tmp_path, tokens_per_s=10, load_s=0)
-    gate = start_lmgate(tmp_path, sim.url, "--shutdown-grace", "0.5")
+    with running_stack(tmp_path, "--shutdown-grace", "0.5", tokens_per_s=10, load_s=0) as (sim, gate):
+        sigterm_cuts_off(sim, gate)
+
+
+def sigterm_cuts_off(sim: Process, gate: Process) -> None:
     pool = ThreadPoolExecutor(1)
     try:
         running = pool.submit(post, gate.url, chat(True, 200, "long"))
@@ -98,5 +102,3 @@ def test_sigterm_cuts_off_a_stream_past_the_grace_period(tmp_path: Path) -> None
         assert stats["cancelled"] == 1  # the upstream generation was stopped too
     finally:
         pool.shutdown(wait=False, cancel_futures=True)
-        gate.stop()
-        sim.stop()

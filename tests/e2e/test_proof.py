@@ -15,7 +15,7 @@ import openai
 import pytest
 
 from proxy.simulator import expected_reply, expected_tool_call
-from tests.servers import Process, start_lmgate, start_simulator
+from tests.servers import Process, running_stack, start_lmgate, start_simulator
 
 MODELS = ("qwen2.5-7b-instruct", "llama-3.2-3b-instruct")
 CLIENTS = 8
@@ -172,9 +172,7 @@ def test_sdk_sees_queue_comments_as_nothing_and_errors_as_api_error(sim: Process
 
 
 def test_knows_the_loaded_model_at_start(tmp_path: Path) -> None:
-    sim = start_simulator(tmp_path, tokens_per_s=0, load_s=0, extra=["--loaded", MODELS[1]])
-    gate = start_lmgate(tmp_path, sim.url)
-    try:
+    with running_stack(tmp_path, tokens_per_s=0, load_s=0, extra=["--loaded", MODELS[1]]) as (_, gate):
         q = httpx.get(gate.url + "/queue").json()
         assert q["loaded_models"] == [MODELS[1]]
         client = openai.OpenAI(base_url=gate.url + "/v1", api_key="x", max_retries=0)
@@ -185,6 +183,3 @@ def test_knows_the_loaded_model_at_start(tmp_path: Path) -> None:
         metrics = httpx.get(gate.url + "/metrics").text
         assert "lmgate_model_switches_total 1.0" in metrics
         client.close()
-    finally:
-        gate.stop()
-        sim.stop()
