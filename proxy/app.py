@@ -22,7 +22,8 @@ from .config import Settings
 from .errors import ShuttingDown
 from .eta import Estimator
 from .gate import Gate, Ticket
-from .gated import Exchange, GatedRequest, Receive, RequestIds, Scope, Send
+from .gated import Exchange, GatedRequest
+from .inbound import Receive, RequestIds, Scope, Send
 from .metrics import Metrics, RequestRecord
 from .upstream import Upstream
 
@@ -106,7 +107,7 @@ class AppState:
             self.totals["completion_tokens"] += rec.completion_tokens or 0
         if rec.outcome == "ok" and rec.wait_ms is not None:
             self.eta.observe(rec.model, rec.duration_ms / 1000 - rec.wait_ms / 1000)
-        if rec.outcome == "upstream_error" and rec.status >= 500 or rec.status in (502, 504):
+        if (rec.outcome == "upstream_error" and rec.status >= 500) or rec.status in (502, 504):
             self.refresh_loaded_soon()
         log_access(rec, self.settings.log_format)
 
@@ -176,11 +177,6 @@ class AppState:
         await asyncio.sleep(self.settings.shutdown_grace)
         for ex in list(self.exchanges.values()):
             ex.interrupt(ShuttingDown("lmgate is shutting down; the request was cut off"))
-
-    async def drained(self) -> None:
-        """Wait until no request holds the gate (used by the server on shutdown)."""
-        while self.exchanges:
-            await asyncio.sleep(0.05)
 
     async def aclose(self) -> None:
         for task in (self._refresh, self._grace, self._watch):

@@ -26,12 +26,14 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
 from . import __version__
-from .errors import BadRequest, ProxyError, QueueTimeout, ShuttingDown
+from .errors import BadRequest, NotFound, ProxyError, QueueTimeout, ShuttingDown
 from .gate import Ticket
 from .gated import submit_ticket
-from .inbound import client_address, header_map, read_body
+from .inbound import client_address, header_map, parse_request, read_body
 from .metrics import RequestRecord
 from .routes import error_response
+from .streaming import upstream_error_message
+from .upstream import map_error, read_capped
 
 if TYPE_CHECKING:
     from .app import AppState
@@ -258,7 +260,7 @@ class LegacyQueue:
         except ProxyError as err:
             job.status, job.error = "error", err.message
             rec.status = err.status
-            rec.outcome = "timeout" if isinstance(err, (QueueTimeout,)) or err.status == 504 else "upstream_error"
+            rec.outcome = "timeout" if isinstance(err, QueueTimeout) or err.status == 504 else "upstream_error"
             self.stats["total_errors"] += 1
         except Exception as exc:  # a bug must still end the job and free the gate
             log.exception("legacy job %s failed", job.id)
@@ -302,8 +304,9 @@ class LegacyQueue:
         response = await st.upstream.send(req)
         try:
             if response.status_code >= 400:
-                raw = await response.aread()
-                raise ProxyError(_upstream_message(response.status_code, raw), code=str(response.status_code))
+                raw = await read_capped(response)
+                error = upstream_error_message(response.status_code, raw)["error"]
+                raise ProxyError(error["message"], code=error["code"])
             buf = b""
             try:
                 async for chunk in response.aiter_raw():
@@ -314,7 +317,6 @@ class LegacyQueue:
                     for line in lines:
                         self._line(job, rec, line.strip())
             except httpx.HTTPError as exc:
-                from .upstream import map_error
                 raise map_error(exc) from exc
             if buf.strip():
                 self._line(job, rec, buf.strip())
@@ -373,33 +375,14 @@ def _data(event: dict[str, Any]) -> str:
 
 
 def _parse_add(raw: bytes) -> dict[str, Any]:
-    try:
-        doc = json.loads(raw)
-    except (ValueError, RecursionError):
-        raise BadRequest("request body is not valid JSON", code="invalid_json") from None
-    if not isinstance(doc, dict):
-        raise BadRequest("request body must be a JSON object", code="invalid_json")
+    """The checks every gated request gets, plus the old API's own required fields."""
+    doc = parse_request(raw)
     if not isinstance(doc.get("client_id"), str):
         raise BadRequest("'client_id' is required (a string)", param="client_id")
-    if not isinstance(doc.get("model"), str) or not doc["model"].strip():
-        raise BadRequest("'model' is required and must be a non-empty string", param="model",
-                         code="missing_model")
     if not isinstance(doc.get("messages"), list) or not doc["messages"]:
         raise BadRequest("'messages' is required (a non-empty list)", param="messages")
     return doc
 
 
-def _upstream_message(status: int, raw: bytes) -> str:
-    try:
-        doc = json.loads(raw)
-        err = doc.get("error", doc) if isinstance(doc, dict) else doc
-        if isinstance(err, dict):
-            return str(err.get("message") or err)
-        return f"Error code: {status} - {err}"
-    except ValueError:
-        return f"Error code: {status} - {raw[:500].decode('utf-8', 'replace')}"
-
-
 def _not_found(request_id: str) -> Response:
-    from .errors import NotFound
     return error_response(NotFound(f"Request ID not found: '{request_id}'", code="request_not_found"))

@@ -12,7 +12,7 @@ import hashlib
 import os
 import sys
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -39,7 +39,6 @@ class Option:
     help: str
     choices: tuple[str, ...] = ()
     minimum: float | None = None
-    cli: bool = True
 
     @property
     def flag(self) -> str:
@@ -328,6 +327,3 @@ def validate(settings: Settings) -> None:
         if origin != "*" and not origin.startswith(("http://", "https://")):
             raise ConfigError("cors_origins", f"{origin!r} is not an origin like http://host:port")
 
-
-def settings_fields() -> list[str]:
-    return [f.name for f in fields(Settings)]

@@ -7,6 +7,7 @@
     ├── Forbidden                   403 permission_error
     ├── NotFound                    404 not_found_error
     ├── PayloadTooLarge             413 invalid_request_error
+    ├── Cancelled                   499 cancelled (by an administrator)
     ├── TooManyRequests             429 rate_limit_error (+ Retry-After)
     │   └── QueueFullError          429 rate_limit_error / queue_full
     ├── UpstreamUnavailable         502 upstream_error
@@ -105,6 +106,12 @@ class PayloadTooLarge(ProxyError):
     status = 413
     type = "invalid_request_error"
     code = "payload_too_large"
+
+
+class Cancelled(ProxyError):
+    status = 499
+    type = "cancelled"
+    code = "cancelled"
 
 
 class TooManyRequests(ProxyError):

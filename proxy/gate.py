@@ -305,21 +305,28 @@ class Gate:
         if self.compatible(head.model, current):
             return 0
         if self.max_skips:
-            found = self._candidate(current)
+            waiting = ((self._waiting[seq].model, self._waiting[seq].skipped) for _, seq in self._order)
+            found = self._overtaker(waiting, current)
             if found is not None:
                 return found
         return None if busy else 0
 
-    def _candidate(self, current: frozenset[str]) -> int | None:
+    def _overtaker(self, waiting: Iterable[tuple[str, int]], current: frozenset[str]) -> int | None:
+        """Index of the first waiting request after the head whose model may run with
+        ``current`` and that may overtake everyone ahead of it (each skipped < max_skips).
+        ``waiting`` gives (model, times skipped) in service order."""
         worst = 0
-        for i, (_, seq) in enumerate(self._order):
-            t = self._waiting[seq]
-            if i and self.compatible(t.model, current):
+        for i, (model, skipped) in enumerate(waiting):
+            if i and self.compatible(model, current):
                 return i
-            worst = max(worst, t.skipped)
+            worst = max(worst, skipped)
             if worst >= self.max_skips:
                 return None
         return None
+
+    def _joined(self, model: str, models: frozenset[str]) -> frozenset[str]:
+        """The model set after ``model`` starts: added to a compatible set, else replacing it."""
+        return models | {model} if self.compatible(model, models) else frozenset({model})
 
     def _dispatch(self) -> list[Ticket]:
         started: list[Ticket] = []
@@ -344,11 +351,9 @@ class Gate:
         ticket.started_at = self.clock()
         self._running[ticket.seq] = ticket
         self._vtime = max(self._vtime, ticket.tag)
-        if self.compatible(ticket.model, self._loaded):
-            self._loaded = self._loaded | {ticket.model}
-        else:
+        if not self.compatible(ticket.model, self._loaded):
             self.switches += 1
-            self._loaded = frozenset({ticket.model})
+        self._loaded = self._joined(ticket.model, self._loaded)
 
     def _notify(self, started: list[Ticket]) -> None:
         if self.on_start is not None:
@@ -367,19 +372,12 @@ class Gate:
         while order:
             pick = 0
             if not self.compatible(order[0].model, current):
-                worst = 0
-                for i, t in enumerate(order):
-                    if i and self.compatible(t.model, current):
-                        pick = i
-                        break
-                    worst = max(worst, skipped[i])
-                    if worst >= self.max_skips:
-                        break
+                pick = self._overtaker(zip((t.model for t in order), skipped), current) or 0
             for i in range(pick):
                 skipped[i] += 1
             t = order.pop(pick)
             del skipped[pick]
             ranks[t.seq] = len(ranks)
-            current = current | {t.model} if self.compatible(t.model, current) else frozenset({t.model})
+            current = self._joined(t.model, current)
         self._projection = (self.version, ranks)
         return ranks

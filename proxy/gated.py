@@ -36,7 +36,6 @@ from .gate import RUNNING, GateClosed, QueueFull, Ticket
 from .inbound import (
     ClientGone,
     Receive,
-    RequestIds,
     Scope,
     Send,
     client_address,
@@ -48,24 +47,20 @@ from .inbound import (
     send_error,
 )
 from .metrics import RequestRecord
-from .upstream import RESPONSE_DROP, map_error
-
-__all__ = ["ClientGone", "Exchange", "GatedRequest", "RequestIds", "Receive", "Scope", "Send",
-           "client_address", "header_map", "read_body", "submit_ticket"]
+from .upstream import RESPONSE_DROP, map_error, read_capped
 
 if TYPE_CHECKING:
     from .app import AppState
     from .auth import Principal
 
 log = logging.getLogger("lmgate")
-ERROR_BODY_CAP = 64 * 1024
 USAGE_BODY_CAP = 4 * 1024 * 1024
 
 
 class Exchange:
     """State shared between a handler task and the tasks that may interrupt it."""
 
-    __slots__ = ("task", "gone", "abort", "headers_sent", "finished", "boundary", "ticket")
+    __slots__ = ("task", "gone", "abort", "headers_sent", "finished", "boundary")
 
     def __init__(self, task: asyncio.Task[Any] | None) -> None:
         self.task = task
@@ -74,7 +69,6 @@ class Exchange:
         self.headers_sent = False
         self.finished = False
         self.boundary = sse.Boundary()
-        self.ticket: Ticket | None = None
 
     def interrupt(self, reason: ProxyError | None) -> None:
         """Stop the handler: a disconnect (reason None), shutdown or admin cancel."""
@@ -114,13 +108,11 @@ def submit_ticket(st: AppState, who: Principal, ticket: Ticket) -> None:
 class GatedRequest:
     """Runs one request through the gate. Created per request by the app."""
 
-    def __init__(self, state: AppState, scope: Scope, receive: Receive, send: Send, route: str,
-                 *, gated: bool = True) -> None:
+    def __init__(self, state: AppState, scope: Scope, receive: Receive, send: Send, route: str) -> None:
         self.state = state
         self.scope = scope
         self.receive = receive
         self.send = send
-        self.gated = gated
         self.headers = header_map(scope)
         self.t0 = time.perf_counter()
         self.rid = request_id_from(self.headers, state.ids)
@@ -128,6 +120,7 @@ class GatedRequest:
         self.ex = Exchange(asyncio.current_task())
         self.body = b""
         self.stream = False
+        self.eta_ms: int | None = None  # estimated wait, taken once at arrival
         self.id_header = [(b"x-request-id", self.rid.encode())]
 
     # -- entry ---------------------------------------------------------------------------
@@ -144,7 +137,6 @@ class GatedRequest:
             await send_error(self.send, err, self.id_header)
             self._finish()
             return
-        self.ex.ticket = ticket
         st.exchanges[ticket] = self.ex
         watcher = asyncio.create_task(watch_disconnect(self.receive, self.ex))
         try:
@@ -219,6 +211,8 @@ class GatedRequest:
                               "admin": who.admin})
         submit_ticket(st, who, ticket)
         self.rec.position = ticket.position_at_arrival
+        if ticket.position_at_arrival > 0:
+            self.eta_ms = st.eta.eta_ms(st.gate, ticket)
         return ticket
 
     # -- waiting -------------------------------------------------------------------------
@@ -227,9 +221,8 @@ class GatedRequest:
             (b"x-queue-position", str(ticket.position_at_arrival).encode()),
             (b"x-queue-depth", str(ticket.depth_at_arrival).encode()),
         ]
-        if ticket.position_at_arrival > 0:
-            eta = self.state.eta.eta_ms(self.state.gate, ticket)
-            out.append((b"x-queue-eta-ms", str(eta).encode()))
+        if self.eta_ms is not None:
+            out.append((b"x-queue-eta-ms", str(self.eta_ms).encode()))
         return out
 
     async def _serve(self, ticket: Ticket) -> None:
@@ -260,13 +253,10 @@ class GatedRequest:
 
     async def _wait_streaming(self, ticket: Ticket) -> None:
         gate = self.state.gate
-        headers = [(b"content-type", b"text/event-stream; charset=utf-8"), (b"cache-control", b"no-cache"),
-                   (b"x-accel-buffering", b"no")] + self._queue_headers(ticket)
-        await self._start(200, headers)
+        await self._start(200, sse.SSE_HEADERS + self._queue_headers(ticket))
         last = ticket.position_at_arrival
         await self._write(sse.queue_entered(last))
-        eta = self.state.eta.eta_ms(gate, ticket)
-        await self._write(sse.comment(f"queue_eta_ms={eta}"))
+        await self._write(sse.comment(f"queue_eta_ms={self.eta_ms}"))
         deadline = self._deadline(ticket)
         last_write = time.monotonic()
         while not ticket.waiter.done():
@@ -311,8 +301,8 @@ class GatedRequest:
         headers = [(k, v) for k, v in response.headers.raw if k.lower() not in RESPONSE_DROP]
         is_sse = response.headers.get("content-type", "").startswith("text/event-stream")
         if is_sse:
-            headers = [(k, v) for k, v in headers if k.lower() not in (b"cache-control", b"x-accel-buffering")]
-            headers += [(b"cache-control", b"no-cache"), (b"x-accel-buffering", b"no")]
+            replaced = {name for name, _ in sse.NO_BUFFERING}
+            headers = [(k, v) for k, v in headers if k.lower() not in replaced] + sse.NO_BUFFERING
         if ticket is not None:
             headers += self._queue_headers(ticket)
             if not self.stream:
@@ -329,7 +319,7 @@ class GatedRequest:
         self.rec.status = response.status_code
         if response.status_code >= 400:
             self.rec.outcome = "upstream_error"
-            body = await _read_capped(response, ERROR_BODY_CAP)
+            body = await read_capped(response)
             await self._write(sse.error_event(sse.upstream_error_message(response.status_code, body)))
             await self._end()
             return
@@ -417,14 +407,3 @@ class GatedRequest:
         self.rec.duration_ms = (time.perf_counter() - self.t0) * 1000
         self.state.observe(self.rec)
 
-
-async def _read_capped(response: httpx.Response, cap: int) -> bytes:
-    out = bytearray()
-    try:
-        async for chunk in response.aiter_raw():
-            out += chunk
-            if len(out) >= cap:
-                break
-    except httpx.HTTPError:
-        pass
-    return bytes(out[:cap])

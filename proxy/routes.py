@@ -17,9 +17,9 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
 from .auth import Principal
-from .errors import BadRequest, Forbidden, NotFound, ProxyError, Unauthorized
+from .errors import BadRequest, Cancelled, Forbidden, NotFound, ProxyError, Unauthorized
 from .gate import Ticket
-from .inbound import client_address
+from .inbound import client_address, header_map
 
 if TYPE_CHECKING:
     from .app import AppState
@@ -33,7 +33,7 @@ def error_response(err: ProxyError, extra: dict[str, str] | None = None) -> JSON
 
 def viewer(state: AppState, request: Request) -> Principal | None:
     """Who is looking at the queue. Without a key (when keys exist) they see it anonymised."""
-    headers = {k.lower(): v for k, v in request.scope["headers"]}
+    headers = header_map(request.scope)
     address = client_address(request.scope)
     if state.auth.open:
         return state.auth.authenticate(headers, address)
@@ -134,8 +134,7 @@ async def queue_cancel(request: Request) -> Response:
     if not who.admin:
         raise Forbidden("cancelling a request needs an admin key", code="admin_only")
     request_id = request.path_params["request_id"]
-    reason = ProxyError("the request was cancelled by an administrator", code="cancelled")
-    reason.status, reason.type = 499, "cancelled"
+    reason = Cancelled("the request was cancelled by an administrator")
     if not state.cancel(request_id, reason):
         raise NotFound(f"no waiting or running request with id '{request_id}'", code="request_not_found")
     return JSONResponse({"request_id": request_id, "cancelled": True})
@@ -176,13 +175,10 @@ def exception_handlers() -> dict[Any, Any]:
 
     async def http_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, HTTPException)
-        if exc.status_code == 404:
+        if exc.status_code in (404, 405):  # a known path with another method is unknown too
             return await not_found(request)
-        err = ProxyError(str(exc.detail), code="method_not_allowed" if exc.status_code == 405 else None)
+        err = ProxyError(str(exc.detail))
         err.status, err.type = exc.status_code, "invalid_request_error"
-        if exc.status_code == 405:
-            err.status, err.message = 404, f"unknown path {request.method} {request.url.path}"
-            err.type, err.code = "not_found_error", "not_found"
         return error_response(err)
 
     return {ProxyError: proxy_error, HTTPException: http_error}

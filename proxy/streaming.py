@@ -12,11 +12,8 @@ from typing import Any
 
 KEEPALIVE_S = 15.0
 POSITION_MIN_INTERVAL_S = 1.0
-SSE_HEADERS = [
-    (b"content-type", b"text/event-stream; charset=utf-8"),
-    (b"cache-control", b"no-cache"),
-    (b"x-accel-buffering", b"no"),
-]
+NO_BUFFERING = [(b"cache-control", b"no-cache"), (b"x-accel-buffering", b"no")]
+SSE_HEADERS = [(b"content-type", b"text/event-stream; charset=utf-8"), *NO_BUFFERING]
 
 
 def comment(text: str) -> bytes:

@@ -29,6 +29,7 @@ CLIENT_CREDENTIALS = frozenset({b"authorization", b"x-api-key"})
 RESPONSE_DROP = HOP_BY_HOP | {b"server", b"date"}
 PROBE_TIMEOUT_S = 2.0
 URL_CACHE_SIZE = 256
+ERROR_BODY_CAP = 64 * 1024
 
 
 def base_url(upstream: str) -> str:
@@ -163,3 +164,16 @@ def map_error(exc: BaseException) -> ProxyError:
     if isinstance(exc, (httpx.ConnectError, httpx.ConnectTimeout)):
         return UpstreamUnavailable("cannot connect to the upstream LM Studio server; is it running?")
     return UpstreamUnavailable(f"upstream connection failed: {type(exc).__name__}")
+
+
+async def read_capped(response: httpx.Response, cap: int = ERROR_BODY_CAP) -> bytes:
+    """Up to ``cap`` bytes of a (usually error) response body; a broken stream ends it."""
+    out = bytearray()
+    try:
+        async for chunk in response.aiter_raw():
+            out += chunk
+            if len(out) >= cap:
+                break
+    except httpx.HTTPError:
+        pass
+    return bytes(out[:cap])
