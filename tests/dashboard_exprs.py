@@ -7,7 +7,7 @@ way Grafana would render them, so every returned string is plain PromQL:
 
 Standard library only, so any test (unit, integration, e2e) can import it::
 
-    from dashboard_exprs import dashboard_exprs   # with tests/ on sys.path
+    from tests.dashboard_exprs import dashboard_exprs
 """
 
 from __future__ import annotations

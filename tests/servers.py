@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -15,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -102,3 +104,16 @@ def running_stack(tmp: Path, *lmgate_args: str, **sim_kwargs: Any) -> Iterator[t
             gate.stop()
     finally:
         sim.stop()
+
+
+def require_program(*names: str, package: str) -> str:
+    """Path of the first of ``names`` on PATH. Missing: skip, except under CI (``CI=true``),
+    where it is a failure, since ``.ci/run`` installs the Debian ``package``."""
+    for name in names:
+        path = shutil.which(name)
+        if path:
+            return path
+    message = f"{names[0]} is not installed (apt-get install {package})"
+    if os.environ.get("CI") == "true":
+        pytest.fail(message + "; CI must install it")
+    pytest.skip(message)

@@ -6,6 +6,7 @@ import json
 import os
 import signal
 import time
+from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
@@ -50,15 +51,21 @@ def test_demo_mode_runs_with_no_lm_studio(tmp_path: Path) -> None:
         proc.stop()
 
 
+@pytest.fixture
+def pool() -> Iterator[ThreadPoolExecutor]:
+    """Threads for blocking client calls; never waited for on the way out."""
+    executor = ThreadPoolExecutor(3)
+    yield executor
+    executor.shutdown(wait=False, cancel_futures=True)
+
+
+def data_lines(resp: httpx.Response) -> list[str]:
+    return [ln for ln in resp.text.split("\n") if ln.startswith("data: ")]
+
+
 @posix_only
-def test_sigterm_refuses_waiting_and_lets_running_finish(tmp_path: Path) -> None:
+def test_sigterm_refuses_waiting_and_lets_running_finish(tmp_path: Path, pool: ThreadPoolExecutor) -> None:
     with running_stack(tmp_path, "--shutdown-grace", "10", tokens_per_s=20, load_s=0) as (sim, gate):
-        sigterm_refuses_waiting(sim, gate)
-
-
-def sigterm_refuses_waiting(sim: Process, gate: Process) -> None:
-    pool = ThreadPoolExecutor(3)
-    try:
         running: Future[httpx.Response] = pool.submit(post, gate.url, chat(True, 30, "first"))
         wait_queue(gate.url, 0, 1)
         waiting_stream = pool.submit(post, gate.url, chat(True, 3, "second"))
@@ -68,8 +75,7 @@ def sigterm_refuses_waiting(sim: Process, gate: Process) -> None:
         gate.signal(signal.SIGTERM)
         plain = waiting_plain.result(10)
         assert plain.status_code == 503 and plain.json()["error"]["code"] == "shutting_down"
-        stream = waiting_stream.result(10)
-        last = [ln for ln in stream.text.split("\n") if ln.startswith("data: ")][-1]
+        last = data_lines(waiting_stream.result(10))[-1]
         assert json.loads(last[6:])["error"]["code"] == "shutting_down"
         first = running.result(20)
         assert first.status_code == 200 and first.text.rstrip().endswith("data: [DONE]")
@@ -77,28 +83,17 @@ def sigterm_refuses_waiting(sim: Process, gate: Process) -> None:
         assert "Traceback" not in gate.output()
         log = httpx.get(sim.url + "/sim/stats").json()["log"]
         assert [e["user"] for e in log] == ["first"]  # the refused ones never reached LM Studio
-    finally:
-        pool.shutdown(wait=False, cancel_futures=True)
 
 
 @posix_only
-def test_sigterm_cuts_off_a_stream_past_the_grace_period(tmp_path: Path) -> None:
+def test_sigterm_cuts_off_a_stream_past_the_grace_period(tmp_path: Path, pool: ThreadPoolExecutor) -> None:
     with running_stack(tmp_path, "--shutdown-grace", "0.5", tokens_per_s=10, load_s=0) as (sim, gate):
-        sigterm_cuts_off(sim, gate)
-
-
-def sigterm_cuts_off(sim: Process, gate: Process) -> None:
-    pool = ThreadPoolExecutor(1)
-    try:
         running = pool.submit(post, gate.url, chat(True, 200, "long"))
         wait_queue(gate.url, 0, 1)
         gate.signal(signal.SIGTERM)
-        resp = running.result(15)
-        events = [ln for ln in resp.text.split("\n") if ln.startswith("data: ")]
+        events = data_lines(running.result(15))
         assert json.loads(events[-1][6:])["error"]["code"] == "shutting_down"
         assert len(events) > 2  # it did stream before being cut off
         assert gate.proc.wait(15) is not None
         stats = httpx.get(sim.url + "/sim/stats").json()
         assert stats["cancelled"] == 1  # the upstream generation was stopped too
-    finally:
-        pool.shutdown(wait=False, cancel_futures=True)

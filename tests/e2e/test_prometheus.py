@@ -10,10 +10,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import shutil
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -25,14 +22,9 @@ import httpx
 import openai
 import pytest
 
-TESTS = Path(__file__).resolve().parents[1]
-if str(TESTS) not in sys.path:
-    sys.path.insert(0, str(TESTS))
-
-from dashboard_exprs import dashboard_exprs  # noqa: E402
-from servers import Process, free_port, start_lmgate, start_simulator  # noqa: E402
-
 from proxy.simulator import DEFAULT_MODELS, expected_reply  # noqa: E402
+from tests.dashboard_exprs import dashboard_exprs
+from tests.servers import Process, free_port, require_program, start_lmgate, start_simulator
 
 MODEL_A, MODEL_B, EMBED = DEFAULT_MODELS
 MIN_SCRAPES = 2  # scrapes (1 s apart) that must see the traffic before its last wave
@@ -44,13 +36,7 @@ pytestmark = pytest.mark.timeout(90)
 
 
 def _prometheus_binary() -> str:
-    path = shutil.which("prometheus")
-    if path:
-        return path
-    message = "prometheus not installed (apt-get install prometheus)"
-    if os.environ.get("CI") == "true":
-        pytest.fail(message + "; CI must install it")
-    pytest.skip(message)
+    return require_program("prometheus", package="prometheus")
 
 
 class Prometheus:

@@ -6,8 +6,6 @@ it fails. A screenshot is left in ``test-artifacts/status-page.png`` for people 
 
 from __future__ import annotations
 
-import os
-import shutil
 import struct
 import subprocess
 import threading
@@ -19,7 +17,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.servers import ROOT, Process, start_lmgate, start_simulator
+from tests.servers import ROOT, Process, require_program, running_stack
 
 MODEL = "qwen2.5-7b-instruct"
 # 5 tokens/s and 40 tokens: each request holds the gate for about 8 s, so the line of three
@@ -32,14 +30,7 @@ ARTIFACT = ROOT / "test-artifacts" / "status-page.png"
 @pytest.fixture
 def chromium() -> str:
     """The Chromium binary; requested before ``servers`` so a missing one skips at once."""
-    for name in ("chromium", "chromium-browser"):
-        path = shutil.which(name)
-        if path:
-            return path
-    message = "chromium is not installed (apt-get install chromium)"
-    if os.environ.get("CI") == "true":
-        pytest.fail(message + "; CI must install it")
-    pytest.skip(message)
+    return require_program("chromium", "chromium-browser", package="chromium")
 
 
 def run_chromium(binary: str, profile: Path, *args: str) -> subprocess.CompletedProcess[str]:
@@ -119,15 +110,8 @@ class Streamer(threading.Thread):
 
 @pytest.fixture
 def servers(tmp_path: Path) -> Iterator[tuple[Process, Process]]:
-    sim = start_simulator(tmp_path, tokens_per_s=TOKENS_PER_S, load_s=0.2)
-    try:
-        gate = start_lmgate(tmp_path, sim.url, "--shutdown-grace", "2")
-        try:
-            yield sim, gate
-        finally:
-            gate.stop()
-    finally:
-        sim.stop()
+    with running_stack(tmp_path, "--shutdown-grace", "2", tokens_per_s=TOKENS_PER_S, load_s=0.2) as pair:
+        yield pair
 
 
 def wait_for_depth(url: str, depth: int, timeout_s: float = 10.0) -> dict:

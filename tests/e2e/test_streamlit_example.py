@@ -8,7 +8,6 @@ what a browser would show once the reply has finished.
 
 from __future__ import annotations
 
-import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,17 +15,12 @@ from pathlib import Path
 import httpx
 import pytest
 
-TESTS = Path(__file__).resolve().parents[1]
-if str(TESTS) not in sys.path:
-    sys.path.insert(0, str(TESTS))
-
-from servers import Process, start_lmgate, start_simulator  # noqa: E402
-
 from proxy.simulator import DEFAULT_MODELS, expected_reply  # noqa: E402
+from tests.servers import Process, free_port, running_stack
 
 AppTest = pytest.importorskip("streamlit.testing.v1").AppTest
 
-APP = TESTS.parent / "examples" / "streamlit_chat.py"
+APP = Path(__file__).resolve().parents[2] / "examples" / "streamlit_chat.py"
 MODEL_A, MODEL_B, EMBED = DEFAULT_MODELS
 
 pytestmark = pytest.mark.timeout(120)
@@ -34,15 +28,8 @@ pytestmark = pytest.mark.timeout(120)
 
 @pytest.fixture
 def lmgate(tmp_path: Path) -> Iterator[Process]:
-    sim = start_simulator(tmp_path, tokens_per_s=50.0, load_s=0.1)
-    try:
-        gate = start_lmgate(tmp_path, sim.url)
-        try:
-            yield gate
-        finally:
-            gate.stop()
-    finally:
-        sim.stop()
+    with running_stack(tmp_path, tokens_per_s=50.0, load_s=0.1) as (_, gate):
+        yield gate
 
 
 @pytest.fixture
@@ -121,8 +108,6 @@ def test_chat_waits_in_line_then_streams_the_reply(app, lmgate):
 
 
 def test_unreachable_lmgate_shows_an_error(monkeypatch):
-    from servers import free_port
-
     monkeypatch.setenv("LMGATE_URL", f"http://127.0.0.1:{free_port()}/v1")
     at = AppTest.from_file(str(APP), default_timeout=30)
     at.run()

@@ -8,16 +8,16 @@ the promtool ones, which fail instead when ``CI=true`` (CI installs Prometheus, 
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import os
 import re
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+
+from tests.dashboard_exprs import dashboard_exprs, iter_panels, substitute_grafana_vars
+from tests.servers import require_program
 
 yaml = pytest.importorskip("yaml")  # PyYAML: part of the test extra
 
@@ -39,31 +39,10 @@ DATASOURCE_UID = "lmgate-prometheus"
 DATASOURCE = {"type": "prometheus", "uid": DATASOURCE_UID}
 
 
-def _load_helper():
-    spec = importlib.util.spec_from_file_location("dashboard_exprs", ROOT / "tests" / "dashboard_exprs.py")
-    module = importlib.util.module_from_spec(spec)
-    assert spec.loader is not None
-    sys.modules.setdefault("dashboard_exprs", module)
-    spec.loader.exec_module(module)
-    return module
-
-
-_helper = _load_helper()
-#: every expr of a dashboard with $__rate_interval/$__range/$__interval substituted
-dashboard_exprs = _helper.dashboard_exprs
-substitute_grafana_vars = _helper.substitute_grafana_vars
-iter_panels = _helper.iter_panels
 
 
 def _require_tool(name: str, hint: str) -> str:
-    """The tool's path; skip without it, except under CI (CI=true) where it is a failure."""
-    path = shutil.which(name)
-    if path:
-        return path
-    message = f"{name} not installed ({hint})"
-    if os.environ.get("CI") == "true":
-        pytest.fail(message + "; CI must install it")
-    pytest.skip(message)
+    return require_program(name, package=hint.rsplit(" ", 1)[-1])
 
 
 def _yaml(path: Path):
