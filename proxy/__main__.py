@@ -2,27 +2,41 @@
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import logging
+import os
+import signal
 import socket
 import sys
 import threading
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Iterator, Sequence
+from types import FrameType
+from typing import Any, NoReturn
 
 import uvicorn
+from uvicorn.server import HANDLED_SIGNALS
 
-from . import __version__
+from . import __version__, logs
 from .app import AppState, create_app
 from .config import ConfigError, Settings, load_settings
+from .listen import ListenError, bind_listeners
+from .protocol import HEAD_LIMIT, ClientLimits, protocol_class, raise_fd_limit
+from .upstream import redact
 
 log = logging.getLogger("lmgate")
 GC_GEN0_THRESHOLD = 20_000
+EXIT_FORCED = 130  # a second Ctrl-C: the conventional status of a process killed by SIGINT
 
 
 class LmgateServer(uvicorn.Server):
     """uvicorn, plus lmgate's drain: on SIGTERM/SIGINT waiting requests are refused at once
-    and running ones get ``--shutdown-grace`` seconds before they are cut off."""
+    and running ones get ``--shutdown-grace`` seconds before they are cut off.
+
+    A finished drain is a normal end (status 0). uvicorn instead re-raises the caught signal
+    once it has shut down, so Ctrl-C ended in a KeyboardInterrupt traceback (status 130) and
+    SIGTERM in status 143; ``capture_signals`` here restores the handlers without that. A
+    second signal during the drain means "now": the process leaves at once, quietly."""
 
     def __init__(self, config: uvicorn.Config, state: AppState) -> None:
         super().__init__(config)
@@ -32,10 +46,40 @@ class LmgateServer(uvicorn.Server):
         self.lmgate.begin_shutdown()
         await super().shutdown(sockets)
 
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        if threading.current_thread() is not threading.main_thread():
+            yield  # signals reach only the main thread (embedded use, tests)
+            return
+        previous = {}
+        for sig in HANDLED_SIGNALS:
+            with contextlib.suppress(OSError, ValueError):  # not settable here: keep the default
+                previous[sig] = signal.signal(sig, self.handle_exit)
+        try:
+            yield
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
 
-def configure_logging(level: str) -> None:
-    logging.basicConfig(level=level.upper(), stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        if self.should_exit:
+            quit_now()
+        self.should_exit = True
+
+
+def quit_now() -> None:
+    """Leave at once: no waiting for running requests, no traceback. The OS closes every
+    socket, so LM Studio sees its clients go and stops generating."""
+    log.warning("second interrupt: quitting without waiting for running requests")
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    os._exit(EXIT_FORCED)
+
+
+def configure_logging(level: str, fmt: str = "text") -> None:
+    """Every log line, uvicorn's and httpx's included, in one format on stderr."""
+    logs.setup(level, fmt)
 
 
 def free_port() -> int:
@@ -50,7 +94,7 @@ def start_demo_upstream() -> str:
 
     port = free_port()
     config = uvicorn.Config(create_simulator_app(tokens_per_s=20.0, load_s=1.0), host="127.0.0.1",
-                            port=port, log_level="warning", lifespan="off")
+                            port=port, log_level="warning", lifespan="off", log_config=None)
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, name="lmgate-demo-upstream", daemon=True)
     thread.start()
@@ -66,35 +110,64 @@ def build_server(settings: Settings) -> LmgateServer:
     app = create_app(settings)
     config = uvicorn.Config(
         app, host=settings.host, port=settings.port, log_level=settings.log_level,
-        access_log=False, lifespan="on", server_header=False,
+        access_log=False, lifespan="on", server_header=False, log_config=None,
         timeout_graceful_shutdown=int(settings.shutdown_grace) + 5,
         timeout_keep_alive=30,
+        # client bounds (proxy/protocol.py); identity from X-Forwarded-For only through
+        # --trusted-proxies, never uvicorn's own (it trusts 127.0.0.1 by default)
+        http=protocol_class(ClientLimits(read_timeout=settings.client_read_timeout,
+                                         write_timeout=settings.client_write_timeout,
+                                         max_connections=settings.max_connections)),
+        proxy_headers=False,
+        h11_max_incomplete_event_size=HEAD_LIMIT,
     )
+    raise_fd_limit(settings.max_connections)
     return LmgateServer(config, app.state.lmgate)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    args = list(sys.argv[1:] if argv is None else argv)
+    try:
+        run(list(sys.argv[1:] if argv is None else argv))
+    except KeyboardInterrupt:  # Ctrl-C before the server took over the signals: just leave
+        raise SystemExit(EXIT_FORCED) from None
+
+
+def run(args: list[str]) -> None:
+    """Settings, then the port, then everything else: whatever can be refused is refused
+    with one line (status 2) before anything is logged or started."""
     if "--version" in args:
         print(f"lmgate {__version__}")
         return
     try:
         settings = load_settings(args)
     except ConfigError as exc:
-        sys.stderr.write(f"lmgate: configuration error: {exc}\n")
-        raise SystemExit(2) from None
-    configure_logging(settings.log_level)
+        refuse(f"configuration error: {exc}")
+    try:
+        sockets = bind_listeners(settings.host, settings.port)
+    except ListenError as exc:
+        refuse(str(exc))
+    settings = settings.with_(port=int(sockets[0].getsockname()[1]))  # the real one, for port 0
+    configure_logging(settings.log_level, settings.log_format)
     if settings.demo:
         settings = settings.with_(upstream=start_demo_upstream())
-    log.info("lmgate %s listening on http://%s:%d, upstream %s, parallel %d, max queue %d",
-             __version__, settings.host, settings.port, settings.upstream, settings.parallel,
-             settings.max_queue)
+    log.info("lmgate %s listening on %s, upstream %s, parallel %d, max queue %d",
+             __version__, listen_url(settings.host, settings.port), redact(settings.upstream),
+             settings.parallel, settings.max_queue)
     server = build_server(settings)
     # Everything built so far lives as long as the process: keep it out of the collector's
     # way, and collect less often, so thousands of waiting clients do not cause long pauses.
     gc.freeze()
     gc.set_threshold(GC_GEN0_THRESHOLD, 20, 50)
-    server.run()
+    server.run(sockets=sockets)
+
+
+def refuse(message: str) -> NoReturn:
+    sys.stderr.write(f"lmgate: {message}\n")
+    raise SystemExit(2)
+
+
+def listen_url(host: str, port: int) -> str:
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
 
 if __name__ == "__main__":

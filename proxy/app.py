@@ -9,7 +9,7 @@ import logging
 import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
 from prometheus_client import CollectorRegistry
@@ -23,9 +23,14 @@ from .errors import ShuttingDown
 from .eta import Estimator
 from .gate import Gate, Ticket
 from .gated import Exchange, GatedRequest
-from .inbound import Receive, RequestIds, Scope, Send
+from .history import History
+from .identity import Identities
+from .inbound import ByteBudget, Receive, Scope, Send, client_address, header_map
 from .metrics import Metrics, RequestRecord
 from .upstream import Upstream
+
+if TYPE_CHECKING:
+    from .auth import Principal
 
 log = logging.getLogger("lmgate")
 access_log = logging.getLogger("lmgate.access")
@@ -49,7 +54,6 @@ FORWARDED_ROUTES = {
 MODEL_DETAIL_PREFIXES = (("/v1/models/", "/v1/models/{id}"), ("/api/v0/models/", "/api/v0/models/{id}"))
 ADMIN_PREFIXES = ("/api/v1/models/load", "/api/v1/models/unload", "/api/v1/models/download")
 RECENT_CAP = 2000
-UPSTREAM_PROBE_INTERVAL_S = 15.0
 
 
 def classify(method: str, path: str) -> tuple[str, str] | None:
@@ -87,16 +91,43 @@ class AppState:
         self.metrics.attach_gate(lambda: self.gate, lambda: self.upstream.up)
         self.registry = registry
         self.exchanges: dict[Ticket, Exchange] = {}
-        self.ids = RequestIds()
-        self.recent: OrderedDict[str, dict[str, Any]] = OrderedDict()
+        self.identities = Identities(settings.trusted_proxies)
+        self.waiting_bytes = ByteBudget(settings.max_waiting_bytes)
+        self.recent: OrderedDict[str, dict[str, Any]] = OrderedDict()  # by internal id
         self.draining = False
         self.started_at = time.time()
         self._refresh: asyncio.Task[None] | None = None
         self._grace: asyncio.Task[None] | None = None
         self._watch: asyncio.Task[None] | None = None
-        self.probe_interval_s = UPSTREAM_PROBE_INTERVAL_S
+        self.probe_interval_s = settings.probe_interval
         self.extensions: list[Any] = []
         self.totals = {"served": 0, "failed": 0, "rejected": 0, "completion_tokens": 0}
+        self.history = History.of(self)  # for the status page: /queue/history
+
+    # -- who is asking ------------------------------------------------------------------
+    def client_of(self, scope: Scope, headers: dict[bytes, bytes] | None = None) -> str:
+        """The caller's address: the socket peer, or what a trusted proxy forwarded for."""
+        return self.identities.client(client_address(scope),
+                                      header_map(scope) if headers is None else headers)
+
+    def lookup(self, request_id: str, who: Principal | None) -> list[Ticket | dict[str, Any]]:
+        """Running or waiting tickets, then finished records, that ``request_id`` names for
+        ``who``: lmgate's internal id, or a request id (possibly client-chosen), among the
+        caller's own requests only; an admin sees everyone's. Nobody else's, ever."""
+        admin = who is not None and who.admin
+        mine = None if who is None else who.identity
+
+        def visible(identity: str) -> bool:
+            return admin or identity == mine
+
+        live: list[Ticket | dict[str, Any]] = [
+            t for t in self.gate.tickets()
+            if (t.uid == request_id or t.request_id == request_id) and visible(t.identity)]
+        seen = {t.uid for t in live if isinstance(t, Ticket)}
+        done = [r for r in self.recent.values()
+                if (r["uid"] == request_id or r["request_id"] == request_id)
+                and r["uid"] not in seen and visible(r["identity"])]
+        return live + done[::-1]
 
     # -- bookkeeping -------------------------------------------------------------------
     def observe(self, rec: RequestRecord) -> None:
@@ -112,14 +143,14 @@ class AppState:
         log_access(rec, self.settings.log_format)
 
     def remember(self, ticket: Ticket, rec: RequestRecord) -> None:
-        self.recent[ticket.request_id] = {
-            "request_id": ticket.request_id, "model": ticket.model, "state": "done",
+        self.recent[ticket.uid] = {
+            "request_id": ticket.request_id, "uid": ticket.uid, "model": ticket.model, "state": "done",
             "outcome": rec.outcome, "status": rec.status, "position": -1,
             "position_at_arrival": ticket.position_at_arrival,
             "waited_s": round(ticket.waited_s(time.monotonic()), 3),
             "identity": ticket.identity, "client": ticket.meta.get("client"),
         }
-        self.recent.move_to_end(ticket.request_id)
+        self.recent.move_to_end(ticket.uid)
         while len(self.recent) > RECENT_CAP:
             self.recent.popitem(last=False)
 
@@ -127,9 +158,16 @@ class AppState:
         if self._refresh is None or self._refresh.done():
             self._refresh = asyncio.get_running_loop().create_task(self.refresh_loaded())
 
+    @property
+    def idle(self) -> bool:
+        """Nothing runs on the upstream: only then may lmgate send it anything of its own."""
+        return not self.gate.active
+
     async def refresh_loaded(self) -> None:
+        if not self.idle:
+            return
         models = await self.upstream.loaded_models()
-        if models is not None and not self.gate.running:
+        if models is not None and self.idle:
             self.gate.set_loaded(models)
 
     # -- lifecycle ---------------------------------------------------------------------
@@ -141,6 +179,7 @@ class AppState:
             log.warning("upstream %s is not answering; requests get 502 until it is back",
                         self.upstream.base)
         self._watch = asyncio.get_running_loop().create_task(self._watch_upstream())
+        self.history.start()
         if self.auth.open and self.settings.host not in ("127.0.0.1", "localhost", "::1"):
             log.warning("no [[keys]] configured and listening on %s: ANYONE who can reach this "
                         "port can use the LLM server. Configure [[keys]] to require API keys.",
@@ -148,15 +187,19 @@ class AppState:
 
     async def _watch_upstream(self) -> None:
         """Keep ``upstream_up`` true to life, and notice a model loaded by hand in LM Studio
-        while nothing runs through lmgate."""
+        while nothing runs through lmgate. Only while nothing runs: some servers stop the
+        running generation when any other request arrives (llama.cpp's ``interrupt_requests``),
+        and while a request runs its own answer tells whether the box is up."""
         while True:
             await asyncio.sleep(self.probe_interval_s)
+            if not self.idle:
+                continue
             was_up = self.upstream.up
             up = await self.upstream.probe()
             if up != was_up:
                 log.log(logging.INFO if up else logging.WARNING, "upstream %s is %s",
                         self.upstream.base, "back up" if up else "not answering")
-            if up and not self.gate.running:
+            if up:
                 await self.refresh_loaded()
 
     def begin_shutdown(self) -> None:
@@ -175,22 +218,37 @@ class AppState:
 
     async def _end_grace(self) -> None:
         await asyncio.sleep(self.settings.shutdown_grace)
+        reason = ShuttingDown("lmgate is shutting down; the request was cut off")
         for ex in list(self.exchanges.values()):
-            ex.interrupt(ShuttingDown("lmgate is shutting down; the request was cut off"))
+            ex.interrupt(reason)
+        for ext in self.extensions:
+            ext.cut_off(reason)
 
     async def aclose(self) -> None:
+        self.history.stop()
         for task in (self._refresh, self._grace, self._watch):
             if task is not None:
                 task.cancel()
         await self.upstream.aclose()
 
-    def cancel(self, request_id: str, reason: Any) -> bool:
-        """Admin cancel: withdraw a waiting request or cut off a running one."""
-        for ticket, ex in list(self.exchanges.items()):
-            if ticket.request_id == request_id:
+    def cancel(self, request_id: str, who: Principal, reason: Any) -> str:
+        """Admin cancel: withdraw waiting requests or cut off running ones. Answers
+        ``cancelled``, ``none`` (nothing waiting or running by that id), or ``ambiguous``: a
+        client-chosen id that several identities used cancels nothing."""
+        found = [t for t in self.lookup(request_id, who) if isinstance(t, Ticket)]
+        exact = [t for t in found if t.uid == request_id]
+        if exact:
+            found = exact
+        elif len({t.identity for t in found}) > 1:
+            return "ambiguous"
+        for ticket in found:
+            ex = self.exchanges.get(ticket)
+            if ex is not None:
                 ex.interrupt(reason)
-                return True
-        return any(ext.cancel(request_id, reason) for ext in self.extensions)
+            else:
+                for ext in self.extensions:
+                    ext.cancel(ticket.uid, reason)
+        return "cancelled" if found else "none"
 
 
 def _grant(ticket: Ticket) -> None:

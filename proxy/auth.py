@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 from .config import ApiKey
 from .errors import Forbidden, TokenCapExceeded, TooManyRequests, Unauthorized
+from .inbound import TOKEN_FIELDS
 
 RPM_WINDOW_S = 60.0
 
@@ -65,18 +66,27 @@ class Auth:
             raise Forbidden(f"key '{key.name}' may not use model '{model}'", param="model",
                             code="model_not_allowed")
 
-    def cap_tokens(self, who: Principal, requested: int | None) -> int | None:
-        """The max_tokens to send: None to leave the body alone, or a clamped value."""
+    def token_cap(self, who: Principal, doc: Mapping[str, object], route_field: str | None) -> dict[str, int]:
+        """What a key's ``max_tokens`` cap changes in a request: every token field it names
+        is checked (400 over the cap, or lowered with ``clamp_max_tokens``), and a request
+        that names none gets the route's own field set to the cap. ``route_field`` None: the
+        route generates no tokens (embeddings)."""
         key = who.key
-        if key is None or key.max_tokens is None:
-            return None
-        if requested is None or requested > key.max_tokens:
-            if key.clamp_max_tokens:
-                return key.max_tokens
-            if requested is not None:
-                raise TokenCapExceeded(f"max_tokens {requested} is over this key's cap of "
-                                       f"{key.max_tokens}")
-        return None
+        if key is None or key.max_tokens is None or route_field is None:
+            return {}
+        cap = key.max_tokens
+        named = [name for name in TOKEN_FIELDS if doc.get(name) is not None]
+        if not named:
+            return {route_field: cap}
+        changes: dict[str, int] = {}
+        for name in named:
+            value = doc[name]
+            if isinstance(value, int) and value > cap:
+                if not key.clamp_max_tokens:
+                    raise TokenCapExceeded(f"{name} {value} is over this key's cap of {cap}",
+                                           param=name)
+                changes[name] = cap
+        return changes
 
     def check_rate(self, who: Principal) -> None:
         key = who.key

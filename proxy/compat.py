@@ -1,10 +1,14 @@
 """The team's old queue API (``/queue/add``, ``/stream/{id}``, ``/request/{id}``,
 ``/queue/status``, ``/health``), so its Streamlit pages work with only the URL changed.
 
-Jobs go through the same gate, limits and upstream as every other request. Unlike the old
-server: positions are real, tool-call deltas are kept, every ``/stream`` replays the job
-from its first chunk, finished jobs are kept for ``--result-ttl`` seconds and then dropped,
-and a job whose stream nobody opens within ``--stream-open-timeout`` seconds is cancelled.
+Jobs go through the same gate, keys, limits and upstream as every other request, and they
+belong to whoever submitted them: someone else's id gets the old server's answer for an
+unknown id. Where the team's code depends on the old server it behaves like it (lenient
+bodies, 422 ``detail`` errors, positions only while waiting); beyond that: positions are
+real, tool-call deltas are kept, every ``/stream`` replays the job from its first chunk,
+finished results are kept within ``--max-kept-results`` / ``--max-kept-bytes`` /
+``--result-ttl``, and a job is cancelled as abandoned only when it has been generating for
+``--stream-open-timeout`` seconds with no sign of interest from its owner.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import json
 import logging
 import time
 import uuid
+from collections import OrderedDict
 from collections.abc import AsyncIterator
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
@@ -26,10 +31,12 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
 from . import __version__
-from .errors import BadRequest, NotFound, ProxyError, QueueTimeout, ShuttingDown
+from .auth import Principal
+from .errors import ProxyError, QueueTimeout, ShuttingDown
 from .gate import Ticket
 from .gated import submit_ticket
-from .inbound import client_address, header_map, parse_request, read_body
+from .inbound import Hold, apply_token_cap, header_map, parse_request, read_body
+from .legacy_schema import parse_add
 from .metrics import RequestRecord
 from .routes import error_response
 from .streaming import upstream_error_message
@@ -41,7 +48,9 @@ if TYPE_CHECKING:
 log = logging.getLogger("lmgate")
 ROUTE = "/queue/add"
 POSITION_REPEAT_S = 2.0
-SWEEP_EVERY_S = 5.0
+SWEEP_EVERY_S = 1.0
+EVENT_OVERHEAD = 80  # bytes a kept event costs beyond its text (string and list slot)
+NOT_FOUND = {"error": "Request ID not found"}  # the old server's answer, status 200
 
 
 def now_iso() -> str:
@@ -49,14 +58,15 @@ def now_iso() -> str:
 
 
 class Job:
-    """One /queue/add request: its status record and every event it produced, for replay."""
+    """One /queue/add request: its status record and every event it produced, for replay.
+    The request body is held only until the job starts."""
 
-    def __init__(self, client_id: str, body: dict[str, Any], identity: str, label: str) -> None:
+    def __init__(self, client_id: str, body: bytes, who: Principal) -> None:
         self.id = str(uuid.uuid4())
         self.client_id = client_id
-        self.body = body
-        self.identity = identity
-        self.label = label
+        self.body: bytes | None = body
+        self.identity = who.identity
+        self.label = who.label
         self.status = "queued"
         self.created_at = now_iso()
         self.started_at: str | None = None
@@ -65,13 +75,16 @@ class Job:
         self.tool_calls: list[dict[str, Any]] = []
         self.error: str | None = None
         self.queue_entered_position: int | None = None
-        self.events: list[dict[str, Any]] = []
+        self.events: list[str] = []  # serialized, as sent on /stream
+        self.size = 0  # bytes kept for this job, roughly
         self.changed = asyncio.Event()
+        self.started_mono: float | None = None
         self.finished_at: float | None = None
+        self.last_interest = time.monotonic()
         self.stream_opened = False
-        self.created_mono = time.monotonic()
         self.ticket: Ticket | None = None
         self.task: asyncio.Task[None] | None = None
+        self.hold: Hold | None = None
 
     def record(self) -> dict[str, Any]:
         return {
@@ -86,8 +99,10 @@ class Job:
             "queue_entered_position": self.queue_entered_position,
         }
 
-    def emit(self, event: dict[str, Any]) -> None:
-        self.events.append(event)
+    def emit(self, event: dict[str, Any], text: str = "") -> None:
+        data = json.dumps(event)
+        self.events.append(data)
+        self.size += len(data) + len(text) + EVENT_OVERHEAD
         self.notify()
 
     def notify(self) -> None:
@@ -95,8 +110,10 @@ class Job:
         self.changed.set()
         self.changed = asyncio.Event()
 
-    def merge_tool_calls(self, deltas: list[dict[str, Any]]) -> None:
+    def merge_tool_calls(self, deltas: list[Any]) -> None:
         for d in deltas:
+            if not isinstance(d, dict):
+                continue
             idx = d.get("index", 0) if isinstance(d.get("index"), int) else 0
             while len(self.tool_calls) <= idx:
                 self.tool_calls.append({"id": "", "type": "function", "function": {"name": "", "arguments": ""}})
@@ -111,13 +128,16 @@ class Job:
 
 
 class LegacyQueue:
-    """Extension object: routes plus a sweeper that drops old results."""
+    """Extension object: routes, the jobs, and a sweeper for old results and abandoned jobs."""
 
     def __init__(self, state: AppState) -> None:
         self.state = state
         self.jobs: dict[str, Job] = {}
-        self.stats: dict[str, Any] = {"total_received": 0, "total_processed": 0, "total_errors": 0,
-                                      "current_request_id": None}
+        self.kept: OrderedDict[str, Job] = OrderedDict()  # finished, oldest first
+        self.kept_bytes = 0
+        self.stats: dict[str, Any] = {"total_received": 0, "total_processed": 0, "total_errors": 0}
+        self.interest: dict[str, float] = {}  # identity -> last /stream or /request from it
+        self.readers: dict[str, int] = {}  # identity -> open /stream connections
         self._sweeper: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
@@ -131,13 +151,19 @@ class LegacyQueue:
                 job.task.cancel()
 
     def cancel(self, request_id: str, reason: ProxyError) -> bool:
-        """Admin cancel of a job that is waiting or running."""
+        """Admin cancel (or shutdown) of a job that is waiting or running."""
         job = self.jobs.get(request_id)
         if job is None or job.task is None or job.task.done():
             return False
         job.error = reason.message
         job.task.cancel()
         return True
+
+    def cut_off(self, reason: ProxyError) -> None:
+        """End of the shutdown grace: every running job ends with an error event."""
+        for job in list(self.jobs.values()):
+            if job.status == "processing":
+                self.cancel(job.id, reason)
 
     def routes(self) -> list[BaseRoute]:
         return [
@@ -148,31 +174,60 @@ class LegacyQueue:
             Route("/health", self.health, methods=["GET"]),
         ]
 
+    # -- who may see what ----------------------------------------------------------------
+    def _caller(self, request: Request) -> Principal:
+        headers = header_map(request.scope)
+        return self.state.auth.authenticate(headers, self.state.client_of(request.scope, headers))
+
+    def _viewer(self, request: Request) -> Principal | None:
+        headers = header_map(request.scope)
+        if not self.state.auth.open and b"authorization" not in headers and b"x-api-key" not in headers:
+            return None
+        return self._caller(request)
+
+    def _owned(self, request: Request) -> tuple[Principal, Job | None]:
+        """The caller and the job the path names, if the caller may see it."""
+        who = self._caller(request)
+        job = self.jobs.get(request.path_params["request_id"])
+        if job is not None and not (who.admin or who.identity == job.identity):
+            job = None
+        return who, job
+
     # -- endpoints -----------------------------------------------------------------------
     async def add(self, request: Request) -> Response:
         st = self.state
         headers = header_map(request.scope)
+        client = st.client_of(request.scope, headers)
+        hold: Hold | None = None
         try:
-            who = st.auth.authenticate(headers, client_address(request.scope))
+            who = st.auth.authenticate(headers, client)
             if st.draining:
                 raise ShuttingDown("lmgate is shutting down")
-            raw = await read_body(request.receive, headers, st.settings.max_body)
-            doc = _parse_add(raw)
-            st.auth.check_model(who, doc["model"])
-            st.metrics.label(doc["model"])
-            st.auth.check_rate(who)
+            raw, hold = await read_body(request.receive, headers, st.settings.max_body, st.waiting_bytes)
+            doc, problems = parse_add(raw)
+            if doc is None:
+                if hold is not None:
+                    hold.release()
+                self._refused(client, 422, "invalid_body")
+                return JSONResponse({"detail": problems}, status_code=422)
             client_id = doc.pop("client_id")
-            doc["stream"] = True
-            job = Job(client_id, doc, who.identity, who.label)
-            ticket = Ticket(request_id=job.id, model=doc["model"], identity=who.identity,
+            doc["stream"] = True  # the old server always streamed from upstream
+            body = json.dumps(doc).encode()
+            doc = parse_request(body)
+            st.auth.check_model(who, doc["model"])
+            body = apply_token_cap(body, doc, st.auth.token_cap(who, doc, "max_tokens"))
+            st.auth.check_rate(who)
+            job = Job(client_id, body, who)
+            ticket = Ticket(request_id=job.id, uid=job.id, model=doc["model"], identity=who.identity,
                             meta={"client": who.label, "stream": True, "route": ROUTE, "admin": who.admin})
             submit_ticket(st, who, ticket)
         except ProxyError as err:
-            rec = RequestRecord(request_id="-", route=ROUTE, client=client_address(request.scope),
-                                outcome="rejected", status=err.status, reason=err.code)
-            st.observe(rec)
+            if hold is not None:
+                hold.release()
+            self._refused(client, err.status, err.code)
             return error_response(err)
-        job.ticket = ticket
+        st.metrics.label(ticket.model)
+        job.ticket, job.hold = ticket, hold
         job.queue_entered_position = max(1, ticket.position_at_arrival)
         self.jobs[job.id] = job
         self.stats["total_received"] += 1
@@ -181,37 +236,65 @@ class LegacyQueue:
                              "queue_position": job.queue_entered_position},
                             headers={"x-request-id": job.id})
 
+    def _refused(self, client: str, status: int, code: str | None) -> None:
+        self.state.observe(RequestRecord(request_id="-", route=ROUTE, client=client,
+                                         outcome="rejected", status=status, reason=code))
+
     async def stream(self, request: Request) -> Response:
-        job = self.jobs.get(request.path_params["request_id"])
+        who, job = self._owned(request)
         if job is None:
-            return _not_found(request.path_params["request_id"])
+            return JSONResponse(NOT_FOUND)
         job.stream_opened = True
-        return EventSourceResponse(self._events(job), ping=15, sep="\n",
-                                   headers={"cache-control": "no-cache", "x-accel-buffering": "no"})
+        return EventSourceResponse(
+            self._events(job, who.identity), ping=15, sep="\n",
+            headers={"cache-control": "no-cache", "x-accel-buffering": "no"},
+            shutdown_grace_period=self.state.settings.shutdown_grace + 2)
 
     async def request_status(self, request: Request) -> Response:
-        job = self.jobs.get(request.path_params["request_id"])
+        who, job = self._owned(request)
         if job is None:
-            return _not_found(request.path_params["request_id"])
+            return JSONResponse(NOT_FOUND)
+        now = time.monotonic()
+        job.last_interest = self.interest[who.identity] = now  # polling is interest too
         return JSONResponse(job.record())
 
     async def queue_status(self, request: Request) -> Response:
-        return JSONResponse({"queue_size": self.state.gate.depth, "stats": self._stats(),
+        return JSONResponse({"queue_size": self.state.gate.depth, "stats": self._stats(request),
                              "tracked_requests": len(self.jobs)})
 
     async def health(self, request: Request) -> Response:
         st = self.state
         return JSONResponse({"status": "healthy", "lm_studio_url": st.upstream.base,
-                             "queue_size": st.gate.depth, "stats": self._stats(),
+                             "queue_size": st.gate.depth, "stats": self._stats(request),
                              "version": __version__, "features": ["sse_queue_position_comments",
                                                                   "tool_calling", "openai_compatible"]})
 
-    def _stats(self) -> dict[str, Any]:
-        running = self.state.gate.running
-        return {**self.stats, "current_request_id": running[0].request_id if running else None}
+    def _stats(self, request: Request) -> dict[str, Any]:
+        """The old counters; ``current_request_id`` only to its owner (or an admin)."""
+        who = self._viewer(request)
+        current = None
+        for t in self.state.gate.running:
+            if who is not None and (who.admin or who.identity == t.identity):
+                current = t.request_id
+                break
+        return {**self.stats, "current_request_id": current}
 
     # -- the stream a page reads ---------------------------------------------------------
-    async def _events(self, job: Job) -> AsyncIterator[str]:
+    async def _events(self, job: Job, identity: str) -> AsyncIterator[str]:
+        self.readers[identity] = self.readers.get(identity, 0) + 1
+        self.interest[identity] = time.monotonic()
+        try:
+            async for event in self._replay(job):
+                yield event
+        finally:
+            left = self.readers.get(identity, 1) - 1
+            if left:
+                self.readers[identity] = left
+            else:
+                self.readers.pop(identity, None)
+            self.interest[identity] = time.monotonic()
+
+    async def _replay(self, job: Job) -> AsyncIterator[str]:
         gate = self.state.gate
         last_pos: int | None = None
         last_sent = 0.0
@@ -219,22 +302,18 @@ class LegacyQueue:
             pos = gate.position(job.ticket)
             now = time.monotonic()
             if pos > 0 and (pos != last_pos or now - last_sent >= POSITION_REPEAT_S):
-                yield _data({"position": pos})
+                yield json.dumps({"position": pos})
                 last_pos, last_sent = pos, now
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(job.changed.wait(), timeout=0.5)
-        if job.status != "queued" and job.started_at is not None:
-            yield _data({"position": 0})
         sent = 0
         while True:
             while sent < len(job.events):
-                yield _data(job.events[sent])
+                yield job.events[sent]
                 sent += 1
             if job.status in ("complete", "error"):
-                if job.status == "complete":
-                    yield _data({"done": True})
-                else:
-                    yield _data({"error": job.error or "request failed"})
+                yield json.dumps({"done": True} if job.status == "complete"
+                                 else {"error": job.error or "request failed"})
                 return
             await job.changed.wait()
 
@@ -245,22 +324,26 @@ class LegacyQueue:
                             stream=True, position=ticket.position_at_arrival)
         t0 = time.perf_counter()
         try:
-            await self._wait_turn(job, ticket)
-            job.status, job.started_at = "processing", now_iso()
+            await self._wait_turn(ticket)
+            job.status, job.started_at, job.started_mono = "processing", now_iso(), time.monotonic()
             job.notify()
             rec.wait_ms = ticket.waited_s(time.monotonic()) * 1000
-            await self._generate(job, rec, t0)
+            await self._generate(job, rec)
             job.status = "complete"
             self.stats["total_processed"] += 1
             rec.status = 200
         except asyncio.CancelledError:
             job.status, job.error = "error", job.error or "cancelled"
             rec.outcome, rec.status = "client_gone", 499
+            if rec.wait_ms is None:
+                rec.wait_ms = ticket.waited_s(time.monotonic()) * 1000
             self.stats["total_errors"] += 1
         except ProxyError as err:
             job.status, job.error = "error", err.message
             rec.status = err.status
             rec.outcome = "timeout" if isinstance(err, QueueTimeout) or err.status == 504 else "upstream_error"
+            if isinstance(err, ShuttingDown):
+                rec.outcome, rec.reason = "rejected", err.code
             self.stats["total_errors"] += 1
         except Exception as exc:  # a bug must still end the job and free the gate
             log.exception("legacy job %s failed", job.id)
@@ -269,37 +352,36 @@ class LegacyQueue:
             self.stats["total_errors"] += 1
         finally:
             st.gate.release(ticket)
+            self._drop_body(job)
             job.completed_at = now_iso()
             job.finished_at = time.monotonic()
             job.notify()
+            self._keep(job)
             rec.duration_ms = (time.perf_counter() - t0) * 1000
             st.remember(ticket, rec)
             st.observe(rec)
 
-    async def _wait_turn(self, job: Job, ticket: Ticket) -> None:
-        settings = self.state.settings
-        deadline = ticket.arrived_at + settings.queue_timeout
-        open_deadline = job.created_mono + settings.stream_open_timeout
-        while not ticket.waiter.done():
-            now = time.monotonic()
-            if now >= deadline:
-                self.state.gate.cancel(ticket)
-                raise QueueTimeout(f"waited {settings.queue_timeout:g} s without reaching the front")
-            if not job.stream_opened and now >= open_deadline:
-                self.state.gate.cancel(ticket)
-                raise ProxyError("nobody opened /stream for this request in time; it was cancelled",
-                                 code="stream_not_opened")
-            await asyncio.wait((ticket.waiter,), timeout=min(deadline, open_deadline) - now
-                               if not job.stream_opened else deadline - now)
+    def _drop_body(self, job: Job) -> None:
+        job.body = None
+        if job.hold is not None:
+            job.hold.release()
+
+    async def _wait_turn(self, ticket: Ticket) -> None:
+        timeout = self.state.settings.queue_timeout
+        await asyncio.wait((ticket.waiter,), timeout=max(0.0, ticket.arrived_at + timeout - time.monotonic()))
+        if not ticket.waiter.done():
+            self.state.gate.cancel(ticket)
+            raise QueueTimeout(f"waited {timeout:g} s without reaching the front")
         err = ticket.waiter.exception()
         if err is not None:
             raise err
 
-    async def _generate(self, job: Job, rec: RequestRecord, t0: float) -> None:
+    async def _generate(self, job: Job, rec: RequestRecord) -> None:
         st = self.state
-        body = json.dumps(job.body).encode()
+        assert job.body is not None
         req = st.upstream.build("POST", "/v1/chat/completions", b"",
-                                [(b"content-type", b"application/json")], body)
+                                [(b"content-type", b"application/json")], job.body)
+        self._drop_body(job)  # handed on: a running job holds no request body
         t_up = time.perf_counter()
         response = await st.upstream.send(req)
         try:
@@ -352,11 +434,25 @@ class LegacyQueue:
             if rec.completion_tokens is None or rec.tokens_approx:
                 rec.completion_tokens = (rec.completion_tokens or 0) + 1
                 rec.tokens_approx = True
-            job.emit({"chunk": content})
+            job.emit({"chunk": content}, content)
         elif delta.get("tool_calls"):
             job.merge_tool_calls(delta["tool_calls"])
             job.emit({"delta": {k: v for k, v in delta.items() if v is not None},
                       "finish_reason": choices[0].get("finish_reason")})
+
+    # -- keeping results within bounds ---------------------------------------------------
+    def _keep(self, job: Job) -> None:
+        self.kept[job.id] = job
+        self.kept_bytes += job.size
+        settings = self.state.settings
+        while self.kept and (len(self.kept) > settings.max_kept_results
+                             or self.kept_bytes > settings.max_kept_bytes):
+            self._forget(next(iter(self.kept)))
+
+    def _forget(self, job_id: str) -> None:
+        job = self.kept.pop(job_id)
+        self.kept_bytes -= job.size
+        self.jobs.pop(job_id, None)
 
     async def _sweep_forever(self) -> None:
         while True:
@@ -364,25 +460,23 @@ class LegacyQueue:
             self.sweep(time.monotonic())
 
     def sweep(self, now: float) -> None:
-        ttl = self.state.settings.result_ttl
-        for job_id, job in list(self.jobs.items()):
-            if job.finished_at is not None and now - job.finished_at >= ttl:
-                del self.jobs[job_id]
+        settings = self.state.settings
+        for job_id, job in list(self.kept.items()):
+            if job.finished_at is not None and now - job.finished_at >= settings.result_ttl:
+                self._forget(job_id)
+        patience = settings.stream_open_timeout
+        for job in list(self.jobs.values()):
+            if job.status == "processing" and not job.stream_opened and self._abandoned(job, now, patience):
+                self.cancel(job.id, ProxyError("nobody opened /stream for this request in time; it "
+                                               "was cancelled", code="stream_not_opened"))
+        for identity, seen in list(self.interest.items()):
+            if now - seen > patience and identity not in self.readers:
+                del self.interest[identity]
 
-
-def _data(event: dict[str, Any]) -> str:
-    return json.dumps(event)
-
-
-def _parse_add(raw: bytes) -> dict[str, Any]:
-    """The checks every gated request gets, plus the old API's own required fields."""
-    doc = parse_request(raw)
-    if not isinstance(doc.get("client_id"), str):
-        raise BadRequest("'client_id' is required (a string)", param="client_id")
-    if not isinstance(doc.get("messages"), list) or not doc["messages"]:
-        raise BadRequest("'messages' is required (a non-empty list)", param="messages")
-    return doc
-
-
-def _not_found(request_id: str) -> Response:
-    return error_response(NotFound(f"Request ID not found: '{request_id}'", code="request_not_found"))
+    def _abandoned(self, job: Job, now: float, patience: float) -> bool:
+        """Generating for ``patience`` seconds with no sign of life from its owner: no stream
+        of theirs open, no stream opened or poll of theirs in that time."""
+        if job.identity in self.readers:
+            return False
+        last = max(job.started_mono or now, job.last_interest, self.interest.get(job.identity, 0.0))
+        return now - last >= patience

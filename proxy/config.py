@@ -23,6 +23,7 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 MIB = 1024 * 1024
+UTF8_BOM = b"\xef\xbb\xbf"
 
 
 class ConfigError(Exception):
@@ -72,6 +73,22 @@ OPTIONS: tuple[Option, ...] = (
     Option("result_ttl", float, 600.0, "seconds finished /queue/add results are kept", minimum=0),
     Option("stream_open_timeout", float, 120.0, "seconds a /queue/add request waits for its "
            "/stream to be opened before it is cancelled", minimum=0.001),
+    Option("trusted_proxies", list, (), "comma-separated IPs/CIDRs of reverse proxies whose "
+           "X-Forwarded-For / Forwarded headers name the client (default: none, headers ignored)"),
+    Option("client_write_timeout", float, 30.0, "seconds a client may leave lmgate's writes "
+           "unread before it is treated as gone (its slot freed)", minimum=0.001),
+    Option("client_read_timeout", float, 60.0, "seconds a client has to send a request head, "
+           "and then its body; slower gets 408 and the connection closed", minimum=0.001),
+    Option("max_connections", int, 1000, "open client connections; more get 503 and are closed",
+           minimum=1),
+    Option("max_waiting_bytes", int, 64 * MIB, "request body bytes held for waiting requests; "
+           "more get 429", minimum=1),
+    Option("max_kept_results", int, 1000, "finished /queue/add results kept; the oldest go first",
+           minimum=0),
+    Option("max_kept_bytes", int, 64 * MIB, "bytes of finished /queue/add results kept; the "
+           "oldest go first", minimum=0),
+    Option("probe_interval", float, 15.0, "seconds between upstream checks while no request "
+           "runs on it", minimum=0.05),
     Option("log_level", str, "info", "debug, info, warning or error",
            choices=("debug", "info", "warning", "error", "critical")),
     Option("log_format", str, "text", "access log format: text or json", choices=("text", "json")),
@@ -118,6 +135,14 @@ class Settings:
     max_models: int = 50
     result_ttl: float = 600.0
     stream_open_timeout: float = 120.0
+    trusted_proxies: tuple[str, ...] = ()
+    client_write_timeout: float = 30.0
+    client_read_timeout: float = 60.0
+    max_connections: int = 1000
+    max_waiting_bytes: int = 64 * MIB
+    max_kept_results: int = 1000
+    max_kept_bytes: int = 64 * MIB
+    probe_interval: float = 15.0
     log_level: str = "info"
     log_format: str = "text"
     demo: bool = False
@@ -242,13 +267,33 @@ def _parse_groups(raw: Any) -> tuple[tuple[str, ...], ...]:
 
 
 def read_file(path: str) -> dict[str, Any]:
+    """Parse the TOML file. TOML is UTF-8, but Windows editors often add a byte-order mark
+    (accepted) or save UTF-16 / a legacy code page (refused with the fix, not a traceback)."""
     try:
-        with Path(path).open("rb") as fh:
-            return tomllib.load(fh)
+        data = Path(path).read_bytes()
     except OSError as exc:
         raise ConfigError("config", f"cannot read {path}: {exc.strerror or exc}") from None
+    try:
+        return tomllib.loads(_decode_utf8(path, data))
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError("config", f"{path} is not valid TOML: {exc}") from None
+
+
+def _decode_utf8(path: str, data: bytes) -> str:
+    """The file's text, without a UTF-8 byte-order mark; ConfigError for any other encoding.
+    NUL bytes mean UTF-16 even without a mark (they decode as 'valid' UTF-8 otherwise)."""
+    if data.startswith(UTF8_BOM):
+        data = data[len(UTF8_BOM):]
+    if data.startswith((b"\xff\xfe", b"\xfe\xff")) or b"\x00" in data:
+        found = "is saved as UTF-16"
+    else:
+        try:
+            return data.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            line = data.count(b"\n", 0, exc.start) + 1
+            found = f"is not UTF-8 (byte 0x{data[exc.start]:02x} on line {line})"
+    raise ConfigError("config", f"{path} {found}; save the file as UTF-8 (e.g. in Notepad: "
+                      "File > Save as > Encoding: UTF-8)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -274,8 +319,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _show(opt: Option) -> str:
-    if opt.name == "max_body":
-        return f"{opt.default} = 32 MiB"
+    if opt.kind is int and opt.default >= MIB and opt.default % MIB == 0:
+        return f"{opt.default} = {opt.default // MIB} MiB"
     return str(opt.default).lower() if opt.kind is bool else str(opt.default)
 
 
@@ -301,14 +346,17 @@ def load_settings(
     values: dict[str, Any] = {}
     sources: dict[str, str] = {}
     for opt in OPTIONS:
+        # A file value is checked even when a flag or env var overrides it: a broken file must
+        # not lie in wait for the day the override is dropped.
+        if opt.name in file_values:
+            values[opt.name] = _convert(opt, file_values[opt.name], "file")
+            sources[opt.name] = "file"
         raw, source = args.get(opt.name), "flag " + opt.flag
         if raw is None and opt.env in env:
             raw, source = env[opt.env], "env " + opt.env
-        if raw is None and opt.name in file_values:
-            raw, source = file_values[opt.name], "file"
         if raw is None:
             continue
-        values[opt.name] = _convert(opt, raw, "file" if source == "file" else source)
+        values[opt.name] = _convert(opt, raw, source)
         sources[opt.name] = source
     keys = _parse_keys(file_values["keys"]) if "keys" in file_values else ()
     groups = _parse_groups(file_values["groups"]) if "groups" in file_values else ()
@@ -318,12 +366,51 @@ def load_settings(
 
 
 def validate(settings: Settings) -> None:
-    url = urlsplit(settings.upstream)
-    if url.scheme not in ("http", "https") or not url.hostname:
-        raise ConfigError("upstream", f"must be an http(s) URL, got {settings.upstream!r}")
+    check_upstream_url(settings.upstream)
+    check_demo(settings)
+    check_example_secrets(settings.keys)
     if settings.port > 65535:
         raise ConfigError("port", "must be <= 65535")
     for origin in settings.cors_origins:
         if origin != "*" and not origin.startswith(("http://", "https://")):
             raise ConfigError("cors_origins", f"{origin!r} is not an origin like http://host:port")
+    from .identity import parse_networks  # local: identity needs nothing else from config
 
+    parse_networks(settings.trusted_proxies)
+
+
+# -- checks that need more than one value, or knowledge of lmgate's own documentation --------
+# Secrets printed in README.md and deploy/lmgate.example.toml: everyone has read them, so a
+# key that uses one is no key at all (tests/unit/test_cli_polish.py keeps this list complete).
+EXAMPLE_SECRETS = ("sk-alice-change-me", "sk-ops-change-me-too")
+_EXAMPLE_DIGESTS = {hashlib.sha256(s.encode()).hexdigest(): s for s in EXAMPLE_SECRETS}
+
+
+def check_upstream_url(upstream: str) -> None:
+    """An http(s) URL with a host. ``localhost:1234`` parses as scheme "localhost", so a
+    missing scheme gets the likely fix spelled out."""
+    url = urlsplit(upstream)
+    if url.scheme in ("http", "https") and url.hostname:
+        return
+    hint = f"; did you mean http://{upstream}?" if upstream and "://" not in upstream else ""
+    raise ConfigError("upstream", f"must be an http(s) URL, got {upstream!r}{hint}")
+
+
+def check_demo(settings: Settings) -> None:
+    """--demo replaces the upstream with the simulator; an explicit upstream as well would be
+    ignored silently, so ask the user which one they meant."""
+    source = settings.sources.get("upstream")
+    if settings.demo and source is not None:
+        raise ConfigError("demo", f"--demo runs a simulated LM Studio as the upstream, but an "
+                          f"upstream is also set (from {source}); drop one of the two")
+
+
+def check_example_secrets(keys: Sequence[ApiKey]) -> None:
+    """Refuse a key whose secret is one of the examples published in lmgate's documentation
+    (compared by digest, so a ``key_sha256`` of an example is caught too)."""
+    for i, key in enumerate(keys):
+        secret = _EXAMPLE_DIGESTS.get(key.sha256)
+        if secret is not None:
+            raise ConfigError(f"keys[{i}].key", f"key {key.name!r} uses {secret!r}, an example "
+                              "secret published in lmgate's documentation; make your own, e.g. "
+                              "python -c \"import secrets; print('sk-' + secrets.token_urlsafe(24))\"")

@@ -6,14 +6,18 @@
     ├── Unauthorized                401 authentication_error
     ├── Forbidden                   403 permission_error
     ├── NotFound                    404 not_found_error
+    ├── RequestTimeout              408 invalid_request_error / request_timeout
+    ├── Conflict                    409 invalid_request_error
     ├── PayloadTooLarge             413 invalid_request_error
+    ├── HeadersTooLarge             431 invalid_request_error
     ├── Cancelled                   499 cancelled (by an administrator)
     ├── TooManyRequests             429 rate_limit_error (+ Retry-After)
     │   └── QueueFullError          429 rate_limit_error / queue_full
     ├── UpstreamUnavailable         502 upstream_error
     ├── ServiceUnavailable          503 service_unavailable
     │   ├── QueueTimeout            503 / queue_timeout
-    │   └── ShuttingDown            503 / shutting_down
+    │   ├── ShuttingDown            503 / shutting_down
+    │   └── TooManyConnections      503 / too_many_connections
     └── UpstreamTimeout             504 upstream_timeout
 
 Errors that LM Studio produces are never wrapped: they pass through unchanged.
@@ -102,6 +106,24 @@ class NotFound(ProxyError):
     code = "not_found"
 
 
+class RequestTimeout(ProxyError):
+    status = 408
+    type = "invalid_request_error"
+    code = "request_timeout"
+
+
+class Conflict(ProxyError):
+    status = 409
+    type = "invalid_request_error"
+    code = "conflict"
+
+
+class HeadersTooLarge(ProxyError):
+    status = 431
+    type = "invalid_request_error"
+    code = "request_header_too_large"
+
+
 class PayloadTooLarge(ProxyError):
     status = 413
     type = "invalid_request_error"
@@ -142,6 +164,10 @@ class QueueTimeout(ServiceUnavailable):
 
 class ShuttingDown(ServiceUnavailable):
     code = "shutting_down"
+
+
+class TooManyConnections(ServiceUnavailable):
+    code = "too_many_connections"
 
 
 class UpstreamTimeout(ProxyError):

@@ -1,49 +1,163 @@
-"""Estimated waits, learned from how long requests take. An estimate, never a promise."""
+"""Estimated waits, learned from how long requests take. An estimate, never a promise.
+
+The estimate replays the line: the waiting requests, in the order the gate expects to start
+them, are handed to ``parallel`` slots that free up as the running requests end. A request
+for the model (or group) in use takes the first free slot; a request for another model waits
+until every slot is free, plus the time a model swap takes. So an estimate never decreases
+along the line, counts what is really ahead (a run of one model is cheap, alternating models
+are not), and shrinks as the running requests progress.
+
+What it learns, from requests that finished well: a moving average of the service time per
+model (the first observation replaces the guess outright, later ones move it by ``ALPHA``)
+and of the cost of a swap. With nothing learned yet it says nothing (``None``) rather than
+inventing a number.
+"""
 
 from __future__ import annotations
 
-from .errors import MAX_RETRY_AFTER_S
-from .gate import Gate, Ticket
+import heapq
+import math
+from dataclasses import dataclass, field
 
-DEFAULT_SERVICE_S = 10.0
-SWAP_PENALTY_S = 5.0
-ALPHA = 0.2
+from .errors import MAX_RETRY_AFTER_S
+from .gate import RUNNING, WAITING, Gate, Ticket
+
+ALPHA = 0.4  # weight of a new observation: reacts within a few requests, not twenty
+DEFAULT_SWAP_S = 5.0  # model swap cost until one has been observed
+DEFAULT_RETRY_S = 10  # Retry-After before anything has been learned
+MODEL_CAP = 1000  # models remembered; the oldest goes first
+REFRESH_S = 1.0  # a walk is reused for the same gate state this long (running requests age)
+
+
+def _ema(prev: float | None, value: float) -> float:
+    return value if prev is None else prev + ALPHA * (value - prev)
+
+
+@dataclass
+class _Walk:
+    """The line replayed once: seconds from ``at`` until each waiting ticket starts."""
+
+    key: tuple[int, int]
+    at: float
+    starts: dict[int, float] = field(default_factory=dict)  # ticket seq -> start
+    in_order: list[float] = field(default_factory=list)  # the same, in service order
+    first_free: float = 0.0  # when the first slot frees up
 
 
 class Estimator:
-    """Exponential moving averages of service time, overall and per model."""
+    """Service time per model and the swap cost, learned; the line replayed from them."""
 
     def __init__(self) -> None:
-        self.overall_s: float | None = None
         self.by_model: dict[str, float] = {}
+        self.cold: set[str] = set()  # models whose only estimate includes a swap
+        self.overall_s: float | None = None
+        self.swap_s: float | None = None
+        self._last_model: str | None = None
+        self._learned = 0  # bumped by every observation: a cached walk is stale after one
+        self._walk: _Walk | None = None
 
-    def observe(self, model: str, service_s: float) -> None:
-        if service_s < 0:
+    # -- learning ------------------------------------------------------------------------
+    def observe(self, model: str, service_s: float, *, switched: bool | None = None) -> None:
+        """A request for ``model`` ran ``service_s`` seconds (start to end). ``switched``:
+        whether it had to wait for a model swap; by default inferred from the previous
+        observation's model (requests for different models do not overlap)."""
+        if service_s < 0 or math.isnan(service_s):
             return
-        prev = self.by_model.get(model)
-        self.by_model[model] = service_s if prev is None else prev + ALPHA * (service_s - prev)
-        o = self.overall_s
-        self.overall_s = service_s if o is None else o + ALPHA * (service_s - o)
-        if len(self.by_model) > 1000:
-            self.by_model.pop(next(iter(self.by_model)))
+        if switched is None:
+            switched = self._last_model is not None and self._last_model != model
+        self._last_model = model
+        self._learned += 1
+        warm = self.by_model.get(model)
+        if not switched:
+            fresh = warm is None or model in self.cold  # a swap-free value replaces a cold one
+            self.by_model[model] = _ema(None if fresh else warm, service_s)
+            self.cold.discard(model)
+            self.overall_s = _ema(self.overall_s, service_s)
+        elif warm is not None and model not in self.cold:
+            self.swap_s = _ema(self.swap_s, max(0.0, service_s - warm))
+        elif warm is None:  # no better guess yet: too high, and replaced by the first warm one
+            self.by_model[model] = service_s
+            self.cold.add(model)
+            if self.overall_s is None:
+                self.overall_s = service_s
+        self._trim()
 
-    def service_s(self, model: str | None = None) -> float:
+    def _trim(self) -> None:
+        while len(self.by_model) > MODEL_CAP:
+            oldest = next(iter(self.by_model))
+            del self.by_model[oldest]
+            self.cold.discard(oldest)
+
+    def service_s(self, model: str | None = None) -> float | None:
+        """Expected start-to-end time of a request for ``model``; None before any observation."""
         if model is not None and model in self.by_model:
             return self.by_model[model]
-        return self.overall_s if self.overall_s is not None else DEFAULT_SERVICE_S
+        return self.overall_s
 
-    def eta_ms(self, gate: Gate, ticket: Ticket, position: int | None = None) -> int:
-        """Expected wait before ``ticket`` starts: requests ahead times their service time."""
-        if position is None:
-            position = gate.position(ticket)
-        if position <= 0:
+    # -- estimating ----------------------------------------------------------------------
+    def eta_ms(self, gate: Gate, ticket: Ticket, position: int | None = None) -> int | None:
+        """Expected wait before ``ticket`` starts, in ms: 0 once it runs, None when nothing has
+        been learned yet or the ticket has left the gate. ``position`` is accepted for callers
+        that know it; the line's replay does not need it."""
+        if ticket.state == RUNNING or position == 0:
             return 0
-        ahead = position - 1 + gate.active
-        per_slot = self.service_s(ticket.model) / gate.parallel
-        swap = SWAP_PENALTY_S if ticket.model not in gate.loaded else 0.0
-        return int((ahead * per_slot + swap) * 1000)
+        if ticket.state != WAITING or self.overall_s is None:
+            return None
+        walk = self._replay(gate)
+        start = walk.starts.get(ticket.seq)
+        if start is None:
+            return None
+        return int(max(0.0, start - (gate.clock() - walk.at)) * 1000)
 
     def retry_after_s(self, gate: Gate) -> int:
-        """When to come back after a 429: about when one slot in the line frees up."""
-        wait = self.service_s() * max(1, gate.depth - gate.max_queue + 1) / gate.parallel
-        return int(max(1, min(MAX_RETRY_AFTER_S, wait)))
+        """When to come back after a 429, in whole seconds in [1, 120]: about when the line
+        has moved up enough for one more request to fit."""
+        if self.overall_s is None:
+            return DEFAULT_RETRY_S
+        walk = self._replay(gate)
+        index = max(0, gate.depth - gate.max_queue)
+        wait = walk.in_order[index] if index < len(walk.in_order) else walk.first_free
+        wait -= gate.clock() - walk.at
+        return int(max(1, min(MAX_RETRY_AFTER_S, math.ceil(wait))))
+
+    def _replay(self, gate: Gate) -> _Walk:
+        """The line's replay, reused while the gate and what was learned stay the same (``/queue``
+        asks for hundreds of tickets at once) and for at most ``REFRESH_S``."""
+        now = gate.clock()
+        key = (gate.version, self._learned)
+        walk = self._walk
+        if walk is None or walk.key != key or now - walk.at > REFRESH_S or now < walk.at:
+            walk = self._walk = self._walk_line(gate, key, now)
+        return walk
+
+    def _walk_line(self, gate: Gate, key: tuple[int, int], now: float) -> _Walk:
+        walk = _Walk(key, now)
+        running = gate.running
+        ends = sorted((self._remaining(t, now) for t in running), reverse=True)[:gate.parallel]
+        slots = ends + [0.0] * (gate.parallel - len(ends))
+        heapq.heapify(slots)
+        walk.first_free = slots[0]
+        latest = max(slots)
+        current = frozenset(t.model for t in running) if running else gate.loaded
+        for ticket in gate.waiting():
+            service = self.service_s(ticket.model) or 0.0
+            if gate.compatible(ticket.model, current):
+                start = heapq.heappop(slots)
+                current = current | {ticket.model}
+            else:  # a swap: everything running drains, then the model loads
+                start = latest + self._swap()
+                slots = [start] * (gate.parallel - 1)
+                current = frozenset({ticket.model})
+            heapq.heappush(slots, start + service)
+            latest = max(latest, start + service)
+            walk.starts[ticket.seq] = start
+            walk.in_order.append(start)
+        return walk
+
+    def _remaining(self, ticket: Ticket, now: float) -> float:
+        expected = self.service_s(ticket.model) or 0.0
+        started = ticket.started_at if ticket.started_at is not None else now
+        return max(0.0, expected - (now - started))
+
+    def _swap(self) -> float:
+        return DEFAULT_SWAP_S if self.swap_s is None else self.swap_s

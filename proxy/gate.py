@@ -62,6 +62,7 @@ class Ticket:
     request_id: str
     model: str
     identity: str = ""
+    uid: str = ""  # lmgate's own id, unique; request_id may be one the client chose
     meta: dict[str, Any] = field(default_factory=dict)
     waiter: Any = None
     seq: int = 0
@@ -192,7 +193,6 @@ class Gate:
             self._last_tag[ticket.identity] = ticket.tag
         else:
             ticket.tag = ticket.seq
-        ticket.depth_at_arrival = len(self._order)
         self._insert(ticket)
         started = self._dispatch()
         if ticket.state == WAITING and len(self._order) > self.max_queue:
@@ -201,6 +201,7 @@ class Gate:
             self._bump()
             raise QueueFull(f"queue is full ({self.max_queue} waiting)")
         ticket.position_at_arrival = self.position(ticket)
+        ticket.depth_at_arrival = len(self._order)  # a waiting ticket counts itself
         self._notify(started)
 
     def release(self, ticket: Ticket) -> None:
@@ -248,14 +249,9 @@ class Gate:
         self._loaded = frozenset(models)
         self._bump()
 
-    def find(self, request_id: str) -> Ticket | None:
-        for t in self._running.values():
-            if t.request_id == request_id:
-                return t
-        for t in self._waiting.values():
-            if t.request_id == request_id:
-                return t
-        return None
+    def tickets(self) -> list[Ticket]:
+        """Every running and waiting ticket (in no particular order)."""
+        return [*self._running.values(), *self._waiting.values()]
 
     # -- internals ---------------------------------------------------------------------
     def _bump(self) -> None:

@@ -17,7 +17,6 @@ or a final SSE error event.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
 from typing import TYPE_CHECKING, Any
@@ -35,15 +34,16 @@ from .errors import (
 from .gate import RUNNING, GateClosed, QueueFull, Ticket
 from .inbound import (
     ClientGone,
+    Hold,
     Receive,
     Scope,
     Send,
-    client_address,
+    apply_token_cap,
+    client_request_id,
     header_map,
+    new_id,
     parse_request,
     read_body,
-    request_id_from,
-    requested_tokens,
     send_error,
 )
 from .metrics import RequestRecord
@@ -55,6 +55,13 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("lmgate")
 USAGE_BODY_CAP = 4 * 1024 * 1024
+# The field a key's max_tokens cap is written into when a request names none.
+TOKEN_FIELD = {
+    "/v1/chat/completions": "max_tokens", "/api/v0/chat/completions": "max_tokens",
+    "/v1/completions": "max_tokens", "/api/v0/completions": "max_tokens",
+    "/v1/messages": "max_tokens", "/v1/responses": "max_output_tokens",
+    "/api/v1/chat": "max_output_tokens",
+}
 
 
 class Exchange:
@@ -115,10 +122,12 @@ class GatedRequest:
         self.send = send
         self.headers = header_map(scope)
         self.t0 = time.perf_counter()
-        self.rid = request_id_from(self.headers, state.ids)
-        self.rec = RequestRecord(request_id=self.rid, route=route, client=client_address(scope))
+        self.uid = new_id()
+        self.rid = client_request_id(self.headers) or self.uid
+        self.rec = RequestRecord(request_id=self.rid, route=route, client=state.client_of(scope, self.headers))
         self.ex = Exchange(asyncio.current_task())
         self.body = b""
+        self.hold: Hold | None = None  # this request's share of --max-waiting-bytes
         self.stream = False
         self.eta_ms: int | None = None  # estimated wait, taken once at arrival
         self.id_header = [(b"x-request-id", self.rid.encode())]
@@ -144,16 +153,25 @@ class GatedRequest:
         except asyncio.CancelledError:
             if not self._ours():
                 raise
+            self._leave(ticket)  # the slot is free before any last write to the client
             await self._interrupted()
         except ProxyError as err:
+            self._leave(ticket)
             await self._fail(err)
         finally:
             self.ex.finished = True
             watcher.cancel()
-            st.gate.release(ticket)
-            st.exchanges.pop(ticket, None)
+            self._leave(ticket)
             st.remember(ticket, self.rec)
             self._finish()
+
+    def _leave(self, ticket: Ticket) -> None:
+        """Give back the gate slot and the held body bytes. Idempotent."""
+        self.ex.finished = True  # from here on, interrupts change nothing
+        self.state.gate.release(ticket)
+        self.state.exchanges.pop(ticket, None)
+        if self.hold is not None:
+            self.hold.release()
 
     async def passthrough(self, *, admin_only: bool) -> None:
         """Forward at once, without the gate (model listings; admin model management)."""
@@ -166,7 +184,7 @@ class GatedRequest:
                 if admin_only and not who.admin:
                     raise Forbidden("model management (load, unload, download) needs an admin key",
                                     code="admin_only")
-                self.body = await read_body(self.receive, self.headers, st.settings.max_body)
+                self.body, _ = await read_body(self.receive, self.headers, st.settings.max_body)
             except ProxyError as err:
                 self.rec.outcome, self.rec.status, self.rec.reason = "rejected", err.status, err.code
                 await send_error(self.send, err, self.id_header)
@@ -188,28 +206,33 @@ class GatedRequest:
             self._finish()
 
     async def _admit(self) -> Ticket:
+        try:
+            return await self._admit_or_fail()
+        except BaseException:
+            if self.hold is not None:
+                self.hold.release()
+            raise
+
+    async def _admit_or_fail(self) -> Ticket:
         st = self.state
         who = st.auth.authenticate(self.headers, self.rec.client)
         self.rec.client = who.label
         if st.draining:
             raise ShuttingDown("lmgate is shutting down")
-        self.body = await read_body(self.receive, self.headers, st.settings.max_body)
+        self.body, self.hold = await read_body(self.receive, self.headers, st.settings.max_body,
+                                               st.waiting_bytes)
         doc = parse_request(self.body)
         model = doc["model"]
         self.rec.model, self.stream = model, doc.get("stream") is True
-        st.metrics.label(model)  # claim a label slot in arrival order
         self.rec.stream = self.stream
         st.auth.check_model(who, model)
-        field, requested = requested_tokens(doc)
-        capped = st.auth.cap_tokens(who, requested)
-        if capped is not None:
-            doc[field] = capped
-            self.body = json.dumps(doc).encode()
+        self.body = apply_token_cap(self.body, doc, st.auth.token_cap(who, doc, TOKEN_FIELD.get(self.rec.route)))
         st.auth.check_rate(who)
-        ticket = Ticket(request_id=self.rid, model=model, identity=who.identity,
+        ticket = Ticket(request_id=self.rid, uid=self.uid, model=model, identity=who.identity,
                         meta={"client": who.label, "stream": self.stream, "route": self.rec.route,
                               "admin": who.admin})
         submit_ticket(st, who, ticket)
+        st.metrics.label(model)  # admitted: claim a label slot, in arrival order
         self.rec.position = ticket.position_at_arrival
         if ticket.position_at_arrival > 0:
             self.eta_ms = st.eta.eta_ms(st.gate, ticket)
@@ -232,6 +255,8 @@ class GatedRequest:
             else:
                 await self._wait_plain(ticket)
         self.rec.wait_ms = ticket.waited_s(time.monotonic()) * 1000
+        if self.hold is not None:
+            self.hold.release()
         await self._forward(ticket)
 
     def _deadline(self, ticket: Ticket) -> float:

@@ -3,13 +3,12 @@ needed to schedule it, and error responses written as plain ASGI."""
 
 from __future__ import annotations
 
-import itertools
 import json
-import secrets
+import uuid
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
-from .errors import BadRequest, PayloadTooLarge, ProxyError
+from .errors import BadRequest, PayloadTooLarge, ProxyError, QueueFullError
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -25,23 +24,18 @@ def header_map(scope: Scope) -> dict[bytes, bytes]:
     return {k.lower(): v for k, v in scope["headers"]}
 
 
-def request_id_from(headers: dict[bytes, bytes], ids: RequestIds) -> str:
+def new_id() -> str:
+    """A request id nobody can guess from another: a random UUID (122 random bits)."""
+    return str(uuid.uuid4())
+
+
+def client_request_id(headers: dict[bytes, bytes]) -> str | None:
+    """The client's own ``X-Request-ID``, if it sent a usable one. It is echoed back and
+    resolves only among that client's own requests: anyone may choose any id."""
     given = headers.get(b"x-request-id", b"").decode("latin-1").strip()
     if given and len(given) <= 128 and given.isprintable():
         return given
-    return ids.next()
-
-
-class RequestIds:
-    """Unique, unguessable-enough ids without a syscall per request: a random per-process
-    prefix and a counter."""
-
-    def __init__(self) -> None:
-        self.prefix = secrets.token_hex(6)
-        self.counter = itertools.count(1)
-
-    def next(self) -> str:
-        return f"{self.prefix}{next(self.counter):08x}"
+    return None
 
 
 def client_address(scope: Scope) -> str:
@@ -49,23 +43,76 @@ def client_address(scope: Scope) -> str:
     return str(client[0]) if client else "unknown"
 
 
-async def read_body(receive: Receive, headers: dict[bytes, bytes], limit: int) -> bytes:
-    declared = headers.get(b"content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise PayloadTooLarge(f"request body is {int(declared)} bytes; the limit is {limit}")
+class ByteBudget:
+    """Bytes of request bodies lmgate holds for requests that are read or waiting
+    (``--max-waiting-bytes``). Running requests have handed theirs on and hold none."""
+
+    __slots__ = ("limit", "held")
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.held = 0
+
+    def hold(self, n: int) -> Hold:
+        out = Hold(self)
+        out.grow(n)
+        return out
+
+
+class Hold:
+    """One request's share of a ByteBudget; ``release`` is idempotent."""
+
+    __slots__ = ("budget", "n")
+
+    def __init__(self, budget: ByteBudget) -> None:
+        self.budget = budget
+        self.n = 0
+
+    def grow(self, n: int) -> None:
+        budget = self.budget
+        if n and budget.held + n > budget.limit:
+            raise QueueFullError(
+                f"lmgate holds {budget.held} bytes of waiting requests' bodies and the limit is "
+                f"{budget.limit} (--max-waiting-bytes); try again shortly",
+                code="queue_memory_full", retry_after_s=5)
+        budget.held += n
+        self.n += n
+
+    def release(self) -> None:
+        self.budget.held -= self.n
+        self.n = 0
+
+
+async def read_body(receive: Receive, headers: dict[bytes, bytes], limit: int,
+                    budget: ByteBudget | None = None) -> tuple[bytes, Hold | None]:
+    """The whole body, within ``limit``; with a ``budget``, the bytes are counted in it
+    before they are read (from Content-Length, or chunk by chunk without one). The caller
+    releases the returned hold; on an exception it is already released."""
+    raw = headers.get(b"content-length")
+    declared = int(raw) if raw is not None and raw.isdigit() else None
+    if declared is not None and declared > limit:
+        raise PayloadTooLarge(f"request body is {declared} bytes; the limit is {limit}")
+    hold = None if budget is None else budget.hold(declared or 0)
     chunks: list[bytes] = []
     size = 0
-    while True:
-        msg = await receive()
-        if msg["type"] == "http.disconnect":
-            raise ClientGone()
-        chunk = msg.get("body", b"")
-        size += len(chunk)
-        if size > limit:
-            raise PayloadTooLarge(f"request body is over the limit of {limit} bytes")
-        chunks.append(chunk)
-        if not msg.get("more_body", False):
-            return b"".join(chunks)
+    try:
+        while True:
+            msg = await receive()
+            if msg["type"] == "http.disconnect":
+                raise ClientGone()
+            chunk = msg.get("body", b"")
+            size += len(chunk)
+            if size > limit:
+                raise PayloadTooLarge(f"request body is over the limit of {limit} bytes")
+            if hold is not None and declared is None:
+                hold.grow(len(chunk))
+            chunks.append(chunk)
+            if not msg.get("more_body", False):
+                return b"".join(chunks), hold
+    except BaseException:
+        if hold is not None:
+            hold.release()
+        raise
 
 
 def parse_request(body: bytes) -> dict[str, Any]:
@@ -94,13 +141,24 @@ def parse_request(body: bytes) -> dict[str, Any]:
     return doc
 
 
-def requested_tokens(doc: dict[str, Any]) -> tuple[str, int | None]:
-    for name in ("max_tokens", "max_completion_tokens", "max_output_tokens"):
-        if doc.get(name) is not None:
-            return name, doc[name]
-    return "max_tokens", None
+TOKEN_FIELDS = ("max_tokens", "max_completion_tokens", "max_output_tokens")
 
 
+def apply_token_cap(body: bytes, doc: dict[str, Any], changes: dict[str, int] | None) -> bytes:
+    """The body to forward after a key's token cap: unchanged, with the cap field inserted
+    (a byte-level insert, so everything else stays byte for byte), or re-encoded when a
+    value had to be lowered."""
+    if not changes:
+        return body
+    if any(name in doc for name in changes):
+        doc.update(changes)
+        return json.dumps(doc).encode()
+    start = body.index(b"{") + 1
+    inserted = b"".join(b'"%s": %d, ' % (name.encode(), value) for name, value in changes.items())
+    rest = body[start:]
+    if not rest.strip().startswith(b"}"):
+        return body[:start] + inserted + rest
+    return body[:start] + inserted[:-2] + rest  # an object with no other fields
 async def send_error(send: Send, err: ProxyError, extra: list[tuple[bytes, bytes]]) -> None:
     body = err.to_json()
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]

@@ -133,7 +133,14 @@ class Metrics:
         self.registry.register(GateCollector(gate_fn, self.label, upstream_up))
 
     def observe(self, rec: RequestRecord) -> None:
-        model = self.label(rec.model) if rec.model else "none"
+        # a refused request never claims a label slot: junk model names cannot push real
+        # ones into "other"
+        if not rec.model:
+            model = "none"
+        elif rec.outcome == "rejected":
+            model = self.label.peek(rec.model)
+        else:
+            model = self.label(rec.model)
         self.requests.labels(rec.route, model, rec.outcome).inc()
         if rec.outcome == "rejected" and rec.reason:
             self.rejections.labels(rec.reason).inc()

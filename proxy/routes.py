@@ -17,9 +17,9 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
 from .auth import Principal
-from .errors import BadRequest, Cancelled, Forbidden, NotFound, ProxyError, Unauthorized
+from .errors import BadRequest, Cancelled, Conflict, Forbidden, NotFound, ProxyError, Unauthorized
 from .gate import Ticket
-from .inbound import client_address, header_map
+from .inbound import header_map
 
 if TYPE_CHECKING:
     from .app import AppState
@@ -34,12 +34,15 @@ def error_response(err: ProxyError, extra: dict[str, str] | None = None) -> JSON
 def viewer(state: AppState, request: Request) -> Principal | None:
     """Who is looking at the queue. Without a key (when keys exist) they see it anonymised."""
     headers = header_map(request.scope)
-    address = client_address(request.scope)
-    if state.auth.open:
-        return state.auth.authenticate(headers, address)
-    if b"authorization" not in headers and b"x-api-key" not in headers:
+    if not state.auth.open and b"authorization" not in headers and b"x-api-key" not in headers:
         return None
-    return state.auth.authenticate(headers, address)
+    return state.auth.authenticate(headers, state.client_of(request.scope, headers))
+
+
+def caller(state: AppState, request: Request) -> Principal:
+    """Who is asking about one request: a valid key when keys exist (401 otherwise)."""
+    headers = header_map(request.scope)
+    return state.auth.authenticate(headers, state.client_of(request.scope, headers))
 
 
 def ticket_view(state: AppState, t: Ticket, who: Principal | None, now: float,
@@ -49,6 +52,7 @@ def ticket_view(state: AppState, t: Ticket, who: Principal | None, now: float,
     mine = who is not None and (who.admin or who.identity == t.identity)
     out: dict[str, Any] = {
         "request_id": t.request_id if mine else None,
+        "id": t.uid if mine else None,
         "model": t.model,
         "state": t.state,
         "position": position,
@@ -104,26 +108,43 @@ def _int_param(request: Request, name: str, default: int) -> int:
 
 
 async def queue_item(request: Request) -> Response:
+    """One request's state, for its owner (or an admin); anyone else gets the answer for an
+    unknown id, so ids cannot be probed."""
     state: AppState = request.app.state.lmgate
-    who = viewer(state, request)
+    who = caller(state, request)
     request_id = request.path_params["request_id"]
-    ticket = state.gate.find(request_id)
-    if ticket is not None:
-        view = ticket_view(state, ticket, who, time.monotonic())
-        view["request_id"] = request_id  # whoever knows the id may see its state
+    found = state.lookup(request_id, who)
+    if who.admin and len({_identity(x) for x in found if _uid(x) != request_id}) > 1:
+        raise ambiguous(request_id)
+    if not found:
+        raise NotFound(f"no request with id '{request_id}' is queued, running or recently "
+                       "finished", code="request_not_found")
+    first = found[0]
+    if isinstance(first, Ticket):
+        view = ticket_view(state, first, who, time.monotonic())
         view["depth"] = state.gate.depth
         return JSONResponse(view)
-    done = state.recent.get(request_id)
-    if done is None:
-        return error_response(NotFound(f"no request with id '{request_id}' is queued, running or "
-                                       "recently finished", code="request_not_found"))
-    shown = dict(done)
+    shown = dict(first)
     identity = shown.pop("identity", None)
     client = shown.pop("client", None)
-    if who is not None and who.admin:
+    shown["id"] = shown.pop("uid", None)
+    if who.admin:
         shown["client"] = client
-    shown["mine"] = bool(who is not None and who.identity == identity)
+    shown["mine"] = who.identity == identity
     return JSONResponse(shown)
+
+
+def _identity(x: Ticket | dict[str, Any]) -> str:
+    return x.identity if isinstance(x, Ticket) else x["identity"]
+
+
+def _uid(x: Ticket | dict[str, Any]) -> str:
+    return x.uid if isinstance(x, Ticket) else x["uid"]
+
+
+def ambiguous(request_id: str) -> Conflict:
+    return Conflict(f"several clients used the request id '{request_id}'; use the request's own "
+                    "'id' from GET /queue", code="ambiguous_request_id")
 
 
 async def queue_cancel(request: Request) -> Response:
@@ -135,7 +156,10 @@ async def queue_cancel(request: Request) -> Response:
         raise Forbidden("cancelling a request needs an admin key", code="admin_only")
     request_id = request.path_params["request_id"]
     reason = Cancelled("the request was cancelled by an administrator")
-    if not state.cancel(request_id, reason):
+    outcome = state.cancel(request_id, who, reason)
+    if outcome == "ambiguous":
+        raise ambiguous(request_id)
+    if outcome == "none":
         raise NotFound(f"no waiting or running request with id '{request_id}'", code="request_not_found")
     return JSONResponse({"request_id": request_id, "cancelled": True})
 
@@ -145,8 +169,10 @@ async def healthz(request: Request) -> Response:
 
 
 async def readyz(request: Request) -> Response:
+    """From what lmgate already knows (its last check while idle, or the last response):
+    never a request of its own to the upstream, which may be busy generating."""
     state: AppState = request.app.state.lmgate
-    up = await state.upstream.probe()
+    up = bool(state.upstream.up)
     body = {"status": "ready" if up and not state.draining else "not ready",
             "upstream": state.upstream.base, "upstream_up": up, "draining": state.draining}
     return JSONResponse(body, status_code=200 if up and not state.draining else 503)
@@ -194,9 +220,18 @@ def build_routes(state: AppState) -> list[BaseRoute]:
         Route("/readyz", readyz, methods=["GET"]),
         Route("/metrics", metrics, methods=["GET"]),
         Route("/queue", queue_snapshot, methods=["GET"]),
+        Route("/queue/history", queue_history, methods=["GET"]),
         Route("/queue/{request_id}", queue_item, methods=["GET"]),
         Route("/queue/{request_id}", queue_cancel, methods=["DELETE"]),
     ]
     routes.append(Route("/{path:path}", not_found,
                         methods=["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"]))
     return routes
+
+
+async def queue_history(request: Request) -> Response:
+    """The last five minutes of queue depth, running requests and finished-request counters
+    (``proxy/history.py``): the status page has its chart and throughput from the first load.
+    Aggregates only, so anyone who may read ``/queue`` may read this."""
+    state: AppState = request.app.state.lmgate
+    return JSONResponse(state.history.snapshot(), headers={"cache-control": "no-store"})

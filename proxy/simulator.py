@@ -5,8 +5,9 @@ with deterministic replies, and reproduces LM Studio's "Only Keep Last JIT
 Loaded Model" behaviour: a request for a model that is not loaded unloads the
 current one, killing every generation still running on it.
 
-Run it with ``python -m proxy.simulator --port 1234``.  ``GET /sim/stats`` and
-``POST /sim/reset`` are simulator-only introspection endpoints.
+Run it with ``python -m proxy.simulator --port 1234``.  ``GET /sim/stats`` (generations),
+``GET /sim/requests`` (every request received, /sim/* excepted) and ``POST /sim/reset``
+(clears both) are simulator-only introspection endpoints.
 """
 
 from __future__ import annotations
@@ -36,6 +37,9 @@ DEFAULT_MODELS: tuple[str, ...] = (
 DEFAULT_MAX_TOKENS = 12
 MAX_TOKENS_CAP = 4096
 LOG_CAP = 10_000
+REQUEST_LOG_CAP = 10_000
+MAX_WORD_LEN = 65_536  # cap of the ``x_word_len`` body field (test knob: long filler words)
+_REQUEST_FIELDS = ("model", "max_tokens", "max_completion_tokens", "max_output_tokens", "stream")
 EMBEDDING_DIM = 8
 _FILLER = "the quick brown fox jumps over the lazy dog".split()
 _KNOWN_META = {
@@ -91,14 +95,25 @@ def _max_tokens(body: dict) -> int:
     return min(value, MAX_TOKENS_CAP)
 
 
+def _word_len(body: dict) -> int:
+    """The ``x_word_len`` test knob: filler words padded to this many characters (0 = off),
+    so that a stream can carry megabytes with few tokens."""
+    value = body.get("x_word_len")
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        return 0
+    return min(value, MAX_WORD_LEN)
+
+
 def _reply_words(body: dict) -> tuple[list[str], bool]:
     """Reply tokens and whether the echo had to be truncated."""
     words = [f"[{body.get('model', '')}]"] + last_user_text(body).split()
     limit = _max_tokens(body)
     truncated = len(words) > limit
+    width = _word_len(body)
     i = 0
     while len(words) < limit:
-        words.append(_FILLER[i % len(_FILLER)])
+        word = _FILLER[i % len(_FILLER)]
+        words.append((word * (width // len(word) + 1))[:width] if width else word)
         i += 1
     return words[:limit], truncated
 
@@ -193,6 +208,8 @@ class _SimState:
         self.counters = {"completed": 0, "killed": 0, "cancelled": 0, "errors": 0, "loads": 0}
         self.active_max = self.active
         self.log: deque[_Generation] = deque(maxlen=LOG_CAP)
+        self.requests: deque[dict[str, Any]] = deque(maxlen=REQUEST_LOG_CAP)
+        self.requests_total = 0
 
     def bind_loop(self) -> None:
         """(Re)create asyncio primitives when served from a new event loop."""
@@ -463,7 +480,11 @@ def _routes(state: _SimState) -> list[Route]:
         state.reset()
         return JSONResponse(state.stats())
 
-    routes = [Route("/sim/stats", stats), Route("/sim/reset", reset, methods=["POST"])]
+    async def requests(request: Request) -> Response:
+        return JSONResponse({"total": state.requests_total, "requests": list(state.requests)})
+
+    routes = [Route("/sim/stats", stats), Route("/sim/reset", reset, methods=["POST"]),
+              Route("/sim/requests", requests)]
     for prefix in ("/v1", "/api/v0"):
         routes += [
             Route(f"{prefix}/models", list_models),
@@ -475,6 +496,57 @@ def _routes(state: _SimState) -> list[Route]:
     return routes
 
 
+class _RequestLog:
+    """ASGI wrapper: records every HTTP request (except ``/sim/*``) in ``state.requests``:
+    method, path, query, arrival ``t`` (``time.monotonic()``, comparable across processes on
+    one machine), whether an Authorization header came, and for a JSON object body the
+    values of ``_REQUEST_FIELDS`` that it names. The body is read here and replayed."""
+
+    def __init__(self, app: Starlette, state: _SimState) -> None:
+        self.app, self.state = app, state
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"].startswith("/sim/"):
+            await self.app(scope, receive, send)
+            return
+        entry: dict[str, Any] = {
+            "method": scope["method"], "path": scope["path"],
+            "query": scope.get("query_string", b"").decode("latin-1"), "t": time.monotonic(),
+            "auth": any(k.lower() == b"authorization" for k, _ in scope.get("headers", ())),
+        }
+        self.state.requests.append(entry)
+        self.state.requests_total += 1
+        chunks: list[bytes] = []
+        first: dict[str, Any] | None = None
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":
+                first = message  # the client left before its body was complete
+                break
+            chunks.append(message.get("body", b""))
+            if not message.get("more_body", False):
+                break
+        body = b"".join(chunks)
+        entry["body_bytes"] = len(body)
+        if body:
+            with contextlib.suppress(ValueError, UnicodeDecodeError):
+                doc = json.loads(body)
+                if isinstance(doc, dict):
+                    entry.update({k: doc[k] for k in _REQUEST_FIELDS if k in doc})
+        replayed = False
+
+        async def replay() -> dict[str, Any]:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                if first is not None:
+                    return first
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send)
+
+
 def create_simulator_app(*, models: Sequence[str] = DEFAULT_MODELS, tokens_per_s: float = 50.0,
                          load_s: float = 0.3, max_concurrent: int = 4,
                          loaded: str | None = None) -> Starlette:
@@ -482,6 +554,7 @@ def create_simulator_app(*, models: Sequence[str] = DEFAULT_MODELS, tokens_per_s
     state = _SimState(models, tokens_per_s, load_s, max_concurrent, loaded)
     app = Starlette(routes=_routes(state))
     app.state.sim = state
+    app.add_middleware(_RequestLog, state=state)
     return app
 
 
@@ -489,14 +562,26 @@ def main(argv: list[str] | None = None) -> None:
     """CLI entry point: ``lmgate-sim`` / ``python -m proxy.simulator``."""
     import uvicorn
 
-    parser = argparse.ArgumentParser(prog="lmgate-sim", description="LM Studio simulator")
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=1234)
-    parser.add_argument("--tokens-per-s", type=float, default=50.0)
-    parser.add_argument("--load-time", type=float, default=0.3, help="model load seconds")
-    parser.add_argument("--models", default=",".join(DEFAULT_MODELS), help="comma separated")
-    parser.add_argument("--max-concurrent", type=int, default=4)
-    parser.add_argument("--loaded", default=None, help="model loaded at start")
+    parser = argparse.ArgumentParser(
+        prog="lmgate-sim",
+        description="LM Studio simulator: an OpenAI-compatible /v1 and LM Studio /api/v0 server "
+        "with deterministic replies that, like LM Studio's JIT loading, unloads the current model "
+        "(killing its generations) when a request names another one. For demos and tests.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    parser.add_argument("--port", type=int, default=1234,
+                        help="port to listen on (the one LM Studio uses by default)")
+    parser.add_argument("--tokens-per-s", type=float, default=50.0,
+                        help="generation speed per request, in tokens per second (0 = instant)")
+    parser.add_argument("--load-time", type=float, default=0.3,
+                        help="seconds a model takes to load when a request names one not loaded")
+    parser.add_argument("--models", default=",".join(DEFAULT_MODELS),
+                        help="comma-separated model ids the simulator serves")
+    parser.add_argument("--max-concurrent", type=int, default=4,
+                        help="generations that run at once, like LM Studio 0.4's "
+                        "\"Max Concurrent Predictions\"; more wait inside the simulator")
+    parser.add_argument("--loaded", default=None,
+                        help="model already loaded at start (None: nothing loaded)")
     args = parser.parse_args(argv)
     models = [m.strip() for m in args.models.split(",") if m.strip()]
     app = create_simulator_app(models=models, tokens_per_s=args.tokens_per_s,

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
+import base64
 import logging
 import time
 from collections.abc import Iterable
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 import httpx
 
@@ -26,25 +28,44 @@ HOP_BY_HOP = frozenset({
 })
 REQUEST_DROP = HOP_BY_HOP | {b"host", b"content-length", b"expect"}
 CLIENT_CREDENTIALS = frozenset({b"authorization", b"x-api-key"})
-RESPONSE_DROP = HOP_BY_HOP | {b"server", b"date"}
+RESPONSE_DROP = HOP_BY_HOP | {b"server", b"date", b"x-request-id"}  # lmgate sets its own id
 PROBE_TIMEOUT_S = 2.0
 URL_CACHE_SIZE = 256
 ERROR_BODY_CAP = 64 * 1024
 
 
 def base_url(upstream: str) -> str:
-    """The server root: a trailing /v1 (what people paste from their SDK config) is dropped."""
+    """The server root, without credentials: a trailing /v1 (what people paste from their SDK
+    config) is dropped, and ``user:password@`` is taken out (see ``basic_auth``)."""
     url = upstream.rstrip("/")
     if urlsplit(url).path.endswith("/v1"):
         url = url[: -len("/v1")]
-    return url
+    return redact(url)
+
+
+def redact(url: str) -> str:
+    """The URL as it may be shown anywhere (pages, logs): never with its credentials."""
+    parts = urlsplit(url)
+    if "@" not in parts.netloc:
+        return url
+    return urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
+
+
+def basic_auth(url: str) -> bytes | None:
+    """``Authorization`` value for a URL written as http://user:password@host, else None."""
+    parts = urlsplit(url)
+    if parts.username is None:
+        return None
+    pair = f"{unquote(parts.username)}:{unquote(parts.password or '')}".encode()
+    return b"Basic " + base64.b64encode(pair)
 
 
 class Upstream:
     def __init__(self, settings: Settings, transport: httpx.AsyncBaseTransport | None = None) -> None:
         self.base = base_url(settings.upstream)
         self.key = settings.upstream_key
-        self.strip_credentials = bool(settings.keys) or bool(settings.upstream_key)
+        self.auth_value = (b"Bearer " + self.key.encode()) if self.key else basic_auth(settings.upstream)
+        self.strip_credentials = bool(settings.keys) or self.auth_value is not None
         self.lean: LeanTransport | None = None
         if transport is None and urlsplit(self.base).scheme == "http" and LeanTransport is not None:
             transport = self.lean = LeanTransport()
@@ -61,6 +82,7 @@ class Upstream:
         )
         self.up: bool | None = None
         self.last_probe = 0.0
+        self._own: asyncio.Event | None = None  # set while lmgate's own request is in flight
 
     async def aclose(self) -> None:
         await self.client.aclose()
@@ -75,8 +97,8 @@ class Upstream:
             if self.strip_credentials and lname in CLIENT_CREDENTIALS:
                 continue
             out.append((name, value))
-        if self.key:
-            out.append((b"authorization", b"Bearer " + self.key.encode()))
+        if self.auth_value is not None:
+            out.append((b"authorization", self.auth_value))
         return httpx.Request(method, self._url(path, query), headers=out, content=body)
 
     def _url(self, path: str, query: bytes) -> httpx.URL:
@@ -92,6 +114,8 @@ class Upstream:
 
     async def send(self, request: httpx.Request) -> httpx.Response:
         """Send and return a streaming response, mapping transport failures to ProxyErrors."""
+        if self._own is not None:  # let lmgate's own short check finish first: never overlap
+            await self._own.wait()
         try:
             if self.lean is not None:
                 # straight to the transport: no redirects, cookies or auth flow to run
@@ -107,11 +131,22 @@ class Upstream:
     def mark_failed(self) -> None:
         self.up = False
 
+    async def _get(self, path: str) -> httpx.Response:
+        """One of lmgate's own requests (a probe, a model listing). The caller makes sure no
+        request runs on the box; a request granted meanwhile waits in ``send`` until this
+        one has its answer, so the box never sees lmgate's traffic during a generation."""
+        self._own = own = asyncio.Event()
+        try:
+            headers = {"authorization": self.auth_value.decode()} if self.auth_value else {}
+            return await self.client.get(self.base + path, timeout=PROBE_TIMEOUT_S, headers=headers)
+        finally:
+            self._own = None
+            own.set()
+
     async def probe(self) -> bool:
         """Is the upstream answering at all? Short timeout, any HTTP answer counts."""
         try:
-            r = await self.client.get(self.base + "/v1/models", timeout=PROBE_TIMEOUT_S,
-                                      headers=self._auth())
+            r = await self._get("/v1/models")
             self.up = r.status_code < 500
         except httpx.HTTPError:
             self.up = False
@@ -122,7 +157,7 @@ class Upstream:
         """Which models LM Studio reports as loaded; None if it cannot tell us."""
         for path, parse in (("/api/v1/models", _loaded_v1), ("/api/v0/models", _loaded_v0)):
             try:
-                r = await self.client.get(self.base + path, timeout=PROBE_TIMEOUT_S, headers=self._auth())
+                r = await self._get(path)
                 if r.status_code != 200:
                     continue
                 found = parse(r.json())
@@ -131,9 +166,6 @@ class Upstream:
             if found is not None:
                 return found
         return None
-
-    def _auth(self) -> dict[str, str]:
-        return {"authorization": f"Bearer {self.key}"} if self.key else {}
 
 
 def _loaded_v0(doc: object) -> set[str] | None:

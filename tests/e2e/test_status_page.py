@@ -44,13 +44,16 @@ def run_chromium(binary: str, profile: Path, *args: str) -> subprocess.Completed
 
 
 class StatusDom(HTMLParser):
-    """Pulls out what the test checks: the text of ``#depth`` and the rows of ``#waiting``."""
+    """Pulls out what the test checks: the text of ``#depth`` and ``#rpm`` and the rows of
+    ``#waiting``."""
 
     def __init__(self) -> None:
         super().__init__()
         self.depth = ""
+        self.rpm = ""
         self.rows: list[tuple[str | None, list[str]]] = []
         self._in_depth = False
+        self._in_rpm = False
         self._in_waiting = False
         self._cell: list[str] | None = None
 
@@ -58,6 +61,8 @@ class StatusDom(HTMLParser):
         a = dict(attrs)
         if a.get("id") == "depth":
             self._in_depth = True
+        elif a.get("id") == "rpm":
+            self._in_rpm = True
         elif tag == "table" and a.get("id") == "waiting":
             self._in_waiting = True
         elif self._in_waiting and tag == "tr" and "data-position" in a:
@@ -67,7 +72,7 @@ class StatusDom(HTMLParser):
 
     def handle_endtag(self, tag: str) -> None:
         if tag == "span":
-            self._in_depth = False
+            self._in_depth = self._in_rpm = False
         elif tag == "table":
             self._in_waiting = False
         elif tag == "td" and self._cell is not None:
@@ -77,6 +82,8 @@ class StatusDom(HTMLParser):
     def handle_data(self, data: str) -> None:
         if self._in_depth:
             self.depth += data
+        if self._in_rpm:
+            self.rpm += data
         if self._cell is not None:
             self._cell.append(data)
 
@@ -125,6 +132,14 @@ def wait_for_depth(url: str, depth: int, timeout_s: float = 10.0) -> dict:
     raise AssertionError(f"queue never reached depth {depth}; last snapshot: {snapshot}")
 
 
+def number(text: str) -> float:
+    """A number shown on the page; NaN for a placeholder such as "–"."""
+    try:
+        return float(text.strip())
+    except ValueError:
+        return float("nan")
+
+
 def png_size(path: Path) -> tuple[int, int]:
     data = path.read_bytes()[:24]
     assert data[:8] == b"\x89PNG\r\n\x1a\n", f"{path} is not a PNG"
@@ -136,6 +151,14 @@ def png_size(path: Path) -> tuple[int, int]:
 def test_status_page_shows_waiting_line(chromium: str, servers: tuple[Process, Process],
                                         tmp_path: Path) -> None:
     _, gate = servers
+    # One short request first: lmgate learns a service time (so the line shows estimates) and
+    # its history holds a finished request, which the page must show from its first load.
+    warm = httpx.post(gate.url + "/v1/chat/completions", timeout=30, json={
+        "model": MODEL, "max_tokens": 2, "messages": [{"role": "user", "content": "warm up"}]})
+    assert warm.status_code == 200, warm.text
+    failed = httpx.post(gate.url + "/v1/chat/completions", timeout=30, json={
+        "model": "no-such-model", "messages": [{"role": "user", "content": "fails"}]})
+    assert failed.status_code == 404  # a failed request once froze the throughput at "–"
     stop = threading.Event()
     streamers = [Streamer(gate.url, n, stop) for n in range(4)]
     try:
@@ -155,6 +178,8 @@ def test_status_page_shows_waiting_line(chromium: str, servers: tuple[Process, P
             assert cells[0] == pos and cells[1] == MODEL, cells
             assert cells[3].startswith("~") and cells[3].endswith(("s", "min")), cells  # ETA
         assert "ETA (est.)" in dom
+        # throughput over the last minute from the server's history: the warm-up counts at once
+        assert number(page.rpm) > 0, f"#rpm is {page.rpm!r}; DOM:\n{dom[:4000]}"
         assert MODEL in dom
 
         ARTIFACT.parent.mkdir(parents=True, exist_ok=True)

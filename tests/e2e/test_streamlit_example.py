@@ -130,7 +130,8 @@ def test_queue_headers_arrive_before_the_turn(lmgate):
     queue = httpx.get(lmgate.url + "/queue", trust_env=False).json()
     assert blocker.is_alive() and queue["active"] == 1 and queue["depth"] == 1, queue
     assert raw.headers["x-queue-position"] == "1"
-    assert int(raw.headers["x-queue-eta-ms"]) > 0
+    eta = raw.headers.get("x-queue-eta-ms")  # present once lmgate has seen a request finish
+    assert eta is None or int(eta) >= 0
     with raw.parse() as stream:
         text = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
     blocker.join(30)

@@ -283,7 +283,7 @@ def test_admin_cancels_an_old_api_job() -> None:
             assert (await r.client.delete(f"/queue/{job_id}", headers=BOB)).status_code == 403
             assert (await r.client.delete(f"/queue/{job_id}", headers=ROOT)).status_code == 200
             for _ in range(100):
-                record = (await r.client.get(f"/request/{job_id}")).json()
+                record = (await r.client.get(f"/request/{job_id}", headers=BOB)).json()
                 if record["status"] == "error":
                     break
                 await asyncio.sleep(0.01)

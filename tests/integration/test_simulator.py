@@ -295,3 +295,35 @@ def test_main_parses_cli(monkeypatch: pytest.MonkeyPatch) -> None:
     main(["--port", "4321", "--models", "a,b", "--tokens-per-s", "0", "--max-concurrent", "3"])
     assert seen["host"] == "127.0.0.1" and seen["port"] == 4321
     assert seen["state"].models == ["a", "b"] and seen["state"].delay == 0.0
+
+
+def test_request_log_records_every_request_but_sim_ones(client: httpx.Client) -> None:
+    t0 = time.monotonic()
+    client.get("/v1/models", headers={"authorization": "Bearer x"})
+    client.post("/v1/chat/completions", json=chat_body(MODEL_A, "hi", max_tokens=3, stream=False))
+    client.post("/v1/responses", json={"model": MODEL_B, "input": "x", "max_output_tokens": 9})
+    client.post("/v1/completions", content=b"{not json", headers={"content-type": "application/json"})
+    client.get("/sim/stats")
+    got = client.get("/sim/requests").json()
+    reqs = got["requests"]
+    assert [(r["method"], r["path"]) for r in reqs] == [
+        ("GET", "/v1/models"), ("POST", "/v1/chat/completions"), ("POST", "/v1/responses"),
+        ("POST", "/v1/completions")]
+    assert got["total"] >= 4
+    assert [r["auth"] for r in reqs] == [True, False, False, False]
+    assert all(t0 <= r["t"] <= time.monotonic() for r in reqs)
+    chat = reqs[1]
+    assert chat["model"] == MODEL_A and chat["max_tokens"] == 3 and chat["stream"] is False
+    assert "max_completion_tokens" not in chat and "max_output_tokens" not in chat
+    assert reqs[2]["max_output_tokens"] == 9 and "model" not in reqs[3]
+    # the body was replayed to the app: the chat request was served normally
+    assert client.get("/sim/stats").json()["completed"] == 1
+    client.post("/sim/reset")
+    assert client.get("/sim/requests").json()["requests"] == []
+
+
+def test_word_len_knob_makes_long_replies() -> None:
+    body = chat_body(MODEL_A, "a", max_tokens=5, x_word_len=1000)
+    words = expected_reply(body).split(" ")
+    assert words[:2] == [f"[{MODEL_A}]", "a"] and [len(w) for w in words[2:]] == [1000] * 3
+    assert expected_reply(chat_body(MODEL_A, "a", max_tokens=5)) == f"[{MODEL_A}] a the quick brown"

@@ -36,7 +36,7 @@ def test_fifo_order_and_positions() -> None:
     for x in tickets:
         gate.submit(x)
     assert [x.position_at_arrival for x in tickets] == [0, 1, 2, 3, 4, 5]
-    assert [x.depth_at_arrival for x in tickets] == [0, 0, 1, 2, 3, 4]
+    assert [x.depth_at_arrival for x in tickets] == [0, 1, 2, 3, 4, 5]  # a waiter counts itself
     assert rec.started == ["r0"]
     for i in range(6):
         assert [gate.position(x) for x in tickets[i:]] == list(range(len(tickets) - i))
@@ -123,7 +123,7 @@ def test_queue_full_leaves_gate_unchanged() -> None:
     version = gate.version
     with pytest.raises(QueueFull):
         gate.submit(extra)
-    assert gate.depth == 2 and extra.state == "new" and gate.find("extra") is None
+    assert gate.depth == 2 and extra.state == "new" and extra not in gate.tickets()
     assert gate.version >= version
     for x in tickets:
         gate.release(x)
@@ -156,12 +156,12 @@ def test_close_rejects_waiting_keeps_running() -> None:
     assert_free(gate)
 
 
-def test_find_and_waiting_list() -> None:
+def test_tickets_and_waiting_list() -> None:
     gate, _ = make()
     a, b, c = t("a"), t("b"), t("c")
     for x in (a, b, c):
         gate.submit(x)
-    assert gate.find("b") is b and gate.find("zzz") is None
+    assert sorted(x.request_id for x in gate.tickets()) == ["a", "b", "c"]
     assert gate.waiting() == [b, c] and gate.running == [a]
     assert gate.depth_by_model() == {"a": 2} and gate.active_by_model() == {"a": 1}
 
