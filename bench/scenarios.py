@@ -8,6 +8,8 @@ import itertools
 import time
 from typing import Any
 
+from proxy.gated import STARTED_AT_ONCE
+
 from .client import Conn, HttpError, SseCollector, chat_request
 from .context import DIRECT, LMGATE, Ctx, Meter
 from .stats import diff, median, pct, r, ratio, summary_ms
@@ -147,10 +149,16 @@ async def stream_throughput(ctx: Ctx) -> dict[str, Any]:
     summary["first_chunk_1_chunk_stream_added_ms"] = diff(lm["first_chunk_1_chunk_stream_ms"],
                                                           di["first_chunk_1_chunk_stream_ms"])
     summary["lmgate_cpu_ms_per_1000_chunks"] = r(lm["lmgate_cpu_s"] * 1e6 / max(1, lm["chunks"]))
-    identical = bool(raws.get(DIRECT)) and raws.get(DIRECT) == raws.get(LMGATE)
+    identical = same_stream(raws.get(DIRECT), raws.get(LMGATE))
     return {"rounds": rounds, "summary": summary,
             "checks": {"complete": complete, "bytes_identical": identical,
                        "stream_bytes": len(raws.get(DIRECT, b""))}}
+
+
+def same_stream(direct: bytes | None, through: bytes | None) -> bool:
+    """lmgate relays the upstream's bytes untouched after its two queue comments (a stream
+    that did not wait starts with `: queue_entered=0` and `: queue_position=0`)."""
+    return bool(direct) and through == STARTED_AT_ONCE + direct
 
 
 # -- (c) paced stream ----------------------------------------------------------------------
@@ -188,7 +196,7 @@ async def paced_stream(ctx: Ctx) -> dict[str, Any]:
     summary["gap_p50_added_ms"] = diff(summary[LMGATE]["p50"], summary[DIRECT]["p50"])
     return {"rounds": rounds, "summary": summary,
             "checks": {"complete": complete,
-                       "bytes_identical": bool(raws.get(DIRECT)) and raws.get(DIRECT) == raws.get(LMGATE)}}
+                       "bytes_identical": same_stream(raws.get(DIRECT), raws.get(LMGATE))}}
 
 
 # -- (d) handoff -----------------------------------------------------------------------------

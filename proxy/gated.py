@@ -64,6 +64,9 @@ TOKEN_FIELD = {
 }
 
 
+STARTED_AT_ONCE = sse.queue_entered(0) + sse.queue_position(0)
+
+
 class Exchange:
     """State shared between a handler task and the tasks that may interrupt it."""
 
@@ -280,8 +283,10 @@ class GatedRequest:
         gate = self.state.gate
         await self._start(200, sse.SSE_HEADERS + self._queue_headers(ticket))
         last = ticket.position_at_arrival
-        await self._write(sse.queue_entered(last))
-        await self._write(sse.comment(f"queue_eta_ms={self.eta_ms}"))
+        opening = sse.queue_entered(last) + sse.queue_position(last)
+        if self.eta_ms is not None:
+            opening += sse.comment(f"queue_eta_ms={self.eta_ms}")
+        await self._write(opening)
         deadline = self._deadline(ticket)
         last_write = time.monotonic()
         while not ticket.waiter.done():
@@ -338,19 +343,24 @@ class GatedRequest:
         if response.status_code >= 400:
             self.rec.outcome = "upstream_error"
         await self._start(response.status_code, headers)
-        await self._pump(response, t_up, is_sse)
+        # a stream that did not wait still says so, the way the team's clients expect
+        prefix = STARTED_AT_ONCE if ticket is not None and self.stream and is_sse and response.status_code == 200 else b""
+        await self._pump(response, t_up, is_sse, prefix)
 
     async def _relay_after_wait(self, response: httpx.Response, t_up: float) -> None:
         self.rec.status = response.status_code
         if response.status_code >= 400:
             self.rec.outcome = "upstream_error"
             body = await read_capped(response)
-            await self._write(sse.error_event(sse.upstream_error_message(response.status_code, body)))
+            await self._write(sse.queue_position(0)
+                              + sse.error_event(sse.upstream_error_message(response.status_code, body)))
             await self._end()
             return
-        await self._pump(response, t_up, True)
+        await self._pump(response, t_up, True, sse.queue_position(0))
 
-    async def _pump(self, response: httpx.Response, t_up: float, is_sse: bool) -> None:
+    async def _pump(self, response: httpx.Response, t_up: float, is_sse: bool, prefix: bytes = b"") -> None:
+        """Relay the body as it arrives. ``prefix`` (lmgate's own comments) goes out with the
+        upstream's first bytes, in the same write, so it costs the first token nothing."""
         send, boundary = self.send, self.ex.boundary
         sniffer = sse.UsageSniffer() if is_sse else None
         kept: list[bytes] | None = [] if not is_sse else None
@@ -361,6 +371,9 @@ class GatedRequest:
                 if first:
                     first = False
                     self.rec.ttft_ms = (time.perf_counter() - t_up) * 1000
+                    if prefix:
+                        boundary.feed(prefix)
+                        chunk = prefix + chunk
                 if sniffer is not None:
                     sniffer.feed(chunk)
                 elif kept is not None:
@@ -372,6 +385,8 @@ class GatedRequest:
         except httpx.HTTPError as exc:
             self.state.upstream.mark_failed()
             raise map_error(exc) from exc
+        if first and prefix:
+            await self._write(prefix)
         if sniffer is not None:
             self.rec.prompt_tokens, self.rec.completion_tokens, self.rec.tokens_approx = sniffer.usage()
         elif kept is not None and kept_size <= USAGE_BODY_CAP and self.rec.status < 400:

@@ -16,6 +16,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
+from . import __version__
 from .auth import Principal
 from .errors import BadRequest, Cancelled, Conflict, Forbidden, NotFound, ProxyError, Unauthorized
 from .gate import Ticket
@@ -184,6 +185,12 @@ async def metrics(request: Request) -> Response:
 
 
 async def status_page(request: Request) -> Response:
+    """The page for browsers; for everything else the old queue server's root document,
+    which the team's scripts read with ``response.json()``."""
+    if "text/html" not in request.headers.get("accept", ""):
+        return JSONResponse({"status": "running", "message": f"lmgate {__version__}: shared LM Studio "
+                             "gateway (OpenAI API under /v1, status page at / in a browser)",
+                             "version": __version__})
     html = resources.files("proxy").joinpath("status.html").read_bytes()
     return Response(html, media_type="text/html; charset=utf-8",
                     headers={"cache-control": "no-cache"})

@@ -344,8 +344,10 @@ class _GenerationResponse(Response):
                 await out.json(500, error)
 
     async def _pace(self) -> None:
-        if self.state.delay > 0:
-            await asyncio.sleep(self.state.delay)
+        # also at 0 tokens/s: yield, so a client that left is noticed (uvicorn's send()
+        # returns silently after a disconnect; without a yield the rest of the reply would
+        # be "sent" into the void and the generation logged as ok, not cancelled)
+        await asyncio.sleep(self.state.delay)
 
     async def _produce(self, out: _Sender) -> None:
         if self.kind == "embeddings":

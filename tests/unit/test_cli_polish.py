@@ -88,10 +88,14 @@ def test_the_example_file_starts_without_published_keys() -> None:
     assert s.keys == ()
 
 
+KEY_LINE = re.compile(r"# (\[\[keys\]\]|name =|key =|role =|models =|max_queued =|rpm =|max_tokens =|clamp)")
+
+
 def uncommented_example(tmp_path: Path) -> Path:
+    """The example file with its [[keys]] uncommented, as a hurried user would."""
     lines = []
     for line in EXAMPLE.read_text(encoding="utf-8").splitlines():
-        if re.match(r"# (\[\[keys\]\]|name =|key =|role =|models =|max_queued =|rpm =|max_tokens =|clamp)", line):
+        if KEY_LINE.match(line):
             line = line[2:]
         lines.append(line)
     path = tmp_path / "lmgate.toml"

@@ -1,0 +1,96 @@
+"""The team's chat page reads /v1/chat/completions line by line and switches its display on
+the queue comments: "Queue position: N" while waiting, "Processing..." on the final
+``: queue_position=0``. Driven here the same way, against a real lmgate and simulator."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Callable, Iterator
+
+import httpx
+import pytest
+
+from proxy.simulator import expected_reply
+from tests.servers import Process, running_stack
+
+MODEL = "qwen2.5-7b-instruct"
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Process, Process]]:
+    with running_stack(tmp_path_factory.mktemp("team"), "--log-level", "warning",
+                       tokens_per_s=60, load_s=0.05) as pair:
+        yield pair
+
+
+def body(content: str, max_tokens: int = 8) -> dict:
+    return {"model": MODEL, "stream": True, "max_tokens": max_tokens,
+            "messages": [{"role": "user", "content": content}]}
+
+
+def read_lines(url: str, payload: dict) -> list[str]:
+    with httpx.Client(timeout=30) as client, client.stream("POST", url + "/v1/chat/completions",
+                                                           json=payload) as resp:
+        assert resp.status_code == 200
+        return list(resp.iter_lines())
+
+
+def wait_until(condition: Callable[[], bool], timeout_s: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.02)
+
+
+def displays(lines: list[str]) -> tuple[list[str], str]:
+    """What the chat page shows over time, and the text it assembles."""
+    shown, text = [], ""
+    for line in lines:
+        if line.startswith(": queue_position="):
+            pos = int(line.split("=", 1)[1])
+            shown.append("Processing..." if pos == 0 else f"Queue position: {pos}")
+        elif line.startswith("data: ") and line != "data: [DONE]":
+            delta = json.loads(line[6:])["choices"][0]["delta"]
+            text += delta.get("content") or ""
+    return shown, text
+
+
+def test_a_stream_that_starts_at_once_says_so_first(stack: tuple[Process, Process]) -> None:
+    sim, gate = stack
+    payload = body("no wait")
+    through = read_lines(gate.url, payload)
+    direct = read_lines(sim.url, payload)
+    assert through[:4] == [": queue_entered=0", "", ": queue_position=0", ""]
+    data = [line for line in through if line.startswith("data: ")]
+    assert len(data) == len([line for line in direct if line.startswith("data: ")])
+    assert displays(through) == (["Processing..."], expected_reply(payload))
+
+
+def test_a_waiting_stream_reports_entry_position_changes_and_the_final_zero(stack: tuple[Process, Process]) -> None:
+    _, gate = stack
+    first = body("hold the gate", max_tokens=90)  # ~1.5 s
+    results: dict[int, list[str]] = {}
+    holder = threading.Thread(target=lambda: results.setdefault(0, read_lines(gate.url, first)))
+    holder.start()
+    # wait until the holder runs, then queue two behind it (the second runs ~2 s, long
+    # enough for a position change to be reported: at most one a second)
+    wait_until(lambda: httpx.get(gate.url + "/queue").json()["active"] == 1)
+    second = threading.Thread(target=lambda: results.setdefault(1, read_lines(gate.url, body("second", 120))))
+    second.start()
+    wait_until(lambda: httpx.get(gate.url + "/queue").json()["depth"] == 1)
+    third_payload = body("third")
+    results[2] = read_lines(gate.url, third_payload)
+    holder.join(30)
+    second.join(30)
+    lines = results[2]
+    comments = [line for line in lines if line.startswith(":")]
+    assert comments[0] == ": queue_entered=2" and comments[1] == ": queue_position=2"
+    first_data = next(i for i, line in enumerate(lines) if line.startswith("data: "))
+    last_comment_before_data = [line for line in lines[:first_data] if line.startswith(": queue_position")][-1]
+    assert last_comment_before_data == ": queue_position=0"
+    shown, text = displays(lines)
+    assert shown[0] == "Queue position: 2" and "Queue position: 1" in shown and shown[-1] == "Processing..."
+    assert text == expected_reply(third_payload)
+    assert not any(line.startswith("id:") for line in lines)
