@@ -131,6 +131,7 @@ class GatedRequest:
         self.ex = Exchange(asyncio.current_task())
         self.body = b""
         self.hold: Hold | None = None  # this request's share of --max-waiting-bytes
+        self.forwarded = False  # sent upstream
         self.stream = False
         self.eta_ms: int | None = None  # estimated wait, taken once at arrival
         self.id_header = [(b"x-request-id", self.rid.encode())]
@@ -165,6 +166,8 @@ class GatedRequest:
             self.ex.finished = True
             watcher.cancel()
             self._leave(ticket)
+            if self.rec.wait_ms is None:  # time actually spent in line, also when it left early
+                self.rec.wait_ms = ticket.waited_s(time.monotonic()) * 1000
             st.remember(ticket, self.rec)
             self._finish()
 
@@ -314,6 +317,7 @@ class GatedRequest:
         request = st.upstream.build(scope["method"], scope["path"], scope.get("query_string", b""),
                                     scope["headers"], self.body)
         t_up = time.perf_counter()
+        self.forwarded = True
         try:
             response = await st.upstream.send(request)
         except ProxyError:
@@ -412,7 +416,9 @@ class GatedRequest:
         if rec.outcome == "ok":
             rec.outcome = "timeout" if err.status in (503, 504) else "upstream_error"
         if isinstance(err, ShuttingDown):
-            rec.outcome, rec.reason = "rejected", err.code
+            # refused while waiting; a request already running was cut off when the grace ran out
+            rec.outcome = "timeout" if self.forwarded else "rejected"
+            rec.reason = err.code
         if not self.ex.headers_sent:
             rec.status = err.status
             self.ex.finished = True  # before the last write: a disconnect now changes nothing

@@ -10,6 +10,7 @@ import httpx
 import pytest
 
 from proxy.config import Settings
+from proxy.gated import STARTED_AT_ONCE
 
 from .harness import Running, chat_body, run, serve, sse_events
 
@@ -68,7 +69,7 @@ def test_stream_relayed_verbatim_including_odd_splits_and_done() -> None:
                 assert resp.headers["x-accel-buffering"] == "no"
                 assert resp.headers["cache-control"] == "no-cache"
                 assert resp.headers["x-queue-position"] == "0"
-            assert got == whole
+            assert got == STARTED_AT_ONCE + whole  # the two queue comments, then the bytes untouched
             assert data_payloads(got)[-1] == "[DONE]"
     run(body)
 
@@ -348,7 +349,7 @@ def test_upstream_silent_mid_stream_ends_with_error_event() -> None:
             resp = await r.client.post("/v1/chat/completions", json=chat_body(stream=True, act="slow_body"))
             payloads = data_payloads(resp.content)
             assert json.loads(payloads[-1])["error"]["code"] == "upstream_timeout"
-            assert resp.content.startswith(r.upstream.events[0])
+            assert resp.content.startswith(STARTED_AT_ONCE + r.upstream.events[0])
             await r.assert_gate_free()
     run(body)
 
@@ -358,11 +359,11 @@ def test_upstream_breaking_off_between_events_and_inside_one() -> None:
         async with serve() as r:
             resp = await r.client.post("/v1/chat/completions", json=chat_body(stream=True, act="break"))
             ev = r.upstream.events
-            assert resp.content.startswith(ev[0] + ev[1] + b"data: {")
+            assert resp.content.startswith(STARTED_AT_ONCE + ev[0] + ev[1] + b"data: {")
             assert json.loads(data_payloads(resp.content)[-1])["error"]["code"] == "upstream_unavailable"
             resp = await r.client.post("/v1/chat/completions", json=chat_body(stream=True, act="break_mid"))
             # the broken event is closed off, then the error is an event of its own
-            assert resp.content.startswith(ev[0] + ev[1][:10] + b"\n\n")
+            assert resp.content.startswith(STARTED_AT_ONCE + ev[0] + ev[1][:10] + b"\n\n")
             assert json.loads(data_payloads(resp.content)[-1])["error"]["code"] == "upstream_unavailable"
             await r.assert_gate_free()
     run(body)

@@ -199,9 +199,9 @@ def test_httpx_is_quiet_unless_debugging(root_logging: None, monkeypatch: pytest
     assert logging.getLogger("httpx").getEffectiveLevel() == logging.WARNING
     assert logging.getLogger("httpcore").getEffectiveLevel() == logging.WARNING
     logging.getLogger("httpx").info("HTTP Request: GET http://upstream/v1/models 200")
-    logging.getLogger("uvicorn.error").info("Application startup complete.")
+    logging.getLogger("lmgate.polish").info("still heard")
     lines = stream.getvalue().splitlines()
-    assert [json.loads(x)["logger"] for x in lines] == ["uvicorn.error"]
+    assert [json.loads(x)["logger"] for x in lines] == ["lmgate.polish"]
     setup("debug", "text")
     assert logging.getLogger("httpx").getEffectiveLevel() == logging.DEBUG
 
