@@ -35,13 +35,19 @@ def _ema(prev: float | None, value: float) -> float:
 
 @dataclass
 class _Walk:
-    """The line replayed once: seconds from ``at`` until each waiting ticket starts."""
+    """The line replayed once: seconds from ``at`` until each waiting ticket starts, and
+    where the replay stopped, so a ticket appended to the line extends it in one step."""
 
-    key: tuple[int, int]
+    version: int
+    learned: int
     at: float
+    slots: list[float]  # heap: when each slot frees up
+    latest: float  # when the last of them does
+    current: frozenset[str]  # the model(s) in use at the end of the replay
+    first_free: float = 0.0
     starts: dict[int, float] = field(default_factory=dict)  # ticket seq -> start
     in_order: list[float] = field(default_factory=list)  # the same, in service order
-    first_free: float = 0.0  # when the first slot frees up
+    last_key: tuple[int, int] | None = None
 
 
 class Estimator:
@@ -103,7 +109,7 @@ class Estimator:
             return 0
         if ticket.state != WAITING or self.overall_s is None:
             return None
-        walk = self._replay(gate)
+        walk = self._replay(gate, ticket)
         start = walk.starts.get(ticket.seq)
         if start is None:
             return None
@@ -111,48 +117,76 @@ class Estimator:
 
     def retry_after_s(self, gate: Gate) -> int:
         """When to come back after a 429, in whole seconds in [1, 120]: about when the line
-        has moved up enough for one more request to fit."""
+        has moved up enough for one more request to fit. A replay up to ``REFRESH_S`` old is
+        good enough for that hint, so a flood of refused requests costs no replays."""
         if self.overall_s is None:
             return DEFAULT_RETRY_S
-        walk = self._replay(gate)
+        now = gate.clock()
+        walk = self._walk if self._fresh(self._walk, now) else None
+        if walk is None:
+            walk = self._walk = self._walk_line(gate, now)
         index = max(0, gate.depth - gate.max_queue)
         wait = walk.in_order[index] if index < len(walk.in_order) else walk.first_free
-        wait -= gate.clock() - walk.at
+        wait -= now - walk.at
         return int(max(1, min(MAX_RETRY_AFTER_S, math.ceil(wait))))
 
-    def _replay(self, gate: Gate) -> _Walk:
+    def _replay(self, gate: Gate, ticket: Ticket) -> _Walk:
         """The line's replay, reused while the gate and what was learned stay the same (``/queue``
-        asks for hundreds of tickets at once) and for at most ``REFRESH_S``."""
-        now = gate.clock()
-        key = (gate.version, self._learned)
-        walk = self._walk
-        if walk is None or walk.key != key or now - walk.at > REFRESH_S or now < walk.at:
-            walk = self._walk = self._walk_line(gate, key, now)
+        asks for hundreds of tickets at once) and for at most ``REFRESH_S``; extended by one
+        step for a ticket that was just appended (a burst of arrivals stays linear)."""
+        now, walk = gate.clock(), self._walk
+        if walk is not None and self._fresh(walk, now):
+            if walk.version == gate.version:
+                return walk
+            if self._appended(walk, gate, ticket):
+                self._step(walk, gate, ticket)
+                walk.version = gate.version
+                return walk
+        walk = self._walk = self._walk_line(gate, now)
         return walk
 
-    def _walk_line(self, gate: Gate, key: tuple[int, int], now: float) -> _Walk:
-        walk = _Walk(key, now)
+    def _fresh(self, walk: _Walk | None, now: float) -> bool:
+        """Made with what is known now, and recently: running requests age, so a replay is
+        redone at least every ``REFRESH_S``."""
+        return walk is not None and walk.learned == self._learned and 0 <= now - walk.at <= REFRESH_S
+
+    @staticmethod
+    def _appended(walk: _Walk, gate: Gate, ticket: Ticket) -> bool:
+        """Is the only change since the replay ``ticket`` joining the end of the line? One
+        version step that added one waiting ticket is one insert and nothing else (a start,
+        an end, a cancel or a model change would each have stepped it too); in key order,
+        as the line is without ``max_skips``, a key above every replayed one is the end."""
+        return (gate.version == walk.version + 1 and gate.depth == len(walk.in_order) + 1
+                and gate.max_skips == 0 and ticket.seq not in walk.starts
+                and (walk.last_key is None or ticket.key > walk.last_key))
+
+    def _walk_line(self, gate: Gate, now: float) -> _Walk:
         running = gate.running
         ends = sorted((self._remaining(t, now) for t in running), reverse=True)[:gate.parallel]
         slots = ends + [0.0] * (gate.parallel - len(ends))
         heapq.heapify(slots)
-        walk.first_free = slots[0]
-        latest = max(slots)
         current = frozenset(t.model for t in running) if running else gate.loaded
+        walk = _Walk(gate.version, self._learned, now, slots, max(slots), current, slots[0])
         for ticket in gate.waiting():
-            service = self.service_s(ticket.model) or 0.0
-            if gate.compatible(ticket.model, current):
-                start = heapq.heappop(slots)
-                current = current | {ticket.model}
-            else:  # a swap: everything running drains, then the model loads
-                start = latest + self._swap()
-                slots = [start] * (gate.parallel - 1)
-                current = frozenset({ticket.model})
-            heapq.heappush(slots, start + service)
-            latest = max(latest, start + service)
-            walk.starts[ticket.seq] = start
-            walk.in_order.append(start)
+            self._step(walk, gate, ticket)
         return walk
+
+    def _step(self, walk: _Walk, gate: Gate, ticket: Ticket) -> None:
+        """``ticket`` takes the first free slot, or, for another model, waits until every slot
+        is free and the model has been swapped in."""
+        service = self.service_s(ticket.model) or 0.0
+        if gate.compatible(ticket.model, walk.current):
+            start = heapq.heappop(walk.slots)
+            walk.current = walk.current | {ticket.model}
+        else:
+            start = walk.latest + self._swap()
+            walk.slots = [start] * (gate.parallel - 1)
+            walk.current = frozenset({ticket.model})
+        heapq.heappush(walk.slots, start + service)
+        walk.latest = max(walk.latest, start + service)
+        walk.starts[ticket.seq] = start
+        walk.in_order.append(start)
+        walk.last_key = ticket.key
 
     def _remaining(self, ticket: Ticket, now: float) -> float:
         expected = self.service_s(ticket.model) or 0.0

@@ -112,10 +112,6 @@ def sim_reset(sim: Process) -> None:
     httpx.post(sim.url + "/sim/reset", timeout=5).raise_for_status()
 
 
-def generations(sim: Process) -> list[dict[str, Any]]:
-    return [r for r in sim_requests(sim) if r["method"] == "POST"]
-
-
 # -- after every attack ------------------------------------------------------------------
 
 def queue(gate: Process, who: str | None = None, source: str | None = None) -> dict[str, Any]:
@@ -358,10 +354,3 @@ def stream_text(conn: Raw) -> str:
 def started(conn: Raw, timeout: float = 15.0) -> bool:
     """The stream got past the line: its upstream bytes began."""
     return conn.read_until(lambda b: b"data:" in b, timeout)
-
-
-def closing(conns: list[Raw]) -> Callable[[], None]:
-    def close_all() -> None:
-        for conn in conns:
-            conn.close()
-    return close_all

@@ -49,6 +49,17 @@ def flood_generation(sim: Process) -> dict | None:
     return None
 
 
+def trickle(conn: Raw, data: bytes, deadline: float) -> None:
+    """Send ``data`` one byte per 0.2 s until the server answers or closes, all is sent, or
+    ``deadline`` (bounded: the server is expected to end it long before)."""
+    for byte in data:
+        if time.monotonic() >= deadline or not conn.send(bytes([byte])):
+            return
+        ready, _, _ = select.select([conn.sock], [], [], 0.2)  # the attack's own pace
+        if ready:
+            return
+
+
 # ---------------------------------------------------------------------------------------
 # --client-write-timeout 2, --client-read-timeout 1
 # ---------------------------------------------------------------------------------------
@@ -73,7 +84,11 @@ def test_reader_that_stops_reading_loses_its_slot(strict: tuple[Process, Process
         t0 = time.monotonic()
         wait_until(lambda: flood_generation(sim), 10, "the flood to reach the simulator")
         assert queue(gate)["active"] == 1
-        resp = httpx.post(gate.url + "/v1/chat/completions", json=chat("next please", max_tokens=3), timeout=30)
+        try:
+            resp = httpx.post(gate.url + "/v1/chat/completions", json=chat("next please", max_tokens=3),
+                              timeout=15)
+        except httpx.TimeoutException:
+            pytest.fail("the next request was not served in 15 s: the stuck reader still holds the gate")
         waited = time.monotonic() - t0
         assert resp.status_code == 200 and "next please" in resp.json()["choices"][0]["message"]["content"]
         assert waited < 15, waited
@@ -112,12 +127,7 @@ def test_trickled_head_gets_408_and_close(strict: tuple[Process, Process]) -> No
     head = b"POST /v1/chat/completions HTTP/1.1\r\nhost: 127.0.0.1\r\ncontent-type: application/json\r\n"
     with Raw(gate.port) as conn:
         t0 = time.monotonic()
-        for byte in head:  # bounded: the whole head would take ~17 s; the server ends it first
-            if not conn.send(bytes([byte])):
-                break
-            ready, _, _ = select.select([conn.sock], [], [], 0.2)  # the attack's own pace
-            if ready:
-                break
+        trickle(conn, head, t0 + 6)
         closed = conn.wait_closed(5)
         elapsed = time.monotonic() - t0
         assert closed, conn.raw[:200]
@@ -134,12 +144,7 @@ def test_trickled_body_gets_408_and_close(strict: tuple[Process, Process]) -> No
         conn.send(b"POST /v1/chat/completions HTTP/1.1\r\nhost: 127.0.0.1\r\n"
                   b"content-type: application/json\r\ncontent-length: 1000\r\n\r\n")
         t0 = time.monotonic()
-        for byte in b'{"model": "' + MODEL.encode() + b'", "messages": [' + b" " * 900:
-            if not conn.send(bytes([byte])):
-                break
-            ready, _, _ = select.select([conn.sock], [], [], 0.2)
-            if ready:
-                break
+        trickle(conn, b'{"model": "' + MODEL.encode() + b'", "messages": [' + b" " * 900, t0 + 6)
         closed = conn.wait_closed(5)
         elapsed = time.monotonic() - t0
         assert closed and elapsed < 5, (closed, elapsed)
@@ -206,8 +211,8 @@ def test_admin_cancel_frees_a_stuck_stream(tmp_path: Path) -> None:
 @pytest.fixture(scope="module")
 def capped_conns(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Process, Process]]:
     tmp = tmp_path_factory.mktemp("hostile-conns")
-    with running_stack(tmp, "--log-level", "warning", "--max-connections", "20", "--client-read-timeout", "10",
-                       tokens_per_s=0, load_s=0) as pair:
+    with running_stack(tmp, "--log-level", "warning", "--max-connections", "20",
+                       "--client-read-timeout", "10", tokens_per_s=0, load_s=0) as pair:
         yield pair
 
 

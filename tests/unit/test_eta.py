@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from proxy.eta import ALPHA, DEFAULT_SWAP_S, Estimator
-from proxy.gate import Gate, Ticket
+from proxy.gate import Gate, QueueFull, Ticket
 
 
 class Clock:
@@ -116,20 +118,52 @@ def test_the_walk_is_cached_per_gate_version() -> None:
     gate, _, est = setup(max_queue=1000)
     est.observe("a", 1.0)
     submit(gate, "a", *["a"] * 500)
-    walks = 0
+    walks = count_walks(est)
+    line = gate.waiting()
+    assert [est.eta_ms(gate, t, i + 1) for i, t in enumerate(line)][-1] == 500_000
+    assert walks() == 1
+    gate.cancel(line[0])
+    assert est.eta_ms(gate, line[1]) == 1000 and walks() == 2
+
+
+def test_a_burst_of_arrivals_extends_the_walk_instead_of_redoing_it() -> None:
+    gate, _, est = setup(parallel=2, max_queue=5000)
+    est.observe("a", 2.0)
+    walks = count_walks(est)
+    arrivals = submit(gate, *["a"] * 2)  # both run
+    for i in range(3000):  # as gated.py does: the estimate at arrival, after each submit
+        (ticket,) = submit(gate, "ab"[i % 7 == 0])
+        arrivals.append(ticket)
+        assert est.eta_ms(gate, ticket) is not None
+    assert walks() == 1
+    incremental = etas(est, gate)
+    est._walk = None
+    assert etas(est, gate) == incremental  # the same as a replay from scratch
+
+
+def test_refused_requests_cost_no_replays() -> None:
+    gate, _, est = setup(max_queue=2)
+    est.observe("a", 5.0)
+    submit(gate, "a", "a", "a")
+    walks = count_walks(est)
+    for _ in range(100):
+        try:
+            submit(gate, "a")
+        except QueueFull:
+            assert est.retry_after_s(gate) == 5  # the head starts in 5 s: room for one
+    assert walks() == 1
+
+
+def count_walks(est: Estimator) -> Callable[[], int]:
+    calls = [0]
     original = est._walk_line
 
     def counting(*args: object) -> object:
-        nonlocal walks
-        walks += 1
+        calls[0] += 1
         return original(*args)  # type: ignore[arg-type]
 
     est._walk_line = counting  # type: ignore[method-assign]
-    line = gate.waiting()
-    assert [est.eta_ms(gate, t, i + 1) for i, t in enumerate(line)][-1] == 500_000
-    assert walks == 1
-    gate.cancel(line[0])
-    assert est.eta_ms(gate, line[1]) == 1000 and walks == 2
+    return lambda: calls[0]
 
 
 def test_left_tickets_have_no_estimate() -> None:
@@ -167,8 +201,14 @@ def test_estimates_never_decrease_along_the_line(parallel: int, max_skips: int, 
     gate, clock, est = setup(parallel=parallel, max_skips=max_skips, groups=[["A", "E"]])
     for model, seconds in learned:
         est.observe(model, seconds)
-    submit(gate, *models)
+    for model in models:  # each estimated at arrival, as gated.py does
+        (ticket,) = submit(gate, model)
+        est.eta_ms(gate, ticket)
     clock.now = elapsed
     values = etas(est, gate)
     assert all(v is not None and v >= 0 for v in values)
     assert values == sorted(values)  # type: ignore[type-var]
+    clock.now = 0.0
+    extended = etas(est, gate)
+    est._walk = None
+    assert etas(est, gate) == extended  # extending the replay equals redoing it
