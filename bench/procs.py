@@ -140,5 +140,6 @@ def fake_upstream(log_dir: Path) -> Server:
 def lmgate(log_dir: Path, upstream_port: int, extra: list[str] | None = None) -> Server:
     port = free_port()
     args = ["-m", "proxy", "--upstream", f"http://127.0.0.1:{upstream_port}", "--port", str(port),
-            "--max-queue", "10000", "--queue-timeout", "600", "--log-level", "warning", *(extra or [])]
+            "--max-queue", "10000", "--max-connections", "12000", "--queue-timeout", "600",
+            "--log-level", "warning", *(extra or [])]
     return Server("lmgate", args, port, log_dir / "lmgate.log")

@@ -41,6 +41,11 @@ MIB = 1024 * 1024
 FLOOD = {"max_tokens": 4000, "x_word_len": 16384}
 
 
+def posts(sim: Process) -> int:
+    """Generation requests the simulator received (its idle probes are GETs)."""
+    return sum(1 for r in sim_requests(sim) if r["method"] == "POST")
+
+
 def flood_generation(sim: Process) -> dict | None:
     """The simulator's log entry of the flood request (the one with the most tokens)."""
     for entry in sim_stats(sim)["log"]:
@@ -105,7 +110,7 @@ def test_reader_that_stops_reading_loses_its_slot(strict: tuple[Process, Process
 def test_oversized_head_gets_431_and_close(strict: tuple[Process, Process]) -> None:
     """Item 5: a request head over 64 KiB -> 431, connection closed."""
     sim, gate = strict
-    before = len(sim_requests(sim))
+    before = posts(sim)
     for pad in (70 * 1024, 200 * 1024):
         with Raw(gate.port) as conn:
             head = (f"GET /v1/models HTTP/1.1\r\nhost: 127.0.0.1\r\nx-pad: {'a' * pad}\r\n\r\n").encode()
@@ -117,7 +122,7 @@ def test_oversized_head_gets_431_and_close(strict: tuple[Process, Process]) -> N
         conn.send(f"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\n{lines}\r\n".encode())
         assert conn.read_head(5) == 431
         assert conn.wait_closed(5)
-    assert len(sim_requests(sim)) == before
+    assert posts(sim) == before
     assert_gate_free(gate)
 
 
@@ -139,7 +144,7 @@ def test_trickled_head_gets_408_and_close(strict: tuple[Process, Process]) -> No
 def test_trickled_body_gets_408_and_close(strict: tuple[Process, Process]) -> None:
     """Item 5: a complete head with Content-Length: 1000, then the body one byte per 0.2 s."""
     sim, gate = strict
-    before = len(sim_requests(sim))
+    before = posts(sim)
     with Raw(gate.port) as conn:
         conn.send(b"POST /v1/chat/completions HTTP/1.1\r\nhost: 127.0.0.1\r\n"
                   b"content-type: application/json\r\ncontent-length: 1000\r\n\r\n")
@@ -149,7 +154,7 @@ def test_trickled_body_gets_408_and_close(strict: tuple[Process, Process]) -> No
         elapsed = time.monotonic() - t0
         assert closed and elapsed < 5, (closed, elapsed)
         assert conn.raw.startswith(b"HTTP/1.1 408"), conn.raw[:200]
-    assert len(sim_requests(sim)) == before
+    assert posts(sim) == before
     assert_gate_free(gate)
 
 
@@ -221,6 +226,7 @@ def test_header_flood_is_cut_off_and_memory_bounded(capped_conns: tuple[Process,
     closed) and lmgate's memory grows by less than ~60 MB."""
     sim, gate = capped_conns
     httpx.get(gate.url + "/queue", timeout=5)  # warm
+    before = posts(sim)
     base = rss(gate)
     peak = [base]
     results: list[tuple[int, str]] = []
@@ -263,6 +269,7 @@ def test_header_flood_is_cut_off_and_memory_bounded(capped_conns: tuple[Process,
     growth = max(peak) - base
     assert growth < 60 * MIB, growth / MIB
     wait_until(lambda: open_connections(gate) == 0, 10, "the flood connections to close")
+    assert posts(sim) == before
     assert_gate_free(gate)
 
 
