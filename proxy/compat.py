@@ -38,7 +38,7 @@ from .gated import submit_ticket
 from .inbound import Hold, apply_token_cap, header_map, parse_request, read_body
 from .legacy_schema import parse_add
 from .metrics import RequestRecord
-from .routes import error_response
+from .routes import caller, error_response, viewer
 from .streaming import upstream_error_message
 from .upstream import map_error, read_capped
 
@@ -175,19 +175,9 @@ class LegacyQueue:
         ]
 
     # -- who may see what ----------------------------------------------------------------
-    def _caller(self, request: Request) -> Principal:
-        headers = header_map(request.scope)
-        return self.state.auth.authenticate(headers, self.state.client_of(request.scope, headers))
-
-    def _viewer(self, request: Request) -> Principal | None:
-        headers = header_map(request.scope)
-        if not self.state.auth.open and b"authorization" not in headers and b"x-api-key" not in headers:
-            return None
-        return self._caller(request)
-
     def _owned(self, request: Request) -> tuple[Principal, Job | None]:
         """The caller and the job the path names, if the caller may see it."""
-        who = self._caller(request)
+        who = caller(self.state, request)
         job = self.jobs.get(request.path_params["request_id"])
         if job is not None and not (who.admin or who.identity == job.identity):
             job = None
@@ -271,7 +261,7 @@ class LegacyQueue:
 
     def _stats(self, request: Request) -> dict[str, Any]:
         """The old counters; ``current_request_id`` only to its owner (or an admin)."""
-        who = self._viewer(request)
+        who = viewer(self.state, request)
         current = None
         for t in self.state.gate.running:
             if who is not None and (who.admin or who.identity == t.identity):
