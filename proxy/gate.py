@@ -11,9 +11,16 @@ owned by one event loop. Starting a request is reported through ``on_start``; th
 turns that into a resolved future.
 
 Service order
-    Waiting tickets are kept sorted by ``(tag, seq)``. ``seq`` is the arrival number. Under
-    the ``fifo`` policy ``tag == seq``; under ``fair`` the tag is a virtual round number per
-    identity (round robin between identities, FIFO within one).
+    Waiting tickets are kept sorted by ``(rank, tag, seq)``. ``rank`` is minus the ticket's
+    priority (higher priority first). ``seq`` is the arrival number. Under the ``fifo`` policy
+    ``tag == seq``; under ``fair`` the tag is a virtual round number per identity (round robin
+    between identities, FIFO within one).
+
+Priority aging
+    A ticket that has waited ``max_priority_wait`` seconds joins the band of the highest
+    priority (``top_priority``) at its arrival place there, so no later arrival of any
+    priority overtakes it from then on. Aging needs the clock, and the gate never reads it
+    on its own: the owner calls ``tick()`` at ``next_aging_at()``.
 
 Swap batching
     With ``max_skips = K > 0`` a waiting request for the model that is loaded may start ahead
@@ -30,6 +37,7 @@ from __future__ import annotations
 
 import bisect
 import time
+from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -65,8 +73,10 @@ class Ticket:
     uid: str = ""  # lmgate's own id, unique; request_id may be one the client chose
     meta: dict[str, Any] = field(default_factory=dict)
     waiter: Any = None
+    priority: int = 0
     seq: int = 0
     tag: int = 0
+    rank: int = 0  # -priority, or -top_priority once aged
     state: str = "new"
     arrived_at: float = 0.0
     started_at: float | None = None
@@ -76,8 +86,8 @@ class Ticket:
     skipped: int = 0
 
     @property
-    def key(self) -> tuple[int, int]:
-        return (self.tag, self.seq)
+    def key(self) -> tuple[int, int, int]:
+        return (self.rank, self.tag, self.seq)
 
     def waited_s(self, now: float) -> float:
         end = self.started_at if self.started_at is not None else (self.ended_at or now)
@@ -98,6 +108,8 @@ class Gate:
         loaded: Iterable[str] = (),
         on_start: Callable[[Ticket], None] | None = None,
         clock: Callable[[], float] = time.monotonic,
+        top_priority: int = 0,
+        max_priority_wait: float = 60.0,
     ) -> None:
         if parallel < 1:
             raise ValueError("parallel must be >= 1")
@@ -105,6 +117,8 @@ class Gate:
             raise ValueError("limits must be >= 0")
         if policy not in POLICIES:
             raise ValueError(f"unknown policy {policy!r}")
+        if max_priority_wait < 0:
+            raise ValueError("max_priority_wait must be >= 0")
         self.parallel = parallel
         self.max_queue = max_queue
         self.max_skips = max_skips
@@ -112,11 +126,14 @@ class Gate:
         self.groups: tuple[frozenset[str], ...] = tuple(frozenset(g) for g in groups)
         self.on_start = on_start
         self.clock = clock
+        self.top_priority = top_priority
+        self.max_priority_wait = max_priority_wait
         self.closed = False
         self.switches = 0
         self.version = 0
         self._loaded: frozenset[str] = frozenset(loaded)
-        self._order: list[tuple[int, int]] = []
+        self._order: list[tuple[int, int, int]] = []
+        self._young: deque[Ticket] = deque()  # waiting below the top band, by arrival
         self._waiting: dict[int, Ticket] = {}
         self._running: dict[int, Ticket] = {}
         self._seq = 0
@@ -145,7 +162,7 @@ class Gate:
     def waiting(self) -> list[Ticket]:
         """Waiting tickets in the order they are expected to start."""
         if self.max_skips == 0:
-            return [self._waiting[seq] for _, seq in self._order]
+            return [self._waiting[key[2]] for key in self._order]
         ranks = self._projected()
         return sorted(self._waiting.values(), key=lambda t: ranks[t.seq])
 
@@ -184,9 +201,11 @@ class Gate:
             raise GateClosed("shutting down")
         if ticket.state != "new":
             raise ValueError("ticket already submitted")
+        self._age()
         self._seq += 1
         ticket.seq = self._seq
         ticket.arrived_at = self.clock()
+        ticket.rank = -ticket.priority
         if self.policy == "fair":
             last = self._last_tag.get(ticket.identity, 0)
             ticket.tag = max(last + 1, self._vtime)
@@ -215,6 +234,7 @@ class Gate:
         ticket.state = DONE
         ticket.ended_at = self.clock()
         self._forget_if_idle(ticket.identity)
+        self._age()
         self._bump()
         self._notify(self._dispatch())
 
@@ -229,6 +249,7 @@ class Gate:
         self._remove_waiting(ticket)
         ticket.state = CANCELLED
         ticket.ended_at = self.clock()
+        self._age()
         self._bump()
         self._notify(self._dispatch())
         return True
@@ -266,7 +287,41 @@ class Gate:
         else:
             bisect.insort(self._order, key)
         self._per_identity[ticket.identity] = self._per_identity.get(ticket.identity, 0) + 1
+        if ticket.rank > -self.top_priority:
+            self._young.append(ticket)
         self._bump()
+
+    def _age(self) -> bool:
+        """Move every ticket that has waited ``max_priority_wait`` into the top band. Tickets
+        age in arrival order (one bound for all), so ``_young`` is consumed from the front."""
+        young, changed = self._young, False
+        if not young:
+            return False
+        now, wait = self.clock(), self.max_priority_wait
+        while young and (young[0].state != WAITING or young[0].arrived_at + wait <= now):
+            ticket = young.popleft()
+            if ticket.state != WAITING:
+                continue
+            i = bisect.bisect_left(self._order, ticket.key)
+            del self._order[i]
+            ticket.rank = -self.top_priority
+            bisect.insort(self._order, ticket.key)
+            changed = True
+        if changed:
+            self._bump()
+        return changed
+
+    def next_aging_at(self) -> float | None:
+        """Clock time at which the next waiting ticket ages (None: nobody will)."""
+        young = self._young
+        while young and young[0].state != WAITING:
+            young.popleft()
+        return young[0].arrived_at + self.max_priority_wait if young else None
+
+    def tick(self) -> None:
+        """Apply aging due by now; start whatever that lets start."""
+        if self._age():
+            self._notify(self._dispatch())
 
     def _remove_waiting(self, ticket: Ticket, *, starting: bool = False) -> None:
         i = bisect.bisect_left(self._order, ticket.key)
@@ -297,11 +352,11 @@ class Gate:
 
     def _pick(self, current: frozenset[str], busy: bool) -> int | None:
         """Index in ``_order`` of the ticket to start next, or None to wait."""
-        head = self._waiting[self._order[0][1]]
+        head = self._waiting[self._order[0][2]]
         if self.compatible(head.model, current):
             return 0
         if self.max_skips:
-            waiting = ((self._waiting[seq].model, self._waiting[seq].skipped) for _, seq in self._order)
+            waiting = ((self._waiting[k[2]].model, self._waiting[k[2]].skipped) for k in self._order)
             found = self._overtaker(waiting, current)
             if found is not None:
                 return found
@@ -332,9 +387,9 @@ class Gate:
             i = self._pick(current, busy)
             if i is None:
                 break
-            for _, seq in self._order[:i]:
-                self._waiting[seq].skipped += 1
-            ticket = self._waiting[self._order[i][1]]
+            for k in self._order[:i]:
+                self._waiting[k[2]].skipped += 1
+            ticket = self._waiting[self._order[i][2]]
             self._remove_waiting(ticket, starting=True)
             self._start(ticket)
             started.append(ticket)
@@ -360,7 +415,7 @@ class Gate:
         """Rank of every waiting ticket in the expected start order (policy replayed)."""
         if self._projection is not None and self._projection[0] == self.version:
             return self._projection[1]
-        order = [self._waiting[seq] for _, seq in self._order]
+        order = [self._waiting[k[2]] for k in self._order]
         skipped = [t.skipped for t in order]
         busy = bool(self._running)
         current = frozenset(t.model for t in self._running.values()) if busy else self._loaded
