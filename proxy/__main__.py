@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import gc
 import logging
@@ -18,9 +19,10 @@ import uvicorn
 from uvicorn.server import HANDLED_SIGNALS
 
 from . import __version__, logs
-from .app import AppState, create_app
+from .app import AppState, create_app, quota_path
 from .config import ConfigError, Settings, load_settings
 from .listen import ListenError, bind_listeners
+from .quota import QuotaStore, QuotaStoreError
 from .protocol import HEAD_LIMIT, ClientLimits, protocol_class, raise_fd_limit
 from .upstream import redact
 
@@ -147,6 +149,10 @@ def run(args: list[str]) -> None:
     except ListenError as exc:
         refuse(str(exc))
     settings = settings.with_(port=int(sockets[0].getsockname()[1]))  # the real one, for port 0
+    try:
+        asyncio.run(check_state(settings))
+    except QuotaStoreError as exc:
+        refuse(str(exc))
     configure_logging(settings.log_level, settings.log_format)
     if settings.demo:
         settings = settings.with_(upstream=start_demo_upstream())
@@ -159,6 +165,19 @@ def run(args: list[str]) -> None:
     gc.freeze()
     gc.set_threshold(GC_GEN0_THRESHOLD, 20, 50)
     server.run(sockets=sockets)
+
+
+async def check_state(settings: Settings) -> None:
+    """Open and close the quota database once before serving, so a file that cannot be used
+    (or that another lmgate process holds) is refused with one line, not a traceback."""
+    path = quota_path(settings)
+    if path is None:
+        return
+    store = QuotaStore(path)
+    try:
+        await store.start()
+    finally:
+        await store.aclose()
 
 
 def refuse(message: str) -> NoReturn:

@@ -9,6 +9,7 @@ import logging
 import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import httpx
@@ -19,7 +20,8 @@ from starlette.middleware.cors import CORSMiddleware
 
 from .auth import Auth
 from .config import Settings
-from .errors import ShuttingDown
+from .config import ApiKey
+from .errors import QuotaExceeded, ShuttingDown
 from .eta import Estimator
 from .gate import Gate, Ticket
 from .gated import Exchange, GatedRequest
@@ -27,6 +29,7 @@ from .history import History
 from .identity import Identities
 from .inbound import ByteBudget, Receive, Scope, Send, client_address, header_map
 from .metrics import Metrics, RequestRecord
+from .quota import DB_NAME, QuotaStore, QuotaStoreError, default_state_dir
 from .upstream import Upstream
 
 if TYPE_CHECKING:
@@ -82,7 +85,11 @@ class AppState:
         self.settings = settings
         self.gate = Gate(parallel=settings.parallel, max_queue=settings.max_queue,
                          max_skips=settings.max_skips, policy=settings.policy,
-                         groups=settings.groups, on_start=_grant)
+                         groups=settings.groups, on_start=_grant,
+                         top_priority=max([0, *(k.priority for k in settings.keys)]),
+                         max_priority_wait=settings.max_priority_wait)
+        self._aging: asyncio.TimerHandle | None = None
+        self.quotas = QuotaStore(quota_path(settings))
         self.upstream = Upstream(settings, transport)
         self.auth = Auth(settings.keys)
         self.eta = Estimator()
@@ -129,9 +136,32 @@ class AppState:
                 and r["uid"] not in seen and visible(r["identity"])]
         return live + done[::-1]
 
+    # -- priorities and quotas ----------------------------------------------------------
+    def watch_aging(self) -> None:
+        """Have the gate age its waiting requests on time: one timer, for the next one due."""
+        if self._aging is not None:
+            return
+        at = self.gate.next_aging_at()
+        if at is None:
+            return
+        loop = asyncio.get_running_loop()
+        self._aging = loop.call_later(max(0.0, at - time.monotonic()), self._age)
+
+    def _age(self) -> None:
+        self._aging = None
+        self.gate.tick()
+        self.watch_aging()
+
+    def check_quota(self, key: ApiKey) -> None:
+        refusal = self.quotas.refusal(key.name, key.tokens_per_day, key.tokens_per_month)
+        if refusal is not None:
+            raise QuotaExceeded(refusal.message, retry_after_s=refusal.retry_after_s)
+
     # -- bookkeeping -------------------------------------------------------------------
     def observe(self, rec: RequestRecord) -> None:
         self.metrics.observe(rec)
+        if rec.key and rec.total_tokens and rec.total_tokens > 0:
+            self.quotas.add(rec.key, rec.total_tokens)
         if rec.model:
             bucket = {"ok": "served", "rejected": "rejected"}.get(rec.outcome, "failed")
             self.totals[bucket] += 1
@@ -172,6 +202,11 @@ class AppState:
 
     # -- lifecycle ---------------------------------------------------------------------
     async def startup(self) -> None:
+        try:
+            await self.quotas.start()
+        except QuotaStoreError as err:
+            log.error("%s", err)
+            raise SystemExit(2) from None
         if await self.upstream.probe():
             log.info("upstream %s is up", self.upstream.base)
             await self.refresh_loaded()
@@ -226,6 +261,9 @@ class AppState:
 
     async def aclose(self) -> None:
         self.history.stop()
+        if self._aging is not None:
+            self._aging.cancel()
+        await self.quotas.aclose()
         for task in (self._refresh, self._grace, self._watch):
             if task is not None:
                 task.cancel()
@@ -249,6 +287,15 @@ class AppState:
                 for ext in self.extensions:
                     ext.cancel(ticket.uid, reason)
         return "cancelled" if found else "none"
+
+
+def quota_path(settings: Settings) -> Path | None:
+    """Token counts persist only when some key has a quota (in ``--state-dir``); otherwise
+    they are kept in memory for /usage and the metrics."""
+    if not any(k.has_quota for k in settings.keys):
+        return None
+    base = Path(settings.state_dir).expanduser() if settings.state_dir else default_state_dir()
+    return base / DB_NAME
 
 
 def _grant(ticket: Ticket) -> None:

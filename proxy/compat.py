@@ -39,7 +39,7 @@ from .inbound import Hold, apply_token_cap, header_map, parse_request, read_body
 from .legacy_schema import parse_add
 from .metrics import RequestRecord
 from .routes import caller, error_response, viewer
-from .streaming import upstream_error_message
+from .streaming import read_usage, upstream_error_message
 from .upstream import map_error, read_capped
 
 if TYPE_CHECKING:
@@ -67,6 +67,7 @@ class Job:
         self.body: bytes | None = body
         self.identity = who.identity
         self.label = who.label
+        self.key_name = who.key.name if who.key is not None else None
         self.status = "queued"
         self.created_at = now_iso()
         self.started_at: str | None = None
@@ -202,6 +203,10 @@ class LegacyQueue:
                 return JSONResponse({"detail": problems}, status_code=422)
             client_id = doc.pop("client_id")
             doc["stream"] = True  # the old server always streamed from upstream
+            key = who.key
+            if key is not None and key.has_quota:
+                st.check_quota(key)
+                doc["stream_options"] = {"include_usage": True}  # read here, never passed on
             body = json.dumps(doc).encode()
             doc = parse_request(body)
             st.auth.check_model(who, doc["model"])
@@ -209,6 +214,7 @@ class LegacyQueue:
             st.auth.check_rate(who)
             job = Job(client_id, body, who)
             ticket = Ticket(request_id=job.id, uid=job.id, model=doc["model"], identity=who.identity,
+                            priority=key.priority if key is not None else 0,
                             meta={"client": who.label, "stream": True, "route": ROUTE, "admin": who.admin})
             submit_ticket(st, who, ticket)
         except ProxyError as err:
@@ -311,7 +317,7 @@ class LegacyQueue:
     async def _run(self, job: Job, ticket: Ticket) -> None:
         st = self.state
         rec = RequestRecord(request_id=job.id, route=ROUTE, client=job.label, model=ticket.model,
-                            stream=True, position=ticket.position_at_arrival)
+                            stream=True, position=ticket.position_at_arrival, key=job.key_name)
         t0 = time.perf_counter()
         try:
             await self._wait_turn(ticket)
@@ -410,10 +416,9 @@ class LegacyQueue:
         if "error" in doc:
             err = doc["error"]
             raise ProxyError(str(err.get("message") if isinstance(err, dict) else err), code="upstream_error")
-        usage = doc.get("usage")
-        if isinstance(usage, dict):
-            rec.prompt_tokens = usage.get("prompt_tokens")
-            rec.completion_tokens = usage.get("completion_tokens")
+        usage = read_usage(doc)
+        if usage is not None:
+            rec.prompt_tokens, rec.completion_tokens, rec.total_tokens, _ = usage
         choices = doc.get("choices") or []
         if not choices or not isinstance(choices[0], dict):
             return

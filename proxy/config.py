@@ -23,6 +23,7 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 MIB = 1024 * 1024
+FEEDBACK_MODES = ("comments", "reasoning")
 UTF8_BOM = b"\xef\xbb\xbf"
 
 
@@ -89,6 +90,13 @@ OPTIONS: tuple[Option, ...] = (
            "oldest go first", minimum=0),
     Option("probe_interval", float, 15.0, "seconds between upstream checks while no request "
            "runs on it", minimum=0.05),
+    Option("feedback", str, "comments", "how a waiting stream is told its place: comments "
+           "(SSE comments only) or reasoning (also reasoning_content chunks that chat UIs show)",
+           choices=FEEDBACK_MODES),
+    Option("max_priority_wait", float, 60.0, "seconds after which a waiting request is no "
+           "longer overtaken by later arrivals of a higher priority", minimum=0),
+    Option("state_dir", str, None, "directory of lmgate's database (token quotas); default: "
+           "the OS's per-user data directory + lmgate"),
     Option("log_level", str, "info", "debug, info, warning or error",
            choices=("debug", "info", "warning", "error", "critical")),
     Option("log_format", str, "text", "access log format: text or json", choices=("text", "json")),
@@ -97,7 +105,7 @@ OPTIONS: tuple[Option, ...] = (
 OPTION_BY_NAME = {o.name: o for o in OPTIONS}
 TABLE_KEYS = ("keys", "groups")
 KEY_FIELDS = {"name", "key", "key_sha256", "models", "max_queued", "rpm", "max_tokens", "role",
-              "clamp_max_tokens"}
+              "clamp_max_tokens", "priority", "feedback", "tokens_per_day", "tokens_per_month"}
 
 
 @dataclass(frozen=True)
@@ -110,10 +118,18 @@ class ApiKey:
     max_tokens: int | None = None
     clamp_max_tokens: bool = False
     role: str = "user"
+    priority: int = 0
+    feedback: str | None = None
+    tokens_per_day: int | None = None
+    tokens_per_month: int | None = None
 
     @property
     def admin(self) -> bool:
         return self.role == "admin"
+
+    @property
+    def has_quota(self) -> bool:
+        return self.tokens_per_day is not None or self.tokens_per_month is not None
 
 
 @dataclass(frozen=True)
@@ -143,6 +159,9 @@ class Settings:
     max_kept_results: int = 1000
     max_kept_bytes: int = 64 * MIB
     probe_interval: float = 15.0
+    feedback: str = "comments"
+    max_priority_wait: float = 60.0
+    state_dir: str | None = None
     log_level: str = "info"
     log_format: str = "text"
     demo: bool = False
@@ -236,7 +255,7 @@ def _parse_keys(raw: Any) -> tuple[ApiKey, ...]:
         if not isinstance(models, list) or not all(isinstance(m, str) for m in models):
             raise ConfigError(f"{where}.models", "must be a list of strings (globs)")
         limits: dict[str, int | None] = {}
-        for lim in ("max_queued", "rpm", "max_tokens"):
+        for lim in ("max_queued", "rpm", "max_tokens", "tokens_per_day", "tokens_per_month"):
             v = entry.get(lim)
             if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
                 raise ConfigError(f"{where}.{lim}", "must be a positive integer")
@@ -247,8 +266,15 @@ def _parse_keys(raw: Any) -> tuple[ApiKey, ...]:
         clamp = entry.get("clamp_max_tokens", False)
         if not isinstance(clamp, bool):
             raise ConfigError(f"{where}.clamp_max_tokens", "must be true or false")
+        priority = entry.get("priority", 0)
+        if isinstance(priority, bool) or not isinstance(priority, int) or abs(priority) > 1000:
+            raise ConfigError(f"{where}.priority", "must be an integer from -1000 to 1000 "
+                              "(higher starts first)")
+        feedback = entry.get("feedback")
+        if feedback is not None and feedback not in FEEDBACK_MODES:
+            raise ConfigError(f"{where}.feedback", f"must be one of {', '.join(FEEDBACK_MODES)}")
         out.append(ApiKey(name=name, sha256=digest, models=tuple(models), role=role,
-                          clamp_max_tokens=clamp, **limits))
+                          clamp_max_tokens=clamp, priority=priority, feedback=feedback, **limits))
     return tuple(out)
 
 

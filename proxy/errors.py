@@ -12,7 +12,8 @@
     ├── HeadersTooLarge             431 invalid_request_error
     ├── Cancelled                   499 cancelled (by an administrator)
     ├── TooManyRequests             429 rate_limit_error (+ Retry-After)
-    │   └── QueueFullError          429 rate_limit_error / queue_full
+    │   ├── QueueFullError          429 rate_limit_error / queue_full
+    │   └── QuotaExceeded           429 insufficient_quota (Retry-After to the reset, uncapped)
     ├── UpstreamUnavailable         502 upstream_error
     ├── ServiceUnavailable          503 service_unavailable
     │   ├── QueueTimeout            503 / queue_timeout
@@ -140,6 +141,18 @@ class TooManyRequests(ProxyError):
     status = 429
     type = "rate_limit_error"
     code = "rate_limited"
+
+
+class QuotaExceeded(TooManyRequests):
+    """A key's token quota is used up. Unlike every other Retry-After, this one is not capped:
+    the honest answer is the time until the quota resets, hours or days away."""
+
+    type = "insufficient_quota"
+    code = "insufficient_quota"
+
+    def __init__(self, message: str, *, retry_after_s: float) -> None:
+        super().__init__(message)
+        self.retry_after_s = max(1, int(retry_after_s + 0.999))
 
 
 class QueueFullError(TooManyRequests):

@@ -24,7 +24,9 @@ from typing import TYPE_CHECKING, Any
 import httpx
 
 from . import streaming as sse
+from .config import FEEDBACK_MODES
 from .errors import (
+    BadRequest,
     Forbidden,
     ProxyError,
     QueueFullError,
@@ -39,6 +41,7 @@ from .inbound import (
     Scope,
     Send,
     apply_token_cap,
+    ask_for_usage,
     client_request_id,
     header_map,
     new_id,
@@ -65,6 +68,22 @@ TOKEN_FIELD = {
 
 
 STARTED_AT_ONCE = sse.queue_entered(0) + sse.queue_position(0)
+# Streams that may carry lmgate's waiting line as reasoning_content (chat UIs show it).
+FEEDBACK_ROUTES = frozenset({"/v1/chat/completions", "/api/v0/chat/completions"})
+
+
+def feedback_mode(headers: dict[bytes, bytes], who: Principal, default: str) -> str:
+    """``X-Queue-Feedback`` over the key's ``feedback`` over ``--feedback``."""
+    raw = headers.get(b"x-queue-feedback")
+    if raw is not None:
+        value = raw.decode("latin-1").strip().lower()
+        if value not in FEEDBACK_MODES:
+            raise BadRequest(f"X-Queue-Feedback must be one of {', '.join(FEEDBACK_MODES)}, got "
+                             f"{value[:40]!r}", param="X-Queue-Feedback", code="invalid_header")
+        return value
+    if who.key is not None and who.key.feedback:
+        return who.key.feedback
+    return default
 
 
 class Exchange:
@@ -113,6 +132,8 @@ def submit_ticket(st: AppState, who: Principal, ticket: Ticket) -> None:
                              "later", retry_after_s=st.eta.retry_after_s(st.gate)) from None
     except GateClosed:
         raise ShuttingDown("lmgate is shutting down") from None
+    if ticket.state != RUNNING:
+        st.watch_aging()
 
 
 class GatedRequest:
@@ -133,6 +154,8 @@ class GatedRequest:
         self.hold: Hold | None = None  # this request's share of --max-waiting-bytes
         self.forwarded = False  # sent upstream
         self.stream = False
+        self.reasoning = False  # tell the waiting line as reasoning_content chunks
+        self.drop_usage = False  # lmgate asked for the usage chunk; the client did not
         self.eta_ms: int | None = None  # estimated wait, taken once at arrival
         self.id_header = [(b"x-request-id", self.rid.encode())]
 
@@ -232,9 +255,18 @@ class GatedRequest:
         self.rec.model, self.stream = model, doc.get("stream") is True
         self.rec.stream = self.stream
         st.auth.check_model(who, model)
+        if self.stream and self.rec.route in FEEDBACK_ROUTES:
+            self.reasoning = feedback_mode(self.headers, who, st.settings.feedback) == "reasoning"
         self.body = apply_token_cap(self.body, doc, st.auth.token_cap(who, doc, TOKEN_FIELD.get(self.rec.route)))
+        key = who.key
+        if key is not None:
+            self.rec.key = key.name
+            if key.has_quota:
+                st.check_quota(key)
+                self.body, self.drop_usage = ask_for_usage(self.body, doc, self.rec.route)
         st.auth.check_rate(who)
         ticket = Ticket(request_id=self.rid, uid=self.uid, model=model, identity=who.identity,
+                        priority=key.priority if key is not None else 0,
                         meta={"client": who.label, "stream": self.stream, "route": self.rec.route,
                               "admin": who.admin})
         submit_ticket(st, who, ticket)
@@ -289,6 +321,8 @@ class GatedRequest:
         opening = sse.queue_entered(last) + sse.queue_position(last)
         if self.eta_ms is not None:
             opening += sse.comment(f"queue_eta_ms={self.eta_ms}")
+        if self.reasoning:
+            opening += self._waiting_chunk(last, self.eta_ms)
         await self._write(opening)
         deadline = self._deadline(ticket)
         last_write = time.monotonic()
@@ -304,12 +338,19 @@ class GatedRequest:
             pos = gate.position(ticket)
             if pos != last and pos > 0:
                 last = pos
-                await self._write(sse.queue_position(pos))
+                update = sse.queue_position(pos)
+                if self.reasoning:
+                    update += self._waiting_chunk(pos, self.state.eta.eta_ms(gate, ticket, pos))
+                await self._write(update)
                 last_write = now
             elif now - last_write >= sse.KEEPALIVE_S:
                 await self._write(sse.keepalive())
                 last_write = now
         self._check_turn(ticket)
+
+    def _waiting_chunk(self, position: int, eta_ms: int | None) -> bytes:
+        return sse.reasoning_chunk("lmgate-queue-" + self.uid, self.rec.model,
+                                   sse.waiting_line(position, eta_ms))
 
     # -- upstream ------------------------------------------------------------------------
     async def _forward(self, ticket: Ticket | None) -> None:
@@ -365,8 +406,9 @@ class GatedRequest:
     async def _pump(self, response: httpx.Response, t_up: float, is_sse: bool, prefix: bytes = b"") -> None:
         """Relay the body as it arrives. ``prefix`` (lmgate's own comments) goes out with the
         upstream's first bytes, in the same write, so it costs the first token nothing."""
-        send, boundary = self.send, self.ex.boundary
+        send, boundary, rec = self.send, self.ex.boundary, self.rec
         sniffer = sse.UsageSniffer() if is_sse else None
+        remover = sse.UsageRemover() if is_sse and self.drop_usage and rec.status == 200 else None
         kept: list[bytes] | None = [] if not is_sse else None
         kept_size = 0
         first = True
@@ -374,10 +416,14 @@ class GatedRequest:
             async for chunk in response.aiter_raw():
                 if first:
                     first = False
-                    self.rec.ttft_ms = (time.perf_counter() - t_up) * 1000
-                    if prefix:
-                        boundary.feed(prefix)
-                        chunk = prefix + chunk
+                    rec.ttft_ms = (time.perf_counter() - t_up) * 1000
+                if remover is not None:
+                    chunk = remover.feed(chunk)
+                    if not chunk:
+                        continue
+                if prefix:
+                    boundary.feed(prefix)
+                    chunk, prefix = prefix + chunk, b""
                 if sniffer is not None:
                     sniffer.feed(chunk)
                 elif kept is not None:
@@ -389,12 +435,18 @@ class GatedRequest:
         except httpx.HTTPError as exc:
             self.state.upstream.mark_failed()
             raise map_error(exc) from exc
-        if first and prefix:
-            await self._write(prefix)
-        if sniffer is not None:
-            self.rec.prompt_tokens, self.rec.completion_tokens, self.rec.tokens_approx = sniffer.usage()
-        elif kept is not None and kept_size <= USAGE_BODY_CAP and self.rec.status < 400:
-            self.rec.prompt_tokens, self.rec.completion_tokens = sse.usage_from_json(b"".join(kept))
+        finally:  # counted however it ended: a stream cut short still used its tokens
+            if sniffer is not None:
+                usage = sniffer.usage()
+                if remover is not None and remover.usage is not None:
+                    usage = remover.usage
+                rec.prompt_tokens, rec.completion_tokens, rec.total_tokens, rec.tokens_approx = usage
+            elif kept is not None and kept_size <= USAGE_BODY_CAP and rec.status < 400:
+                rec.prompt_tokens, rec.completion_tokens, rec.total_tokens, _ = \
+                    sse.usage_from_json(b"".join(kept))
+        tail = (prefix + remover.flush()) if remover is not None else prefix
+        if tail:
+            await self._write(tail)
         await self._end()
 
     # -- writing -------------------------------------------------------------------------

@@ -159,6 +159,33 @@ def apply_token_cap(body: bytes, doc: dict[str, Any], changes: dict[str, int] | 
     if not rest.strip().startswith(b"}"):
         return body[:start] + inserted + rest
     return body[:start] + inserted[:-2] + rest  # an object with no other fields
+
+
+USAGE_ROUTES = frozenset({"/v1/chat/completions", "/api/v0/chat/completions", "/v1/completions",
+                          "/api/v0/completions"})
+
+
+def ask_for_usage(body: bytes, doc: dict[str, Any], route: str) -> tuple[bytes, bool]:
+    """A stream whose tokens must be counted but whose client did not ask for usage: the body
+    with ``stream_options.include_usage`` set, and True (the usage chunk this adds must then
+    be taken out of the stream). Inserted at byte level when the request names no
+    ``stream_options``; re-encoded otherwise."""
+    if doc.get("stream") is not True or route not in USAGE_ROUTES:
+        return body, False
+    options = doc.get("stream_options")
+    if options is None and "stream_options" not in doc:
+        start = body.index(b"{") + 1
+        inserted = b'"stream_options": {"include_usage": true}'
+        if body[start:].strip().startswith(b"}"):
+            return body[:start] + inserted + body[start:], True
+        return body[:start] + inserted + b", " + body[start:], True
+    if not isinstance(options, dict) or options.get("include_usage") is True:
+        return body, False  # asked already (or malformed: the upstream answers that)
+    current = json.loads(body)  # the body as it stands (a token cap may have changed it)
+    current["stream_options"] = {**options, "include_usage": True}
+    return json.dumps(current).encode(), True
+
+
 async def send_error(send: Send, err: ProxyError, extra: list[tuple[bytes, bytes]]) -> None:
     body = err.to_json()
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]

@@ -41,6 +41,8 @@ class RequestRecord:
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
     tokens_approx: bool = False
+    total_tokens: int | None = None
+    key: str | None = None  # the API key's name, when keys are configured
     reason: str | None = None
 
 
@@ -105,6 +107,7 @@ class Metrics:
                  parallel: int) -> None:
         self.registry = registry
         self.label = ModelLabels(max_models)
+        self.key_label = ModelLabels(max_models)  # key names: bounded the same way
         Gauge("lmgate_max_queue", "Configured --max-queue.", registry=registry).set(max_queue)
         Gauge("lmgate_parallel", "Configured --parallel.", registry=registry).set(parallel)
         Gauge("lmgate_build_info", "lmgate version.", ["version"], registry=registry).labels(
@@ -120,6 +123,9 @@ class Metrics:
                                          "upstream's usage when present, otherwise approximate "
                                          "(one per streamed content event).", ["model"],
                                          registry=registry)
+        self.tokens = Counter("lmgate_tokens", "Tokens used (the upstream's total_tokens, or a "
+                              "lower bound when it reports none), by API key ('none' without "
+                              "keys); what token quotas count.", ["key"], registry=registry)
         self.queue_wait = Histogram("lmgate_queue_wait_seconds", "Time from arrival to start.",
                                     ["model"], buckets=WAIT_BUCKETS, registry=registry)
         self.ttft = Histogram("lmgate_time_to_first_token_seconds", "Time from start upstream to "
@@ -153,3 +159,5 @@ class Metrics:
             self.prompt_tokens.labels(model).inc(rec.prompt_tokens)
         if rec.completion_tokens:
             self.completion_tokens.labels(model).inc(rec.completion_tokens)
+        if rec.total_tokens:
+            self.tokens.labels(self.key_label(rec.key or "")).inc(rec.total_tokens)

@@ -60,6 +60,7 @@ def ticket_view(state: AppState, t: Ticket, who: Principal | None, now: float,
         "position_at_arrival": t.position_at_arrival,
         "waited_s": round(t.waited_s(now), 3),
         "stream": bool(t.meta.get("stream")),
+        "priority": t.priority,
         "mine": bool(who is not None and who.identity == t.identity),
     }
     if t.started_at is not None:
@@ -228,6 +229,7 @@ def build_routes(state: AppState) -> list[BaseRoute]:
         Route("/metrics", metrics, methods=["GET"]),
         Route("/queue", queue_snapshot, methods=["GET"]),
         Route("/queue/history", queue_history, methods=["GET"]),
+        Route("/usage", usage, methods=["GET"]),
         Route("/queue/{request_id}", queue_item, methods=["GET"]),
         Route("/queue/{request_id}", queue_cancel, methods=["DELETE"]),
     ]
@@ -242,3 +244,21 @@ async def queue_history(request: Request) -> Response:
     Aggregates only, so anyone who may read ``/queue`` may read this."""
     state: AppState = request.app.state.lmgate
     return JSONResponse(state.history.snapshot(), headers={"cache-control": "no-store"})
+
+
+async def usage(request: Request) -> Response:
+    """Tokens used against each quota this UTC day and month: a key sees its own, an admin
+    every configured key's. Keys are needed to ask (401 without one when keys exist); with
+    open access there are no keys to report."""
+    state: AppState = request.app.state.lmgate
+    who = caller(state, request)
+    quotas = state.quotas
+    if who.key is None:
+        return JSONResponse({"keys": []}, headers={"cache-control": "no-store"})
+    if who.admin:
+        body: dict[str, Any] = {"keys": [quotas.report(k.name, k.tokens_per_day, k.tokens_per_month)
+                                         for k in state.auth.keys]}
+    else:
+        key = who.key
+        body = quotas.report(key.name, key.tokens_per_day, key.tokens_per_month)
+    return JSONResponse(body, headers={"cache-control": "no-store"})

@@ -8,7 +8,8 @@ upstream write can end anywhere inside an event, so the relay keeps a ``Boundary
 from __future__ import annotations
 
 import json
-from typing import Any
+import time
+from typing import Any, NamedTuple
 
 KEEPALIVE_S = 15.0
 POSITION_MIN_INTERVAL_S = 1.0
@@ -82,8 +83,7 @@ class UsageSniffer:
         if len(last) > self.KEEP:
             del last[0]
 
-    def usage(self) -> tuple[int | None, int | None, bool]:
-        """(prompt, completion, approximate)."""
+    def usage(self) -> Usage:
         tail = b"".join(self.last)
         idx = tail.rfind(b'"usage"')
         if idx != -1:
@@ -91,24 +91,124 @@ class UsageSniffer:
             end = tail.find(b"\n", idx)
             if start != -1:
                 try:
-                    doc = json.loads(tail[start + 5: end if end != -1 else None])
-                    u = doc.get("usage") or {}
-                    return _int(u.get("prompt_tokens")), _int(u.get("completion_tokens")), False
-                except (ValueError, AttributeError):
-                    pass
-        return None, max(0, self.deltas), True
+                    found = read_usage(json.loads(tail[start + 5: end if end != -1 else None]))
+                except ValueError:
+                    found = None
+                if found is not None:
+                    return found
+        completion = max(0, self.deltas)
+        return Usage(None, completion, completion, True)
 
 
-def usage_from_json(body: bytes) -> tuple[int | None, int | None]:
-    try:
-        u = json.loads(body).get("usage") or {}
-    except (ValueError, AttributeError):
-        return None, None
+class Usage(NamedTuple):
+    """``total`` is the upstream's ``total_tokens``, or the sum of what is known: a lower
+    bound when the upstream reported nothing (``approx``)."""
+
+    prompt: int | None
+    completion: int | None
+    total: int | None
+    approx: bool = False
+
+
+def read_usage(doc: Any) -> Usage | None:
+    """The usage object of a chat/completions/embeddings answer or chunk, or of a Responses
+    API ``response.completed`` event (``{"response": {"usage": ...}}``)."""
+    if not isinstance(doc, dict):
+        return None
+    u = doc.get("usage")
+    if not isinstance(u, dict) and isinstance(doc.get("response"), dict):
+        u = doc["response"].get("usage")
     if not isinstance(u, dict):
-        return None, None
+        return None
     prompt = _int(u.get("prompt_tokens", u.get("input_tokens")))
     completion = _int(u.get("completion_tokens", u.get("output_tokens")))
-    return prompt, completion
+    total = _int(u.get("total_tokens"))
+    if total is None and (prompt is not None or completion is not None):
+        total = (prompt or 0) + (completion or 0)
+    return Usage(prompt, completion, total)
+
+
+def usage_from_json(body: bytes) -> Usage:
+    try:
+        found = read_usage(json.loads(body))
+    except ValueError:
+        found = None
+    return found if found is not None else Usage(None, None, None)
+
+
+class UsageRemover:
+    """Takes out of a stream the usage-only chunk that lmgate asked the upstream for (to count
+    a key's tokens) when the client did not ask for it, so the client sees what it would see
+    without lmgate. Every other byte passes unchanged. An event is only let through once it
+    is complete (a usage chunk cut across two reads must be recognisable), which holds back
+    nothing when the upstream writes whole events, as LM Studio does."""
+
+    __slots__ = ("pending", "usage")
+
+    def __init__(self) -> None:
+        self.pending = b""
+        self.usage: Usage | None = None
+
+    def feed(self, chunk: bytes) -> bytes:
+        data = self.pending + chunk if self.pending else chunk
+        cut = max(data.rfind(b"\n\n") + 2, data.rfind(b"\r\n\r\n") + 4, 0)
+        ready, self.pending = data[:cut], data[cut:]
+        if b'"usage"' not in ready:
+            return ready
+        kept: list[bytes] = []
+        start = 0
+        while start < len(ready):
+            nn, crlf = ready.find(b"\n\n", start), ready.find(b"\r\n\r\n", start)
+            if crlf != -1 and (nn == -1 or crlf < nn):
+                end = crlf + 4
+            else:
+                end = nn + 2
+            event = ready[start:end]
+            start = end
+            if b'"usage"' in event and self._is_usage_only(event):
+                continue
+            kept.append(event)
+        return b"".join(kept)
+
+    def flush(self) -> bytes:
+        rest, self.pending = self.pending, b""
+        return rest
+
+    def _is_usage_only(self, event: bytes) -> bool:
+        text = event.strip()
+        if not text.startswith(b"data:") or b"\n" in text:
+            return False
+        try:
+            doc = json.loads(text[5:])
+        except ValueError:
+            return False
+        if not isinstance(doc, dict) or doc.get("choices") != []:
+            return False
+        found = read_usage(doc)
+        if found is None:
+            return False
+        self.usage = found
+        return True
+
+
+def waiting_line(position: int, eta_ms: int | None) -> str:
+    """What a person in a chat UI reads while waiting: ``Waiting in line: #3, about 40 s``."""
+    text = f"Waiting in line: #{position}"
+    if eta_ms is not None:
+        seconds = max(1, round(eta_ms / 1000))
+        text += f", about {seconds} s" if seconds < 120 else f", about {round(seconds / 60)} min"
+    return text + "\n"
+
+
+def reasoning_chunk(chunk_id: str, model: str, text: str) -> bytes:
+    """A chat.completion.chunk carrying only ``delta.reasoning_content``: chat UIs show it as
+    the model's "thinking" while the real answer has not started. One ``data:`` line. The
+    role is set (some clients build the message from the first chunk's role)."""
+    doc = {"id": chunk_id, "object": "chat.completion.chunk", "created": int(time.time()),
+           "model": model, "choices": [{"index": 0, "delta": {"role": "assistant",
+                                                              "reasoning_content": text},
+                                        "logprobs": None, "finish_reason": None}]}
+    return b"data: " + json.dumps(doc, separators=(",", ":")).encode() + b"\n\n"
 
 
 def _int(v: Any) -> int | None:

@@ -1,11 +1,16 @@
-"""The status page at ``GET /`` rendered by a real headless Chromium against real lmgate and
-simulator processes: the JavaScript must fetch ``queue`` and draw the waiting line.
+"""The status page at ``GET /`` rendered by a real headless Chromium: against real lmgate and
+simulator processes, the JavaScript must fetch ``queue`` and draw the waiting line; against a
+small fake lmgate with fixed answers (``FakeGate``), it must show requests' priorities and, when
+a key is given, that key's usage (an admin's: every key's), and show neither where the server
+has none to give.
 
-Needs the ``chromium`` binary; without it the test skips, except under CI (``CI=true``), where
-it fails. A screenshot is left in ``test-artifacts/status-page.png`` for people to look at."""
+Needs the ``chromium`` binary; without it the tests skip, except under CI (``CI=true``), where
+they fail. Screenshots are left in ``test-artifacts/status-page.png`` and
+``test-artifacts/status-page-usage.png`` for people to look at."""
 
 from __future__ import annotations
 
+import re
 import struct
 import subprocess
 import threading
@@ -13,11 +18,17 @@ import time
 from collections.abc import Iterator
 from html.parser import HTMLParser
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
+import uvicorn
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import HTMLResponse, JSONResponse, Response
+from starlette.routing import Route
 
-from tests.servers import ROOT, Process, require_program, running_stack
+from tests.servers import ROOT, Process, free_port, require_program, running_stack
 
 MODEL = "qwen2.5-7b-instruct"
 # 5 tokens/s and 40 tokens: each request holds the gate for about 8 s, so the line of three
@@ -25,6 +36,8 @@ MODEL = "qwen2.5-7b-instruct"
 TOKENS_PER_S = 5.0
 MAX_TOKENS = 40
 ARTIFACT = ROOT / "test-artifacts" / "status-page.png"
+USAGE_ARTIFACT = ROOT / "test-artifacts" / "status-page-usage.png"
+STATUS_HTML = ROOT / "proxy" / "status.html"
 
 
 @pytest.fixture
@@ -198,3 +211,288 @@ def test_status_page_shows_waiting_line(chromium: str, servers: tuple[Process, P
     for s in streamers:
         assert s.error is None, f"{s.name}: {s.error!r}"
         assert s.status == 200, f"{s.name}: HTTP {s.status}"
+
+
+# --- priorities and usage, against a fake lmgate ---------------------------------------------
+# The server side of both may be newer than this test: the fake answers with the shapes the page
+# is written against, so the page is checked on its own.
+
+NASTY_KEY = '<img src=x onerror="document.title=1">'
+ALICE_USAGE: dict[str, Any] = {
+    "key": "alice",
+    "day": {"used": 1200, "limit": 5000, "resets_at": "2026-11-23T00:00:00Z"},
+    "month": {"used": 8000, "limit": None, "resets_at": "2026-12-01T00:00:00Z"},
+}
+ADMIN_USAGE: dict[str, Any] = {"keys": [
+    ALICE_USAGE,
+    {"key": "bob",
+     "day": {"used": 5200, "limit": 5000, "resets_at": "2026-11-23T00:00:00Z"},
+     "month": {"used": 30000, "limit": 100000, "resets_at": "2026-12-01T00:00:00Z"}},
+    {"key": NASTY_KEY,
+     "day": {"used": 0, "limit": None, "resets_at": "2026-11-23T00:00:00Z"},
+     "month": {"used": 0, "limit": None, "resets_at": "2026-12-01T00:00:00Z"}},
+]}
+# key -> (status, body) of GET /usage; any other key, or none, gets 401
+USAGE_ANSWERS: dict[str, tuple[int, Any]] = {
+    "alice-key": (200, ALICE_USAGE),
+    "admin-key": (200, ADMIN_USAGE),
+    "old-key": (404, {"error": {"message": "unknown path GET /usage", "type": "not_found_error"}}),
+}
+
+
+def queue_snapshot(*, priorities: bool) -> dict[str, Any]:
+    """``GET /queue`` as lmgate answers it: one request running, two waiting; with
+    ``priorities`` the first in line has priority 5 (it started ahead of the other)."""
+    def ticket(position: int, priority: int, **extra: Any) -> dict[str, Any]:
+        return {"request_id": None, "id": None, "model": MODEL, "position": position,
+                "position_at_arrival": position, "waited_s": 2.5, "stream": True, "mine": False,
+                "priority": priority, **extra}
+    return {
+        "object": "queue", "depth": 2, "active": 1, "parallel": 1, "max_queue": 100,
+        "policy": "fifo", "max_skips": 0, "loaded_models": [MODEL], "model_switches": 0,
+        "upstream_up": True, "draining": False, "uptime_s": 120.0,
+        "totals": {"served": 7, "failed": 0, "rejected": 0, "completion_tokens": 900},
+        "running": [ticket(0, 0, state="running", running_s=3.0)],
+        "waiting": [ticket(1, 5 if priorities else 0, state="waiting", eta_ms=6000,
+                           request_id="vip-1", id="u-vip-1", mine=True),
+                    ticket(2, 0, state="waiting", eta_ms=12000)],
+        "waiting_listed": 2,
+    }
+
+
+class FakeGate:
+    """A uvicorn server in a thread on 127.0.0.1 that serves ``proxy/status.html`` at ``/`` and
+    fixed JSON at ``/queue``, ``/queue/history`` and ``/usage``. ``usage_calls`` records the
+    Authorization header of every ``/usage`` request."""
+
+    def __init__(self) -> None:
+        self.queue = queue_snapshot(priorities=True)
+        self.usage_calls: list[str | None] = []
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        app = Starlette(routes=[
+            Route("/", self._page), Route("/queue", self._queue),
+            Route("/queue/history", self._history), Route("/usage", self._usage)])
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port,
+                                                    log_level="warning", lifespan="off"))
+        self.thread = threading.Thread(target=self.server.run, name="fake-lmgate", daemon=True)
+
+    async def _page(self, request: Request) -> Response:
+        return HTMLResponse(STATUS_HTML.read_bytes(), headers={"cache-control": "no-cache"})
+
+    async def _queue(self, request: Request) -> Response:
+        return JSONResponse(self.queue)
+
+    async def _history(self, request: Request) -> Response:
+        return JSONResponse({"now": time.time(), "samples": []})
+
+    async def _usage(self, request: Request) -> Response:
+        auth = request.headers.get("authorization")
+        self.usage_calls.append(auth)
+        key = auth[len("Bearer "):] if auth and auth.startswith("Bearer ") else None
+        status, body = USAGE_ANSWERS.get(key or "", (401, {"error": {
+            "message": "a valid API key is required", "type": "authentication_error"}}))
+        return JSONResponse(body, status_code=status)
+
+    def start(self) -> None:
+        self.thread.start()
+        deadline = time.monotonic() + 10
+        while not self.server.started:
+            if not self.thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("the fake lmgate did not start")
+            time.sleep(0.02)
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(10)
+
+
+@pytest.fixture
+def fake_gate() -> Iterator[FakeGate]:
+    gate = FakeGate()
+    gate.start()
+    try:
+        yield gate
+    finally:
+        gate.stop()
+
+
+VOID_TAGS = {"area", "base", "br", "col", "embed", "hr", "img", "input", "link", "meta", "source",
+             "track", "wbr"}
+
+
+class Node:
+    def __init__(self, tag: str, attrs: dict[str, str | None], parent: Node | None) -> None:
+        self.tag, self.attrs, self.parent = tag, attrs, parent
+        self.children: list[Node | str] = []
+
+    def text(self) -> str:
+        return "".join(c if isinstance(c, str) else c.text() for c in self.children)
+
+    def walk(self) -> Iterator[Node]:
+        yield self
+        for c in self.children:
+            if isinstance(c, Node):
+                yield from c.walk()
+
+    def find_all(self, tag: str | None = None, cls: str | None = None) -> list[Node]:
+        return [n for n in self.walk() if (tag is None or n.tag == tag)
+                and (cls is None or cls in (n.attrs.get("class") or "").split())]
+
+    def by_id(self, ident: str) -> Node:
+        for n in self.walk():
+            if n.attrs.get("id") == ident:
+                return n
+        raise AssertionError(f"no element with id {ident!r}")
+
+    def shown(self) -> bool:
+        """Neither it nor an ancestor has the ``hidden`` attribute."""
+        node: Node | None = self
+        while node is not None:
+            if "hidden" in node.attrs:
+                return False
+            node = node.parent
+        return True
+
+    def cells(self) -> list[str]:
+        return [" ".join(td.text().split()) for td in self.find_all("td")]
+
+
+class Dom(HTMLParser):
+    """The page Chromium dumped, as a tree of ``Node``."""
+
+    def __init__(self, html: str) -> None:
+        super().__init__()
+        self.root = self._cur = Node("#document", {}, None)
+        self.feed(html)
+        self.close()
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        node = Node(tag, dict(attrs), self._cur)
+        self._cur.children.append(node)
+        if tag not in VOID_TAGS:
+            self._cur = node
+
+    def handle_startendtag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        self._cur.children.append(Node(tag, dict(attrs), self._cur))
+
+    def handle_endtag(self, tag: str) -> None:
+        node: Node | None = self._cur
+        while node is not None and node.tag != tag:
+            node = node.parent
+        if node is not None and node.parent is not None:
+            self._cur = node.parent
+
+    def handle_data(self, data: str) -> None:
+        self._cur.children.append(data)
+
+
+def render(chromium: str, profile: Path, url: str) -> tuple[Node, str]:
+    dom = run_chromium(chromium, profile, "--dump-dom", url).stdout
+    return Dom(dom).root, dom
+
+
+def table_rows(root: Node, table_id: str) -> list[Node]:
+    return [tr for tr in root.by_id(table_id).find_all("tr") if tr.parent and tr.parent.tag == "tbody"]
+
+
+def shown_headers(root: Node, table_id: str) -> list[str]:
+    return [th.text().strip() for th in root.by_id(table_id).find_all("th") if th.shown()]
+
+
+def amount(used: str, limit: str | None = None) -> re.Pattern[str]:
+    """``1,200 / 5,000`` in any locale's digit grouping (``1200``, ``1.200``, ``1 200``)."""
+    def num(n: str) -> str:
+        return r"\D?".join(re.escape(d) for d in n) if len(n) < 4 else \
+            re.escape(n[:-3]) + r"\D?" + re.escape(n[-3:])
+    return re.compile(num(used) + (r" / " + num(limit) if limit else r" · no limit"))
+
+
+def assert_no_error(root: Node, dom: str) -> None:
+    body = root.find_all("body")[0]
+    assert "failing" not in (body.attrs.get("class") or ""), f"the page shows an error:\n{dom[:3000]}"
+    assert root.by_id("error").text().strip() == ""
+    assert root.by_id("depth").text().strip() == "2", dom[:3000]  # the queue was drawn
+
+
+def test_status_page_shows_priorities_and_the_keys_usage(chromium: str, fake_gate: FakeGate,
+                                                         tmp_path: Path) -> None:
+    root, dom = render(chromium, tmp_path / "profile-alice", fake_gate.url + "/?key=alice-key")
+    assert_no_error(root, dom)
+    # priorities: a column, and the first in line marked P5
+    assert shown_headers(root, "waiting") == ["#", "Priority", "Model", "Waited", "ETA (est.)",
+                                              "Who", "Request ID"], dom[:4000]
+    assert "Priority" in shown_headers(root, "running")
+    rows = table_rows(root, "waiting")
+    assert [tr.attrs.get("data-position") for tr in rows] == ["1", "2"]
+    first, second = rows[0].cells(), rows[1].cells()
+    assert first[:3] == ["1", "P5", MODEL] and second[:3] == ["2", "P0", MODEL], (first, second)
+    assert [c.text() for c in rows[0].find_all("span", "prio")] == ["P5"]
+    assert table_rows(root, "running")[0].cells()[:2] == ["P0", MODEL]
+    # usage: the page asked with the key as a bearer token and drew both periods
+    assert fake_gate.usage_calls and set(fake_gate.usage_calls) == {"Bearer alice-key"}
+    panel = root.by_id("usage")
+    assert panel.shown(), f"no usage panel:\n{dom[:4000]}"
+    assert "alice" in root.by_id("usage-who").text()
+    periods = {n.attrs["data-period"]: n for n in panel.find_all("div", "period")}
+    assert list(periods) == ["day", "month"]
+    day, month = periods["day"], periods["month"]
+    assert (day.attrs["data-used"], day.attrs["data-limit"]) == ("1200", "5000")
+    assert (month.attrs["data-used"], month.attrs["data-limit"]) == ("8000", "")
+    assert "Today" in day.text() and amount("1200", "5000").search(day.text()), day.text()
+    assert "24 % used" in day.text()
+    bars = day.find_all("div", "bar")
+    assert len(bars) == 1 and bars[0].attrs.get("aria-valuenow") == "24"
+    assert re.search(r"width:\s*24(\.0+)?%", bars[0].find_all("i")[0].attrs.get("style") or "")
+    assert "This month" in month.text() and amount("8000").search(month.text()), month.text()
+    assert not month.find_all("div", "bar")  # no limit, no bar
+    for p in (day, month):
+        assert "resets at " in p.text(), p.text()
+    assert not root.by_id("usage-all").shown()
+
+    USAGE_ARTIFACT.parent.mkdir(parents=True, exist_ok=True)
+    USAGE_ARTIFACT.unlink(missing_ok=True)
+    run_chromium(chromium, tmp_path / "profile-shot", f"--screenshot={USAGE_ARTIFACT}",
+                 "--window-size=1280,1100", fake_gate.url + "/?key=alice-key")
+    assert USAGE_ARTIFACT.is_file() and png_size(USAGE_ARTIFACT) == (1280, 1100)
+
+
+def test_status_page_shows_every_keys_usage_to_an_admin(chromium: str, fake_gate: FakeGate,
+                                                        tmp_path: Path) -> None:
+    root, dom = render(chromium, tmp_path / "profile-admin", fake_gate.url + "/?key=admin-key")
+    assert_no_error(root, dom)
+    assert root.by_id("usage").shown() and root.by_id("usage-all").shown(), dom[:4000]
+    assert not root.by_id("usage-mine").shown()
+    assert "3 keys" in root.by_id("usage-who").text()
+    assert shown_headers(root, "usage-keys") == ["Key", "Today", "This month"]
+    rows = {tr.attrs.get("data-key"): tr.cells() for tr in table_rows(root, "usage-keys")}
+    assert list(rows) == ["alice", "bob", NASTY_KEY]
+    assert amount("1200", "5000").search(rows["alice"][1]) and amount("8000").search(rows["alice"][2])
+    assert amount("5200", "5000").search(rows["bob"][1]), rows["bob"]
+    # the key name from the server is text, never markup
+    assert rows[NASTY_KEY][0] == NASTY_KEY
+    assert not root.find_all("img"), "a key name from the server became an element"
+    bob = next(tr for tr in table_rows(root, "usage-keys") if tr.attrs.get("data-key") == "bob")
+    assert [b.attrs.get("class") for b in bob.find_all("div", "bar")] == ["bar mini over",
+                                                                          "bar mini"]
+    resets = root.by_id("usage-resets").text()
+    assert "Today resets at " in resets and "This month resets at " in resets, resets
+
+
+@pytest.mark.parametrize("key", [None, "old-key", "wrong-key"])
+def test_status_page_without_priorities_or_usage_looks_as_before(
+        chromium: str, fake_gate: FakeGate, tmp_path: Path, key: str | None) -> None:
+    """No priority anywhere in line: no column. No key: the page never asks for usage. A key
+    that an older lmgate (404) or this one (401) turns away: no panel and no error either."""
+    fake_gate.queue = queue_snapshot(priorities=False)
+    url = fake_gate.url + "/" + (f"?key={key}" if key else "")
+    root, dom = render(chromium, tmp_path / "profile", url)
+    assert_no_error(root, dom)
+    assert shown_headers(root, "waiting") == ["#", "Model", "Waited", "ETA (est.)", "Who",
+                                              "Request ID"], dom[:4000]
+    assert "Priority" not in shown_headers(root, "running")
+    rows = table_rows(root, "waiting")
+    assert [tr.cells()[:2] for tr in rows] == [["1", MODEL], ["2", MODEL]]
+    assert not root.find_all("span", "prio")
+    assert not root.by_id("usage").shown(), dom[:4000]
+    assert fake_gate.usage_calls == ([] if key is None else [f"Bearer {key}"])
