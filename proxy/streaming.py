@@ -151,7 +151,8 @@ class UsageRemover:
 
     def feed(self, chunk: bytes) -> bytes:
         data = self.pending + chunk if self.pending else chunk
-        cut = max(data.rfind(b"\n\n") + 2, data.rfind(b"\r\n\r\n") + 4, 0)
+        nn, crlf = data.rfind(b"\n\n"), data.rfind(b"\r\n\r\n")
+        cut = max(nn + 2 if nn != -1 else 0, crlf + 4 if crlf != -1 else 0)
         ready, self.pending = data[:cut], data[cut:]
         if b'"usage"' not in ready:
             return ready
@@ -161,8 +162,10 @@ class UsageRemover:
             nn, crlf = ready.find(b"\n\n", start), ready.find(b"\r\n\r\n", start)
             if crlf != -1 and (nn == -1 or crlf < nn):
                 end = crlf + 4
-            else:
+            elif nn != -1:
                 end = nn + 2
+            else:  # not reached: ``ready`` ends on a boundary
+                end = len(ready)
             event = ready[start:end]
             start = end
             if b'"usage"' in event and self._is_usage_only(event):

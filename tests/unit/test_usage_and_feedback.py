@@ -1,0 +1,112 @@
+"""Byte-level pieces of quotas and chat-UI feedback: asking the upstream for usage, taking the
+usage chunk back out of the stream, and the waiting-line chunks."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+
+from proxy.auth import Principal
+from proxy.config import ApiKey
+from proxy.errors import BadRequest
+from proxy.gated import feedback_mode
+from proxy.inbound import ask_for_usage, parse_request
+from proxy.streaming import UsageRemover, read_usage, reasoning_chunk, waiting_line
+
+CHUNK = b'data: {"id":"c1","object":"chat.completion.chunk","choices":[{"index":0,"delta":{"content":"hi"}}]}\n\n'
+USAGE = b'data: {"id":"c1","object":"chat.completion.chunk","choices":[],"usage":{"prompt_tokens":3,"completion_tokens":2,"total_tokens":5}}\n\n'
+DONE = b"data: [DONE]\n\n"
+
+
+def test_ask_for_usage_inserts_bytes_and_keeps_the_rest() -> None:
+    raw = b'{"model": "m", "stream": true, "messages": [{"role": "user", "content": "caf\\u00e9"}]}'
+    body, asked = ask_for_usage(raw, parse_request(raw), "/v1/chat/completions")
+    assert asked
+    assert body.endswith(raw[1:])  # the client's bytes follow, untouched
+    assert json.loads(body)["stream_options"] == {"include_usage": True}
+
+
+@pytest.mark.parametrize("raw, route, expect_asked", [
+    (b'{"model": "m", "stream": false}', "/v1/chat/completions", False),
+    (b'{"model": "m", "stream": true}', "/v1/embeddings", False),
+    (b'{"model": "m", "stream": true}', "/v1/responses", False),  # usage comes anyway
+    (b'{"model": "m", "stream": true, "stream_options": {"include_usage": true}}', "/v1/completions", False),
+    (b'{"model": "m", "stream": true, "stream_options": {"include_usage": false}, "max_tokens": 5}',
+     "/v1/chat/completions", True),
+])
+def test_ask_for_usage_only_where_needed(raw: bytes, route: str, expect_asked: bool) -> None:
+    body, asked = ask_for_usage(raw, parse_request(raw), route)
+    assert asked is expect_asked
+    if not asked:
+        assert body == raw
+    else:
+        doc = json.loads(body)
+        assert doc["stream_options"]["include_usage"] is True and doc["max_tokens"] == 5
+
+
+def test_remover_takes_out_only_the_usage_chunk() -> None:
+    remover = UsageRemover()
+    out = remover.feed(CHUNK + CHUNK) + remover.feed(USAGE + DONE) + remover.flush()
+    assert out == CHUNK + CHUNK + DONE
+    assert remover.usage is not None and remover.usage.total == 5
+
+
+def test_remover_recognises_a_usage_chunk_cut_anywhere() -> None:
+    stream = CHUNK + USAGE + DONE
+    for cut in range(1, len(stream)):
+        remover = UsageRemover()
+        out = remover.feed(stream[:cut]) + remover.feed(stream[cut:]) + remover.flush()
+        assert out == CHUNK + DONE, cut
+        assert remover.usage is not None and remover.usage.prompt == 3
+
+
+def test_remover_keeps_content_chunks_that_mention_usage_and_crlf_events() -> None:
+    talks = b'data: {"choices":[{"index":0,"delta":{"content":"\\"usage\\": none"}}]}\r\n\r\n'
+    with_usage = b'data: {"choices":[{"index":0,"delta":{}}],"usage":{"total_tokens":9}}\n\n'
+    remover = UsageRemover()
+    out = remover.feed(talks + with_usage) + remover.flush()
+    assert out == talks + with_usage  # not usage-only: the client sees it as the upstream sent it
+    assert remover.usage is None
+
+
+def test_remover_passes_whole_events_at_once() -> None:
+    remover = UsageRemover()
+    assert remover.feed(CHUNK) == CHUNK  # nothing held back when events arrive whole
+    assert remover.feed(CHUNK[:10]) == b""
+    assert remover.feed(CHUNK[10:]) == CHUNK
+
+
+def test_read_usage_shapes() -> None:
+    assert read_usage({"usage": {"prompt_tokens": 2, "completion_tokens": 3}}).total == 5
+    assert read_usage({"type": "response.completed",
+                       "response": {"usage": {"input_tokens": 4, "output_tokens": 6,
+                                              "total_tokens": 10}}}).total == 10
+    assert read_usage({"usage": None}) is None
+    assert read_usage([1]) is None
+
+
+def test_waiting_chunk_is_one_data_line_the_sdk_shape_reads() -> None:
+    line = waiting_line(3, 40_400)
+    assert line == "Waiting in line: #3, about 40 s\n"
+    assert waiting_line(1, None) == "Waiting in line: #1\n"
+    assert waiting_line(12, 600_000) == "Waiting in line: #12, about 10 min\n"
+    raw = reasoning_chunk("lmgate-queue-x", "qwen", line)
+    assert raw.startswith(b"data: ") and raw.endswith(b"\n\n") and raw.count(b"\n") == 2
+    doc = json.loads(raw[6:])
+    assert doc["object"] == "chat.completion.chunk" and doc["model"] == "qwen"
+    choice = doc["choices"][0]
+    assert choice["finish_reason"] is None and "content" not in choice["delta"]
+    assert re.fullmatch(r"Waiting in line: #\d+(, about \d+ (s|min))?\n", choice["delta"]["reasoning_content"])
+
+
+def test_feedback_mode_precedence() -> None:
+    key = ApiKey(name="k", sha256="0" * 64, feedback="reasoning")
+    keyed, plain = Principal("key:k", key), Principal("127.0.0.1")
+    assert feedback_mode({}, plain, "comments") == "comments"
+    assert feedback_mode({}, keyed, "comments") == "reasoning"
+    assert feedback_mode({b"x-queue-feedback": b"Comments"}, keyed, "reasoning") == "comments"
+    with pytest.raises(BadRequest) as err:
+        feedback_mode({b"x-queue-feedback": b"loud"}, plain, "comments")
+    assert err.value.param == "X-Queue-Feedback"
