@@ -161,9 +161,8 @@ class QuotaStore:
         Raises QuotaStoreError for a file that is not a database, cannot be opened or is in
         use by another lmgate process."""
         if self._started or self._executor is None:
-            self._started = True
             return
-        self._started = True
+        self._started = True  # once, even if it fails: a second _open would close the first's file
         now = self.clock()
         periods = self._current(now)
         cutoff = _periods(now - KEEP_DAYS * _DAY_S)
