@@ -19,11 +19,12 @@ import uvicorn
 from uvicorn.server import HANDLED_SIGNALS
 
 from . import __version__, logs
-from .app import AppState, create_app, quota_path
+from .app import create_app
 from .config import ConfigError, Settings, load_settings
 from .listen import ListenError, bind_listeners
-from .quota import QuotaStore, QuotaStoreError
 from .protocol import HEAD_LIMIT, ClientLimits, protocol_class, raise_fd_limit
+from .quota import QuotaStore, QuotaStoreError
+from .state import AppState, quota_path
 from .upstream import redact
 
 log = logging.getLogger("lmgate")

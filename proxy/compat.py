@@ -43,7 +43,7 @@ from .streaming import read_usage, upstream_error_message
 from .upstream import map_error, read_capped
 
 if TYPE_CHECKING:
-    from .app import AppState
+    from .state import AppState
 
 log = logging.getLogger("lmgate")
 ROUTE = "/queue/add"

@@ -17,6 +17,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from .identity import parse_networks
+
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover
@@ -400,9 +402,10 @@ def validate(settings: Settings) -> None:
     for origin in settings.cors_origins:
         if origin != "*" and not origin.startswith(("http://", "https://")):
             raise ConfigError("cors_origins", f"{origin!r} is not an origin like http://host:port")
-    from .identity import parse_networks  # local: identity needs nothing else from config
-
-    parse_networks(settings.trusted_proxies)
+    try:
+        parse_networks(settings.trusted_proxies)
+    except ValueError as exc:
+        raise ConfigError("trusted_proxies", str(exc)) from None
 
 
 # -- checks that need more than one value, or knowledge of lmgate's own documentation --------

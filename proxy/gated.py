@@ -19,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import httpx
 
@@ -33,6 +33,7 @@ from .errors import (
     QueueTimeout,
     ShuttingDown,
 )
+from .exchange import Exchange, watch_disconnect
 from .gate import RUNNING, GateClosed, QueueFull, Ticket
 from .inbound import (
     ClientGone,
@@ -53,8 +54,8 @@ from .metrics import RequestRecord
 from .upstream import RESPONSE_DROP, map_error, read_capped
 
 if TYPE_CHECKING:
-    from .app import AppState
     from .auth import Principal
+    from .state import AppState
 
 log = logging.getLogger("lmgate")
 USAGE_BODY_CAP = 4 * 1024 * 1024
@@ -84,38 +85,6 @@ def feedback_mode(headers: dict[bytes, bytes], who: Principal, default: str) -> 
     if who.key is not None and who.key.feedback:
         return who.key.feedback
     return default
-
-
-class Exchange:
-    """State shared between a handler task and the tasks that may interrupt it."""
-
-    __slots__ = ("task", "gone", "abort", "headers_sent", "finished", "boundary")
-
-    def __init__(self, task: asyncio.Task[Any] | None) -> None:
-        self.task = task
-        self.gone = False
-        self.abort: ProxyError | None = None
-        self.headers_sent = False
-        self.finished = False
-        self.boundary = sse.Boundary()
-
-    def interrupt(self, reason: ProxyError | None) -> None:
-        """Stop the handler: a disconnect (reason None), shutdown or admin cancel."""
-        if self.finished or self.task is None:
-            return
-        if reason is None:
-            self.gone = True
-        elif self.abort is None:
-            self.abort = reason
-        self.task.cancel()
-
-
-async def watch_disconnect(receive: Receive, ex: Exchange) -> None:
-    while True:
-        msg = await receive()
-        if msg["type"] == "http.disconnect":
-            ex.interrupt(None)
-            return
 
 
 def submit_ticket(st: AppState, who: Principal, ticket: Ticket) -> None:

@@ -12,20 +12,19 @@ from __future__ import annotations
 import ipaddress
 from collections.abc import Iterable, Mapping
 
-from .config import ConfigError
-
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 MAX_HOPS = 32
 
 
 def parse_networks(values: Iterable[str]) -> tuple[Network, ...]:
+    """The networks of ``--trusted-proxies``; ValueError naming the first bad entry."""
     out: list[Network] = []
     for value in values:
         try:
             out.append(ipaddress.ip_network(value.strip(), strict=False))
         except ValueError:
-            raise ConfigError("trusted_proxies", f"{value!r} is not an IP address or CIDR "
-                              "network like 10.0.0.0/8") from None
+            raise ValueError(f"{value!r} is not an IP address or CIDR network like "
+                             "10.0.0.0/8") from None
     return tuple(out)
 
 

@@ -23,7 +23,7 @@ from .gate import Ticket
 from .inbound import header_map
 
 if TYPE_CHECKING:
-    from .app import AppState
+    from .state import AppState
 
 DEFAULT_LIST_LIMIT = 500
 

@@ -17,7 +17,8 @@ import respx
 import uvicorn
 from prometheus_client import CollectorRegistry
 
-from proxy.app import AppState, create_app
+from proxy.app import create_app
+from proxy.state import AppState
 from proxy.config import Settings
 
 SSE = {"content-type": "text/event-stream"}

@@ -1,0 +1,293 @@
+"""What one lmgate instance owns and shares between its request handlers: the gate, the
+upstream, keys, quotas, metrics, the requests in flight and recently finished, and the
+lifecycle (start, watching the upstream, shutdown). Every other module reads it; it imports
+none of the modules that handle requests, so nothing forms a circle through it."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections import OrderedDict
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import httpx
+from prometheus_client import CollectorRegistry
+
+from .auth import Auth
+from .config import ApiKey, Settings
+from .errors import QuotaExceeded, ShuttingDown
+from .eta import Estimator
+from .exchange import Exchange
+from .gate import Gate, Ticket
+from .history import History
+from .identity import Identities
+from .inbound import ByteBudget, Scope, client_address, header_map
+from .metrics import Metrics, RequestRecord
+from .quota import DB_NAME, QuotaStore, QuotaStoreError, default_state_dir
+from .upstream import Upstream
+
+if TYPE_CHECKING:
+    from .auth import Principal
+
+log = logging.getLogger("lmgate")
+access_log = logging.getLogger("lmgate.access")
+
+RECENT_CAP = 2000
+
+
+class AppState:
+    """Everything one lmgate instance owns. Lives in ``app.state.lmgate``."""
+
+    def __init__(self, settings: Settings, *, transport: httpx.AsyncBaseTransport | None,
+                 registry: CollectorRegistry) -> None:
+        self.settings = settings
+        self.gate = Gate(parallel=settings.parallel, max_queue=settings.max_queue,
+                         max_skips=settings.max_skips, policy=settings.policy,
+                         groups=settings.groups, on_start=_grant,
+                         top_priority=max([0, *(k.priority for k in settings.keys)]),
+                         max_priority_wait=settings.max_priority_wait)
+        self._aging: asyncio.TimerHandle | None = None
+        self.quotas = QuotaStore(quota_path(settings))
+        self.upstream = Upstream(settings, transport)
+        self.auth = Auth(settings.keys)
+        self.eta = Estimator()
+        self.metrics = Metrics(registry, max_models=settings.max_models,
+                               max_queue=settings.max_queue, parallel=settings.parallel)
+        self.metrics.attach_gate(lambda: self.gate, lambda: self.upstream.up)
+        self.registry = registry
+        self.exchanges: dict[Ticket, Exchange] = {}
+        self.identities = Identities(settings.trusted_proxies)
+        self.waiting_bytes = ByteBudget(settings.max_waiting_bytes)
+        self.recent: OrderedDict[str, dict[str, Any]] = OrderedDict()  # by internal id
+        self.draining = False
+        self.started_at = time.time()
+        self._refresh: asyncio.Task[None] | None = None
+        self._grace: asyncio.Task[None] | None = None
+        self._watch: asyncio.Task[None] | None = None
+        self.probe_interval_s = settings.probe_interval
+        self.extensions: list[Any] = []
+        self.totals = {"served": 0, "failed": 0, "rejected": 0, "completion_tokens": 0}
+        self.history = History.of(self)  # for the status page: /queue/history
+
+    # -- who is asking ------------------------------------------------------------------
+    def client_of(self, scope: Scope, headers: dict[bytes, bytes] | None = None) -> str:
+        """The caller's address: the socket peer, or what a trusted proxy forwarded for."""
+        return self.identities.client(client_address(scope),
+                                      header_map(scope) if headers is None else headers)
+
+    def lookup(self, request_id: str, who: Principal | None) -> list[Ticket | dict[str, Any]]:
+        """Running or waiting tickets, then finished records, that ``request_id`` names for
+        ``who``: lmgate's internal id, or a request id (possibly client-chosen), among the
+        caller's own requests only; an admin sees everyone's. Nobody else's, ever."""
+        admin = who is not None and who.admin
+        mine = None if who is None else who.identity
+
+        def visible(identity: str) -> bool:
+            return admin or identity == mine
+
+        live: list[Ticket | dict[str, Any]] = [
+            t for t in self.gate.tickets()
+            if (t.uid == request_id or t.request_id == request_id) and visible(t.identity)]
+        seen = {t.uid for t in live if isinstance(t, Ticket)}
+        done = [r for r in self.recent.values()
+                if (r["uid"] == request_id or r["request_id"] == request_id)
+                and r["uid"] not in seen and visible(r["identity"])]
+        return live + done[::-1]
+
+    # -- priorities and quotas ----------------------------------------------------------
+    def watch_aging(self) -> None:
+        """Have the gate age its waiting requests on time: one timer, for the next one due."""
+        if self._aging is not None:
+            return
+        at = self.gate.next_aging_at()
+        if at is None:
+            return
+        loop = asyncio.get_running_loop()
+        self._aging = loop.call_later(max(0.0, at - time.monotonic()), self._age)
+
+    def _age(self) -> None:
+        self._aging = None
+        self.gate.tick()
+        self.watch_aging()
+
+    def check_quota(self, key: ApiKey) -> None:
+        refusal = self.quotas.refusal(key.name, key.tokens_per_day, key.tokens_per_month)
+        if refusal is not None:
+            raise QuotaExceeded(refusal.message, retry_after_s=refusal.retry_after_s)
+
+    # -- bookkeeping -------------------------------------------------------------------
+    def observe(self, rec: RequestRecord) -> None:
+        self.metrics.observe(rec)
+        if rec.key and rec.total_tokens and rec.total_tokens > 0:
+            self.quotas.add(rec.key, rec.total_tokens)
+        if rec.model:
+            bucket = {"ok": "served", "rejected": "rejected"}.get(rec.outcome, "failed")
+            self.totals[bucket] += 1
+            self.totals["completion_tokens"] += rec.completion_tokens or 0
+        if rec.outcome == "ok" and rec.wait_ms is not None:
+            self.eta.observe(rec.model, rec.duration_ms / 1000 - rec.wait_ms / 1000)
+        if (rec.outcome == "upstream_error" and rec.status >= 500) or rec.status in (502, 504):
+            self.refresh_loaded_soon()
+        log_access(rec, self.settings.log_format)
+
+    def remember(self, ticket: Ticket, rec: RequestRecord) -> None:
+        self.recent[ticket.uid] = {
+            "request_id": ticket.request_id, "uid": ticket.uid, "model": ticket.model, "state": "done",
+            "outcome": rec.outcome, "status": rec.status, "position": -1,
+            "position_at_arrival": ticket.position_at_arrival,
+            "waited_s": round(ticket.waited_s(time.monotonic()), 3),
+            "identity": ticket.identity, "client": ticket.meta.get("client"),
+        }
+        self.recent.move_to_end(ticket.uid)
+        while len(self.recent) > RECENT_CAP:
+            self.recent.popitem(last=False)
+
+    def refresh_loaded_soon(self) -> None:
+        if self._refresh is None or self._refresh.done():
+            self._refresh = asyncio.get_running_loop().create_task(self.refresh_loaded())
+
+    @property
+    def idle(self) -> bool:
+        """Nothing runs on the upstream: only then may lmgate send it anything of its own."""
+        return not self.gate.active
+
+    async def refresh_loaded(self) -> None:
+        if not self.idle:
+            return
+        models = await self.upstream.loaded_models()
+        if models is not None and self.idle:
+            self.gate.set_loaded(models)
+
+    # -- lifecycle ---------------------------------------------------------------------
+    async def startup(self) -> None:
+        try:
+            await self.quotas.start()
+        except QuotaStoreError as err:
+            log.error("%s", err)
+            raise SystemExit(2) from None
+        if await self.upstream.probe():
+            log.info("upstream %s is up", self.upstream.base)
+            await self.refresh_loaded()
+        else:
+            log.warning("upstream %s is not answering; requests get 502 until it is back",
+                        self.upstream.base)
+        self._watch = asyncio.get_running_loop().create_task(self._watch_upstream())
+        self.history.start()
+        if self.auth.open and self.settings.host not in ("127.0.0.1", "localhost", "::1"):
+            log.warning("no [[keys]] configured and listening on %s: ANYONE who can reach this "
+                        "port can use the LLM server. Configure [[keys]] to require API keys.",
+                        self.settings.host)
+
+    async def _watch_upstream(self) -> None:
+        """Keep ``upstream_up`` true to life, and notice a model loaded by hand in LM Studio
+        while nothing runs through lmgate. Only while nothing runs: some servers stop the
+        running generation when any other request arrives (llama.cpp's ``interrupt_requests``),
+        and while a request runs its own answer tells whether the box is up."""
+        while True:
+            await asyncio.sleep(self.probe_interval_s)
+            if not self.idle:
+                continue
+            was_up = self.upstream.up
+            up = await self.upstream.probe()
+            if up != was_up:
+                log.log(logging.INFO if up else logging.WARNING, "upstream %s is %s",
+                        self.upstream.base, "back up" if up else "not answering")
+            if up:
+                await self.refresh_loaded()
+
+    def begin_shutdown(self) -> None:
+        """Stop admitting; fail waiting requests now; give running ones the grace period."""
+        if self.draining:
+            return
+        self.draining = True
+        dropped = self.gate.close()
+        for ticket in dropped:
+            if ticket.waiter is not None and not ticket.waiter.done():
+                ticket.waiter.set_exception(ShuttingDown("lmgate is shutting down; try again shortly"))
+        log.info("shutting down: %d waiting requests refused, %d running get %g s to finish",
+                 len(dropped), self.gate.active, self.settings.shutdown_grace)
+        if self.gate.active:
+            self._grace = asyncio.get_running_loop().create_task(self._end_grace())
+
+    async def _end_grace(self) -> None:
+        await asyncio.sleep(self.settings.shutdown_grace)
+        reason = ShuttingDown("lmgate is shutting down; the request was cut off")
+        for ex in list(self.exchanges.values()):
+            ex.interrupt(reason)
+        for ext in self.extensions:
+            ext.cut_off(reason)
+
+    async def aclose(self) -> None:
+        self.history.stop()
+        if self._aging is not None:
+            self._aging.cancel()
+        await self.quotas.aclose()
+        for task in (self._refresh, self._grace, self._watch):
+            if task is not None:
+                task.cancel()
+        await self.upstream.aclose()
+
+    def cancel(self, request_id: str, who: Principal, reason: Any) -> str:
+        """Admin cancel: withdraw waiting requests or cut off running ones. Answers
+        ``cancelled``, ``none`` (nothing waiting or running by that id), or ``ambiguous``: a
+        client-chosen id that several identities used cancels nothing."""
+        found = [t for t in self.lookup(request_id, who) if isinstance(t, Ticket)]
+        exact = [t for t in found if t.uid == request_id]
+        if exact:
+            found = exact
+        elif len({t.identity for t in found}) > 1:
+            return "ambiguous"
+        for ticket in found:
+            ex = self.exchanges.get(ticket)
+            if ex is not None:
+                ex.interrupt(reason)
+            else:
+                for ext in self.extensions:
+                    ext.cancel(ticket.uid, reason)
+        return "cancelled" if found else "none"
+
+
+def quota_path(settings: Settings) -> Path | None:
+    """Token counts persist only when some key has a quota (in ``--state-dir``); otherwise
+    they are kept in memory for /usage and the metrics."""
+    if not any(k.has_quota for k in settings.keys):
+        return None
+    base = Path(settings.state_dir).expanduser() if settings.state_dir else default_state_dir()
+    return base / DB_NAME
+
+
+def _grant(ticket: Ticket) -> None:
+    waiter = ticket.waiter
+    if waiter is not None and not waiter.done():
+        waiter.set_result(True)
+
+
+def log_access(rec: RequestRecord, fmt: str) -> None:
+    if not access_log.isEnabledFor(logging.INFO):
+        return
+    if fmt == "json":
+        access_log.info(json.dumps({
+            "request_id": rec.request_id, "client": rec.client, "route": rec.route,
+            "model": rec.model, "status": rec.status, "outcome": rec.outcome,
+            "stream": rec.stream, "position": rec.position,
+            "wait_ms": _r(rec.wait_ms), "ttft_ms": _r(rec.ttft_ms), "duration_ms": _r(rec.duration_ms),
+            "prompt_tokens": rec.prompt_tokens, "completion_tokens": rec.completion_tokens,
+            "tokens_approx": rec.tokens_approx,
+        }))
+        return
+    access_log.info(
+        '%s %s "%s" model=%s status=%s outcome=%s pos=%s wait_ms=%s ttft_ms=%s duration_ms=%s '
+        "tokens=%s/%s%s",
+        rec.request_id, rec.client, rec.route, rec.model or "-", rec.status, rec.outcome,
+        rec.position, _r(rec.wait_ms), _r(rec.ttft_ms), _r(rec.duration_ms),
+        "-" if rec.prompt_tokens is None else rec.prompt_tokens,
+        "-" if rec.completion_tokens is None else rec.completion_tokens,
+        "~" if rec.tokens_approx else "",
+    )
+
+
+def _r(v: float | None) -> float | None:
+    return None if v is None else round(v, 1)
