@@ -27,15 +27,26 @@ Swap batching
     of earlier requests for other models, but no ticket is overtaken more than K times. With
     K = 0 the order is strict.
 
+Boxes
+    The gate may hand requests to several upstream servers ("boxes"). Each box has its own
+    slots (``parallel``) and its own loaded model or group; the waiting line is one line. A
+    request starts on the first box that can run it now: one whose running or loaded model
+    is compatible and that has a free slot, then an idle box that lists the model (a swap).
+    The order holds per box: a waiting request that could use a box keeps later requests
+    off it (up to ``max_skips`` overtakes), while a request no earlier one could use starts
+    at once on its own box, so nobody waits behind a request for another box.
+
 Positions
     ``0`` means started without waiting; ``N >= 1`` means N-1 requests start before this one
-    if nothing else arrives. With K = 0 that is the index in the sorted list (a bisect); with
-    K > 0 it comes from a projection of the policy, cached until the gate changes.
+    if nothing else arrives (and the running ones end in the order they started). With one box
+    and K = 0 that is the index in the sorted list (a bisect); otherwise it comes from a replay
+    of the dispatch rules, cached until the gate changes.
 """
 
 from __future__ import annotations
 
 import bisect
+import fnmatch
 import time
 from collections import deque
 from collections.abc import Callable, Iterable
@@ -84,6 +95,7 @@ class Ticket:
     position_at_arrival: int = 0
     depth_at_arrival: int = 0
     skipped: int = 0
+    box: str | None = None  # the box it runs (or last ran) on
 
     @property
     def key(self) -> tuple[int, int, int]:
@@ -92,6 +104,41 @@ class Ticket:
     def waited_s(self, now: float) -> float:
         end = self.started_at if self.started_at is not None else (self.ended_at or now)
         return max(0.0, end - self.arrived_at)
+
+
+@dataclass(eq=False)
+class Box:
+    """One upstream server's share of the gate: its slots and what it has loaded."""
+
+    name: str
+    parallel: int = 1
+    models: tuple[str, ...] = ()  # globs of the models it may serve; empty: any
+    catalog: frozenset[str] | None = None  # the models the server lists; None: not known
+    up: bool = True
+    removed: bool = False  # taken out by a reload: ends what runs, starts nothing new
+    loaded: frozenset[str] = frozenset()
+    switches: int = 0
+    running: dict[int, Ticket] = field(default_factory=dict)
+
+    def lists(self, model: str) -> bool:
+        if self.models and not any(fnmatch.fnmatchcase(model, g) for g in self.models):
+            return False
+        return self.catalog is None or model in self.catalog
+
+    @property
+    def usable(self) -> bool:
+        return self.up and not self.removed
+
+
+@dataclass
+class _Slotview:
+    """A box as the dispatch rules see it (real, or a copy in a replay)."""
+
+    name: str
+    parallel: int
+    lists: Callable[[str], bool]
+    running: list[str]  # models, one per running request
+    loaded: frozenset[str]
 
 
 class Gate:
@@ -110,6 +157,7 @@ class Gate:
         clock: Callable[[], float] = time.monotonic,
         top_priority: int = 0,
         max_priority_wait: float = 60.0,
+        boxes: Iterable[Box] | None = None,
     ) -> None:
         if parallel < 1:
             raise ValueError("parallel must be >= 1")
@@ -119,7 +167,13 @@ class Gate:
             raise ValueError(f"unknown policy {policy!r}")
         if max_priority_wait < 0:
             raise ValueError("max_priority_wait must be >= 0")
-        self.parallel = parallel
+        self.boxes: dict[str, Box] = {}
+        for box in (boxes if boxes is not None else [Box("", parallel, loaded=frozenset(loaded))]):
+            if box.parallel < 1:
+                raise ValueError("parallel must be >= 1")
+            self.boxes[box.name] = box
+        if not self.boxes:
+            raise ValueError("a gate needs at least one box")
         self.max_queue = max_queue
         self.max_skips = max_skips
         self.policy = policy
@@ -129,9 +183,7 @@ class Gate:
         self.top_priority = top_priority
         self.max_priority_wait = max_priority_wait
         self.closed = False
-        self.switches = 0
         self.version = 0
-        self._loaded: frozenset[str] = frozenset(loaded)
         self._order: list[tuple[int, int, int]] = []
         self._young: deque[Ticket] = deque()  # waiting below the top band, by arrival
         self._waiting: dict[int, Ticket] = {}
@@ -153,7 +205,24 @@ class Gate:
 
     @property
     def loaded(self) -> frozenset[str]:
-        return self._loaded
+        out: frozenset[str] = frozenset()
+        for box in self.boxes.values():
+            out |= box.loaded
+        return out
+
+    @property
+    def parallel(self) -> int:
+        """Slots on the boxes that can take requests (all boxes if none can)."""
+        usable = [b.parallel for b in self.boxes.values() if b.usable]
+        return sum(usable) if usable else sum(b.parallel for b in self.boxes.values())
+
+    @property
+    def switches(self) -> int:
+        return sum(b.switches for b in self.boxes.values())
+
+    def serves(self, model: str) -> bool:
+        """Does any box (up or down, not removed) list ``model``?"""
+        return any(b.lists(model) for b in self.boxes.values() if not b.removed)
 
     @property
     def running(self) -> list[Ticket]:
@@ -161,7 +230,7 @@ class Gate:
 
     def waiting(self) -> list[Ticket]:
         """Waiting tickets in the order they are expected to start."""
-        if self.max_skips == 0:
+        if self._simple:
             return [self._waiting[key[2]] for key in self._order]
         ranks = self._projected()
         return sorted(self._waiting.values(), key=lambda t: ranks[t.seq])
@@ -175,14 +244,26 @@ class Gate:
             return 0
         if ticket.state != WAITING:
             return -1
-        if self.max_skips == 0:
+        if self._simple:
             return bisect.bisect_left(self._order, ticket.key) + 1
         return self._projected()[ticket.seq] + 1
+
+    @property
+    def _simple(self) -> bool:
+        """One box and strict order: positions are indices in the line."""
+        return self.max_skips == 0 and len(self.boxes) == 1
 
     def depth_by_model(self) -> dict[str, int]:
         out: dict[str, int] = {}
         for t in self._waiting.values():
             out[t.model] = out.get(t.model, 0) + 1
+        return out
+
+    def active_by_box_model(self) -> dict[tuple[str, str], int]:
+        out: dict[tuple[str, str], int] = {}
+        for t in self._running.values():
+            k = (t.box or "", t.model)
+            out[k] = out.get(k, 0) + 1
         return out
 
     def active_by_model(self) -> dict[str, int]:
@@ -231,6 +312,11 @@ class Gate:
         if ticket.state != RUNNING:
             return
         del self._running[ticket.seq]
+        box = self.boxes.get(ticket.box or "")
+        if box is not None:
+            box.running.pop(ticket.seq, None)
+            if box.removed and not box.running:
+                del self.boxes[box.name]
         ticket.state = DONE
         ticket.ended_at = self.clock()
         self._forget_if_idle(ticket.identity)
@@ -265,10 +351,62 @@ class Gate:
         self._bump()
         return dropped
 
-    def set_loaded(self, models: Iterable[str]) -> None:
-        """Record what the upstream reports as loaded (not counted as a switch)."""
-        self._loaded = frozenset(models)
+    def set_loaded(self, models: Iterable[str], box: str | None = None) -> None:
+        """Record what a box reports as loaded (not counted as a switch)."""
+        self._box(box).loaded = frozenset(models)
         self._bump()
+        self._notify(self._dispatch())
+
+    def set_catalog(self, box: str, models: Iterable[str] | None) -> None:
+        """The models a box lists (None: not known, so it is tried for any model)."""
+        self._box(box).catalog = None if models is None else frozenset(models)
+        self._bump()
+        self._notify(self._dispatch())
+
+    def set_up(self, box: str, up: bool) -> None:
+        """A box that refuses connections is skipped until it is back."""
+        b = self._box(box)
+        if b.up != up:
+            b.up = up
+            self._bump()
+            self._notify(self._dispatch())
+
+    def add_box(self, box: Box) -> None:
+        if box.name in self.boxes:
+            raise ValueError(f"box {box.name!r} exists")
+        self.boxes[box.name] = box
+        self._bump()
+        self._notify(self._dispatch())
+
+    def remove_box(self, name: str) -> None:
+        """Start nothing more on a box; it leaves once its running requests have ended."""
+        box = self.boxes[name]
+        box.removed = True
+        if not box.running:
+            del self.boxes[name]
+        self._bump()
+        self._notify(self._dispatch())
+
+    def requeue(self, ticket: Ticket) -> None:
+        """A running ticket whose box refused it before anything was sent goes back to its
+        place in the line (same key), to start on another box or when this one is back. Give
+        it a fresh ``waiter`` first: it may start again at once."""
+        if ticket.state != RUNNING:
+            return
+        del self._running[ticket.seq]
+        box = self.boxes.get(ticket.box or "")
+        if box is not None:
+            box.running.pop(ticket.seq, None)
+            if box.removed and not box.running:
+                del self.boxes[box.name]
+        ticket.started_at = None
+        self._insert(ticket, fresh=False)
+        self._notify(self._dispatch())
+
+    def _box(self, name: str | None) -> Box:
+        if name is None:
+            return next(iter(self.boxes.values()))
+        return self.boxes[name]
 
     def tickets(self) -> list[Ticket]:
         """Every running and waiting ticket (in no particular order)."""
@@ -278,7 +416,7 @@ class Gate:
     def _bump(self) -> None:
         self.version += 1
 
-    def _insert(self, ticket: Ticket) -> None:
+    def _insert(self, ticket: Ticket, fresh: bool = True) -> None:
         ticket.state = WAITING
         self._waiting[ticket.seq] = ticket
         key = ticket.key
@@ -287,7 +425,7 @@ class Gate:
         else:
             bisect.insort(self._order, key)
         self._per_identity[ticket.identity] = self._per_identity.get(ticket.identity, 0) + 1
-        if ticket.rank > -self.top_priority:
+        if fresh and ticket.rank > -self.top_priority:
             self._young.append(ticket)
         self._bump()
 
@@ -350,61 +488,103 @@ class Gate:
         together = set(models) | {model}
         return any(together <= g for g in self.groups)
 
-    def _pick(self, current: frozenset[str], busy: bool) -> int | None:
-        """Index in ``_order`` of the ticket to start next, or None to wait."""
-        head = self._waiting[self._order[0][2]]
-        if self.compatible(head.model, current):
-            return 0
-        if self.max_skips:
-            waiting = ((self._waiting[k[2]].model, self._waiting[k[2]].skipped) for k in self._order)
-            found = self._overtaker(waiting, current)
-            if found is not None:
-                return found
-        return None if busy else 0
-
-    def _overtaker(self, waiting: Iterable[tuple[str, int]], current: frozenset[str]) -> int | None:
-        """Index of the first waiting request after the head whose model may run with
-        ``current`` and that may overtake everyone ahead of it (each skipped < max_skips).
-        ``waiting`` gives (model, times skipped) in service order."""
-        worst = 0
-        for i, (model, skipped) in enumerate(waiting):
-            if i and self.compatible(model, current):
-                return i
-            worst = max(worst, skipped)
-            if worst >= self.max_skips:
-                return None
-        return None
-
     def _joined(self, model: str, models: frozenset[str]) -> frozenset[str]:
         """The model set after ``model`` starts: added to a compatible set, else replacing it."""
         return models | {model} if self.compatible(model, models) else frozenset({model})
 
+    def _views(self) -> list[_Slotview]:
+        return [_Slotview(b.name, b.parallel, b.lists, [t.model for t in b.running.values()], b.loaded)
+                for b in self.boxes.values() if b.usable]
+
+    def _choose(self, n: int, model: Callable[[int], str], skipped: Callable[[int], int],
+                views: list[_Slotview]) -> tuple[int, _Slotview, list[int]] | None:
+        """The next start among ``n`` waiting requests in line order (``model(i)``,
+        ``skipped(i)``): (index, box, indices it overtakes), or None.
+
+        First without a swap: in line order, a request whose model may join what its box runs
+        (or has loaded, when idle), on a box with a free slot that no earlier waiting request
+        could use, or that it may overtake them on (each skipped < max_skips). Then, still in
+        line order, the first request with an idle box that lists its model and that no
+        earlier request could use: a swap."""
+        blockers: dict[str, list[int]] = {}
+        every = len(views)
+        for i in range(n):
+            m = model(i)
+            fallback: tuple[int, _Slotview, list[int]] | None = None
+            mine: list[_Slotview] = []
+            for v in views:
+                if not v.lists(m):
+                    continue
+                mine.append(v)
+                if len(v.running) >= v.parallel:
+                    continue
+                if not self.compatible(m, frozenset(v.running) if v.running else v.loaded):
+                    continue
+                ahead = blockers.get(v.name)
+                if not ahead:
+                    return i, v, []
+                if fallback is None and self.max_skips and all(skipped(a) < self.max_skips for a in ahead):
+                    fallback = (i, v, ahead)
+            if fallback is not None:
+                return fallback
+            for v in mine:
+                blockers.setdefault(v.name, []).append(i)
+            if len(blockers) == every and not self.max_skips:
+                break  # every box is held by someone earlier: nothing later may start
+        taken: set[str] = set()
+        for i in range(n):
+            m = model(i)
+            for v in views:
+                if v.name in taken or not v.lists(m):
+                    continue
+                if not v.running:
+                    return i, v, []
+                taken.add(v.name)
+            if len(taken) == every:
+                break
+        return None
+
     def _dispatch(self) -> list[Ticket]:
         started: list[Ticket] = []
-        while self._order and len(self._running) < self.parallel:
-            busy = bool(self._running)
-            current = frozenset(t.model for t in self._running.values()) if busy else self._loaded
-            i = self._pick(current, busy)
-            if i is None:
+        if not self._order:
+            return started
+        views = self._views()
+        order, waiting = self._order, self._waiting
+
+        def model(i: int) -> str:
+            return waiting[order[i][2]].model
+
+        def skipped(i: int) -> int:
+            return waiting[order[i][2]].skipped
+
+        while order and views:
+            found = self._choose(len(order), model, skipped, views)
+            if found is None:
                 break
-            for k in self._order[:i]:
-                self._waiting[k[2]].skipped += 1
-            ticket = self._waiting[self._order[i][2]]
+            i, view, overtaken = found
+            for a in overtaken:
+                waiting[order[a][2]].skipped += 1
+            ticket = waiting[order[i][2]]
             self._remove_waiting(ticket, starting=True)
-            self._start(ticket)
+            box = self.boxes[view.name]
+            self._start(ticket, box)
+            view.running.append(ticket.model)
+            view.loaded = box.loaded
             started.append(ticket)
         if started:
             self._bump()
         return started
 
-    def _start(self, ticket: Ticket) -> None:
+    def _start(self, ticket: Ticket, box: Box) -> None:
         ticket.state = RUNNING
         ticket.started_at = self.clock()
+        ticket.box = box.name
         self._running[ticket.seq] = ticket
+        box.running[ticket.seq] = ticket
         self._vtime = max(self._vtime, ticket.tag)
-        if not self.compatible(ticket.model, self._loaded):
-            self.switches += 1
-        self._loaded = self._joined(ticket.model, self._loaded)
+        if not self.compatible(ticket.model, box.loaded):
+            box.switches += 1
+        box.loaded = self._joined(ticket.model, box.loaded)
 
     def _notify(self, started: list[Ticket]) -> None:
         if self.on_start is not None:
@@ -412,23 +592,39 @@ class Gate:
                 self.on_start(t)
 
     def _projected(self) -> dict[int, int]:
-        """Rank of every waiting ticket in the expected start order (policy replayed)."""
+        """Rank of every waiting ticket in the expected start order: the dispatch rules
+        replayed on a copy, the running requests ending in the order they started."""
         if self._projection is not None and self._projection[0] == self.version:
             return self._projection[1]
-        order = [self._waiting[k[2]] for k in self._order]
-        skipped = [t.skipped for t in order]
-        busy = bool(self._running)
-        current = frozenset(t.model for t in self._running.values()) if busy else self._loaded
+        views = self._views()
+        line = [self._waiting[k[2]] for k in self._order]
+        never = [t for t in line if not any(v.lists(t.model) for v in views)]
+        line = [t for t in line if any(v.lists(t.model) for v in views)]
+        skipped = [t.skipped for t in line]
+        ends: list[tuple[str, str]] = [(t.box or "", t.model) for t in self._running.values()]
+        by_name = {v.name: v for v in views}
         ranks: dict[int, int] = {}
-        while order:
-            pick = 0
-            if not self.compatible(order[0].model, current):
-                pick = self._overtaker(zip((t.model for t in order), skipped), current) or 0
-            for i in range(pick):
-                skipped[i] += 1
-            t = order.pop(pick)
-            del skipped[pick]
+        while line:
+            found = (self._choose(len(line), lambda i: line[i].model, skipped.__getitem__, views)
+                     if views else None)
+            if found is None:
+                if not ends:
+                    break
+                name, model = ends.pop(0)
+                v = by_name.get(name)
+                if v is not None:
+                    v.running.remove(model)
+                continue
+            i, v, overtaken = found
+            for a in overtaken:
+                skipped[a] += 1
+            t = line.pop(i)
+            del skipped[i]
             ranks[t.seq] = len(ranks)
-            current = self._joined(t.model, current)
+            v.running.append(t.model)
+            v.loaded = self._joined(t.model, v.loaded)
+            ends.append((v.name, t.model))
+        for t in [*line, *never]:  # cannot start on any box that is up: last, in line order
+            ranks[t.seq] = len(ranks)
         self._projection = (self.version, ranks)
         return ranks

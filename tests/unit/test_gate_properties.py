@@ -4,11 +4,12 @@ every policy, with the invariants checked after each step."""
 from __future__ import annotations
 
 import copy
+from typing import Any
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from proxy.gate import CANCELLED, DONE, RUNNING, WAITING, Gate, QueueFull, Ticket
+from proxy.gate import CANCELLED, DONE, RUNNING, WAITING, Box, Gate, QueueFull, Ticket
 
 MODELS = ["A", "B", "C", "E"]
 GROUPS = [["A", "E"]]
@@ -56,6 +57,9 @@ def check_positions_truthful(gate: Gate) -> None:
         twin.release(twin.running[0])
     started_seqs = [t.seq for t in starts.order]
     for seq, pos in positions.items():
+        if seq not in started_seqs:  # no box that is up lists its model: it is last in line
+            assert pos > len(started_seqs), (seq, pos, started_seqs)
+            continue
         assert started_seqs.index(seq) == pos - 1, (seq, pos, started_seqs)
 
 
@@ -261,3 +265,109 @@ def test_priorities_order_the_line_and_aging_stops_overtaking() -> None:
     assert gate.position(low) == 1 and gate.position(late) == 3
     gate.release(running)
     assert low.state == RUNNING
+
+
+box_op = st.one_of(
+    st.tuples(st.just("arrive"), st.integers(0, 3), st.integers(0, 2)),
+    st.tuples(st.just("finish"), st.integers(0, 50), st.just(0)),
+    st.tuples(st.just("cancel"), st.integers(0, 50), st.just(0)),
+    st.tuples(st.just("down"), st.integers(0, 2), st.booleans()),
+)
+CATALOGS = [None, frozenset({"A", "B"}), frozenset({"B", "C"}), frozenset({"C", "E"}), frozenset({"A"})]
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    ops=st.lists(box_op, min_size=8, max_size=80),
+    shape=st.lists(st.tuples(st.integers(1, 3), st.integers(0, len(CATALOGS) - 1)), min_size=2, max_size=3),
+    max_skips=st.integers(0, 2),
+    policy=st.sampled_from(["fifo", "fair"]),
+)
+def test_several_boxes(ops: list[tuple[str, int, Any]], shape: list[tuple[int, int]], max_skips: int,
+                       policy: str) -> None:
+    """Two or three boxes with their own slots and catalogs, boxes going down and up: every
+    running request is on a box that lists its model, one model (or group-free set) per box,
+    nobody waits while a box it could use sits idle with nobody ahead of it, and positions
+    are still the number of requests that start first (running ones ending in start order)."""
+    boxes = [Box(f"b{i}", parallel=p, catalog=CATALOGS[c]) for i, (p, c) in enumerate(shape)]
+    gate = Gate(boxes=boxes, max_skips=max_skips, policy=policy, max_queue=50)
+    tickets: list[Ticket] = []
+    for kind, a, b in ops:
+        if kind == "arrive":
+            t = Ticket(request_id=f"r{len(tickets)}", model=MODELS[a], identity=f"id{b}")
+            gate.submit(t)
+            tickets.append(t)
+        elif kind == "finish" and gate.running:
+            gate.release(gate.running[a % len(gate.running)])
+        elif kind == "cancel" and tickets:
+            gate.cancel(tickets[a % len(tickets)])
+        elif kind == "down":
+            gate.set_up(boxes[a % len(boxes)].name, b)
+        for box in boxes:
+            assert len(box.running) <= box.parallel
+            assert len({t.model for t in box.running.values()}) <= 1
+            for t in box.running.values():
+                assert box.lists(t.model) and t.box == box.name
+        assert gate.active == sum(len(b.running) for b in boxes)
+        line = gate.waiting()
+        if max_skips == 0:
+            for i, t in enumerate(line):
+                for box in boxes:
+                    if box.usable and not box.running and box.lists(t.model):
+                        # an idle box it could use: someone earlier must hold it
+                        assert any(box.lists(u.model) for u in line[:i]), (t, box)
+        check_positions_truthful(gate)
+
+
+def test_a_request_for_another_box_does_not_wait_behind_a_busy_one() -> None:
+    a = Box("a", catalog=frozenset({"A"}))
+    b = Box("b", catalog=frozenset({"B"}))
+    gate = Gate(boxes=[a, b])
+    first, waits, other = Ticket("1", "A"), Ticket("2", "A"), Ticket("3", "B")
+    for t in (first, waits, other):
+        gate.submit(t)
+    assert first.box == "a" and waits.state == WAITING and other.box == "b"
+    gate.set_up("a", False)
+    gate.release(first)
+    assert waits.state == WAITING  # its only box is down: it waits for it
+    gate.set_up("a", True)
+    assert waits.state == RUNNING and waits.box == "a"
+
+
+def test_prefers_the_box_with_the_model_loaded_then_an_idle_one() -> None:
+    a, b = Box("a", parallel=2, loaded=frozenset({"X"})), Box("b", loaded=frozenset({"Y"}))
+    gate = Gate(boxes=[a, b])
+    y1, y2, z = Ticket("1", "Y"), Ticket("2", "Y"), Ticket("3", "Z")
+    gate.submit(y1)
+    assert y1.box == "b" and gate.switches == 0
+    gate.submit(y2)  # b is full: a is idle and lists Y, so it swaps there rather than wait
+    assert y2.box == "a" and gate.switches == 1
+    gate.submit(z)
+    assert z.state == WAITING
+    gate.release(y1)
+    assert z.box == "b"
+
+
+def test_requeue_moves_a_refused_request_to_another_box() -> None:
+    a, b = Box("a"), Box("b")
+    gate = Gate(boxes=[a, b])
+    t = Ticket("1", "A")
+    gate.submit(t)
+    assert t.box == "a"
+    gate.set_up("a", False)
+    gate.requeue(t)
+    assert t.state == RUNNING and t.box == "b"
+    assert gate.active == 1 and not a.running
+
+
+def test_removed_box_finishes_its_work_and_leaves() -> None:
+    a, b = Box("a"), Box("b")
+    gate = Gate(boxes=[a, b])
+    t1, t2 = Ticket("1", "A"), Ticket("2", "A")
+    gate.submit(t1)
+    gate.remove_box("a")
+    assert "a" in gate.boxes
+    gate.submit(t2)
+    assert t2.box == "b"
+    gate.release(t1)
+    assert "a" not in gate.boxes
