@@ -210,6 +210,7 @@ class LegacyQueue:
             body = json.dumps(doc).encode()
             doc = parse_request(body)
             st.auth.check_model(who, doc["model"])
+            st.check_servable(doc["model"])
             body = apply_token_cap(body, doc, st.auth.token_cap(who, doc, "max_tokens"))
             st.auth.check_rate(who)
             job = Job(client_id, body, who)
@@ -375,11 +376,13 @@ class LegacyQueue:
     async def _generate(self, job: Job, rec: RequestRecord) -> None:
         st = self.state
         assert job.body is not None
-        req = st.upstream.build("POST", "/v1/chat/completions", b"",
-                                [(b"content-type", b"application/json")], job.body)
+        upstream = st.upstream_for(job.ticket)
+        rec.upstream = upstream.name
+        req = upstream.build("POST", "/v1/chat/completions", b"",
+                             [(b"content-type", b"application/json")], job.body)
         self._drop_body(job)  # handed on: a running job holds no request body
         t_up = time.perf_counter()
-        response = await st.upstream.send(req)
+        response = await upstream.send(req)
         try:
             if response.status_code >= 400:
                 raw = await read_capped(response)

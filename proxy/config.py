@@ -54,7 +54,8 @@ class Option:
 
 
 OPTIONS: tuple[Option, ...] = (
-    Option("upstream", str, "http://localhost:1234", "LM Studio (or any OpenAI-compatible) base URL"),
+    Option("upstream", str, "http://localhost:1234", "LM Studio (or any OpenAI-compatible) base URL; "
+           "repeat the flag (or separate with commas) for several boxes behind one line"),
     Option("host", str, "127.0.0.1", "address to listen on (0.0.0.0 for the whole network)"),
     Option("port", int, 1235, "port to listen on", minimum=0),
     Option("max_queue", int, 100, "requests that may wait at once; more get 429", minimum=0),
@@ -105,7 +106,8 @@ OPTIONS: tuple[Option, ...] = (
     Option("demo", bool, False, "run a built-in LM Studio simulator as the upstream (no LM Studio needed)"),
 )
 OPTION_BY_NAME = {o.name: o for o in OPTIONS}
-TABLE_KEYS = ("keys", "groups")
+TABLE_KEYS = ("keys", "groups", "upstreams")
+UPSTREAM_FIELDS = {"name", "url", "key", "parallel", "models", "max_loaded", "max_loaded_bytes"}
 KEY_FIELDS = {"name", "key", "key_sha256", "models", "max_queued", "rpm", "max_tokens", "role",
               "clamp_max_tokens", "priority", "feedback", "tokens_per_day", "tokens_per_month"}
 
@@ -132,6 +134,29 @@ class ApiKey:
     @property
     def has_quota(self) -> bool:
         return self.tokens_per_day is not None or self.tokens_per_month is not None
+
+
+@dataclass(frozen=True)
+class UpstreamSpec:
+    """One LM Studio box. ``key`` is its bearer token (else ``--upstream-key``); ``parallel``
+    its slots (else ``--parallel``); ``models`` globs of the models it may serve (empty: any
+    that it lists)."""
+
+    name: str
+    url: str
+    key: str | None = None
+    parallel: int | None = None
+    models: tuple[str, ...] = ()
+    max_loaded: int | None = None
+    max_loaded_bytes: int | None = None
+
+
+def box_name(url: str) -> str:
+    """A box given as a URL is called ``host:port`` (never with its credentials)."""
+    parts = urlsplit(url)
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    host = parts.hostname or ""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 @dataclass(frozen=True)
@@ -169,11 +194,18 @@ class Settings:
     demo: bool = False
     keys: tuple[ApiKey, ...] = ()
     groups: tuple[tuple[str, ...], ...] = ()
+    upstreams: tuple[UpstreamSpec, ...] = ()  # every box; empty: the one ``upstream``
     config: str | None = None
     sources: Mapping[str, str] = field(default_factory=dict, compare=False)
 
     def with_(self, **changes: Any) -> Settings:
         return replace(self, **changes)
+
+    def boxes(self) -> tuple[UpstreamSpec, ...]:
+        """Every upstream box: the configured ones, else the one ``upstream``."""
+        if self.upstreams:
+            return self.upstreams
+        return (UpstreamSpec(name=box_name(self.upstream), url=self.upstream),)
 
 
 def _convert(opt: Option, value: Any, source: str) -> Any:
@@ -280,6 +312,62 @@ def _parse_keys(raw: Any) -> tuple[ApiKey, ...]:
     return tuple(out)
 
 
+def _parse_upstreams(raw: Any) -> tuple[UpstreamSpec, ...]:
+    if not isinstance(raw, list) or not raw:
+        raise ConfigError("upstreams", "must be a non-empty array of tables ([[upstreams]])")
+    out: list[UpstreamSpec] = []
+    for i, entry in enumerate(raw):
+        where = f"upstreams[{i}]"
+        if not isinstance(entry, dict):
+            raise ConfigError(where, "must be a table")
+        unknown = sorted(set(entry) - UPSTREAM_FIELDS)
+        if unknown:
+            raise ConfigError(f"{where}.{unknown[0]}", "unknown key")
+        url = entry.get("url")
+        if not isinstance(url, str):
+            raise ConfigError(f"{where}.url", "required, an http(s) URL")
+        try:
+            check_upstream_url(url)
+        except ConfigError as exc:
+            raise ConfigError(f"{where}.url", str(exc).partition(": ")[2]) from None
+        name = entry.get("name", box_name(url))
+        if not isinstance(name, str) or not name.strip():
+            raise ConfigError(f"{where}.name", "must be a non-empty string")
+        key = entry.get("key")
+        if key is not None and (not isinstance(key, str) or not key):
+            raise ConfigError(f"{where}.key", "must be a non-empty string")
+        models = entry.get("models", [])
+        if not isinstance(models, list) or not all(isinstance(m, str) for m in models):
+            raise ConfigError(f"{where}.models", "must be a list of strings (globs)")
+        limits: dict[str, int | None] = {}
+        for lim in ("parallel", "max_loaded", "max_loaded_bytes"):
+            v = entry.get(lim)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+                raise ConfigError(f"{where}.{lim}", "must be a positive integer")
+            limits[lim] = v
+        out.append(UpstreamSpec(name=name.strip(), url=url, key=key, models=tuple(models), **limits))
+    return _unique_boxes(out, "upstreams")
+
+
+def _unique_boxes(specs: list[UpstreamSpec], where: str) -> tuple[UpstreamSpec, ...]:
+    seen: set[str] = set()
+    for spec in specs:
+        if spec.name in seen:
+            raise ConfigError(where, f"two boxes are called {spec.name!r}; give each its own name")
+        seen.add(spec.name)
+    return tuple(specs)
+
+
+def _url_boxes(value: str) -> tuple[UpstreamSpec, ...]:
+    """``--upstream`` / ``LMGATE_UPSTREAM`` / ``upstream``: one URL or several, comma-separated."""
+    urls = [u.strip() for u in value.split(",") if u.strip()]
+    if not urls:
+        raise ConfigError("upstream", "must name at least one URL")
+    for url in urls:
+        check_upstream_url(url)
+    return _unique_boxes([UpstreamSpec(name=box_name(u), url=u) for u in urls], "upstream")
+
+
 def _parse_groups(raw: Any) -> tuple[tuple[str, ...], ...]:
     if not isinstance(raw, list):
         raise ConfigError("groups", "must be an array of tables ([[groups]])")
@@ -339,6 +427,9 @@ def build_parser() -> argparse.ArgumentParser:
         if opt.kind is bool:
             parser.add_argument(opt.flag, action="store_const", const="true", default=None,
                                 help=f"{opt.help}{default}; env {opt.env}")
+        elif opt.name == "upstream":  # repeatable: several boxes
+            parser.add_argument(opt.flag, metavar="URL", action="append", default=None,
+                                help=f"{opt.help}{default}; env {opt.env}")
         else:
             parser.add_argument(opt.flag, metavar=opt.name.upper(), default=None,
                                 help=f"{opt.help}{default}; env {opt.env}")
@@ -367,6 +458,8 @@ def load_settings(
     args = vars(build_parser().parse_args(argv))
     config_path = args.pop("config") or env.get("LMGATE_CONFIG") or None
     args.pop("version", None)
+    if isinstance(args.get("upstream"), list):
+        args["upstream"] = ",".join(args["upstream"])
     file_values: dict[str, Any] = read_file(config_path) if config_path else {}
     for key in file_values:
         if key not in OPTION_BY_NAME and key not in TABLE_KEYS:
@@ -388,13 +481,25 @@ def load_settings(
         sources[opt.name] = source
     keys = _parse_keys(file_values["keys"]) if "keys" in file_values else ()
     groups = _parse_groups(file_values["groups"]) if "groups" in file_values else ()
-    settings = Settings(**values, keys=keys, groups=groups, config=config_path, sources=sources)
+    if "upstreams" in file_values and "upstream" in file_values:
+        raise ConfigError("upstreams", f"{config_path} sets both upstream and [[upstreams]]; "
+                          "keep one of the two")
+    if "upstreams" in file_values and sources.get("upstream", "file") == "file":
+        boxes = _parse_upstreams(file_values["upstreams"])
+    else:
+        if "upstreams" in file_values:
+            _parse_upstreams(file_values["upstreams"])  # checked, though the flag replaces it
+        boxes = _url_boxes(values.get("upstream", OPTION_BY_NAME["upstream"].default))
+    values["upstream"] = boxes[0].url
+    settings = Settings(**values, keys=keys, groups=groups, upstreams=boxes, config=config_path,
+                        sources=sources)
     validate(settings)
     return settings
 
 
 def validate(settings: Settings) -> None:
-    check_upstream_url(settings.upstream)
+    for box in settings.upstreams:
+        check_upstream_url(box.url)
     check_demo(settings)
     check_example_secrets(settings.keys)
     if settings.port > 65535:
@@ -429,6 +534,8 @@ def check_demo(settings: Settings) -> None:
     """--demo replaces the upstream with the simulator; an explicit upstream as well would be
     ignored silently, so ask the user which one they meant."""
     source = settings.sources.get("upstream")
+    if source is None and len(settings.upstreams) > 1:
+        source = "[[upstreams]]"
     if settings.demo and source is not None:
         raise ConfigError("demo", f"--demo runs a simulated LM Studio as the upstream, but an "
                           f"upstream is also set (from {source}); drop one of the two")

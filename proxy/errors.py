@@ -37,6 +37,7 @@ class ProxyError(Exception):
     code: str | None = "internal_error"
     param: str | None = None
     retry_after_s: int | None = None
+    refused = False  # the upstream refused the connection: nothing was sent
 
     def __init__(
         self,

@@ -27,6 +27,7 @@ from . import streaming as sse
 from .config import FEEDBACK_MODES
 from .errors import (
     BadRequest,
+    UpstreamUnavailable,
     Forbidden,
     ProxyError,
     QueueFullError,
@@ -126,6 +127,7 @@ class GatedRequest:
         self.reasoning = False  # tell the waiting line as reasoning_content chunks
         self.drop_usage = False  # lmgate asked for the usage chunk; the client did not
         self.eta_ms: int | None = None  # estimated wait, taken once at arrival
+        self.upstream_name = ""  # the box it was sent to
         self.id_header = [(b"x-request-id", self.rid.encode())]
 
     # -- entry ---------------------------------------------------------------------------
@@ -224,6 +226,7 @@ class GatedRequest:
         self.rec.model, self.stream = model, doc.get("stream") is True
         self.rec.stream = self.stream
         st.auth.check_model(who, model)
+        st.check_servable(model)
         if self.stream and self.rec.route in FEEDBACK_ROUTES:
             self.reasoning = feedback_mode(self.headers, who, st.settings.feedback) == "reasoning"
         self.body = apply_token_cap(self.body, doc, st.auth.token_cap(who, doc, TOKEN_FIELD.get(self.rec.route)))
@@ -324,15 +327,25 @@ class GatedRequest:
     # -- upstream ------------------------------------------------------------------------
     async def _forward(self, ticket: Ticket | None) -> None:
         st, scope = self.state, self.scope
-        request = st.upstream.build(scope["method"], scope["path"], scope.get("query_string", b""),
-                                    scope["headers"], self.body)
-        t_up = time.perf_counter()
-        self.forwarded = True
-        try:
-            response = await st.upstream.send(request)
-        except ProxyError:
-            st.upstream.mark_failed()
-            raise
+        for _ in range(len(st.upstreams) + 1):
+            upstream = st.upstream_for(ticket)
+            request = upstream.build(scope["method"], scope["path"], scope.get("query_string", b""),
+                                     scope["headers"], self.body)
+            t_up = time.perf_counter()
+            self.forwarded = True
+            self.upstream_name = self.rec.upstream = upstream.name
+            try:
+                response = await upstream.send(request)
+                break
+            except ProxyError as err:
+                upstream.mark_failed()
+                if ticket is None or not err.refused or not st.reroute(ticket):
+                    raise
+            # refused before anything was sent: back in line, for another box
+            self.forwarded = False
+            await self._wait_plain(ticket)
+        else:  # pragma: no cover - every box refused in turn; the last refusal was raised
+            raise UpstreamUnavailable("no upstream accepted the connection")
         try:
             if self.ex.headers_sent:
                 await self._relay_after_wait(response, t_up)
@@ -349,6 +362,7 @@ class GatedRequest:
             headers = [(k, v) for k, v in headers if k.lower() not in replaced] + sse.NO_BUFFERING
         if ticket is not None:
             headers += self._queue_headers(ticket)
+            headers.append((b"x-upstream", self.upstream_name.encode()))
             if not self.stream:
                 headers.append((b"x-queue-wait-ms", str(int(self.rec.wait_ms or 0)).encode()))
         else:
@@ -363,14 +377,17 @@ class GatedRequest:
 
     async def _relay_after_wait(self, response: httpx.Response, t_up: float) -> None:
         self.rec.status = response.status_code
+        started = sse.queue_position(0)
+        if self.state.several:  # its headers left before a box was chosen
+            started = sse.comment(f"upstream={self.upstream_name}") + started
         if response.status_code >= 400:
             self.rec.outcome = "upstream_error"
             body = await read_capped(response)
-            await self._write(sse.queue_position(0)
+            await self._write(started
                               + sse.error_event(sse.upstream_error_message(response.status_code, body)))
             await self._end()
             return
-        await self._pump(response, t_up, True, sse.queue_position(0))
+        await self._pump(response, t_up, True, started)
 
     async def _pump(self, response: httpx.Response, t_up: float, is_sse: bool, prefix: bytes = b"") -> None:
         """Relay the body as it arrives. ``prefix`` (lmgate's own comments) goes out with the
@@ -402,7 +419,9 @@ class GatedRequest:
                 boundary.feed(chunk)
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
         except httpx.HTTPError as exc:
-            self.state.upstream.mark_failed()
+            failed = self.state.upstreams.get(self.upstream_name)
+            if failed is not None:
+                failed.mark_failed()
             raise map_error(exc) from exc
         finally:  # counted however it ended: a stream cut short still used its tokens
             if sniffer is not None:

@@ -43,6 +43,7 @@ class RequestRecord:
     tokens_approx: bool = False
     total_tokens: int | None = None
     key: str | None = None  # the API key's name, when keys are configured
+    upstream: str = "none"  # the box it ran on
     reason: str | None = None
 
 
@@ -70,7 +71,7 @@ class ModelLabels:
 
 class GateCollector(Collector):
     def __init__(self, gate_fn: Callable[[], Gate], label: ModelLabels,
-                 upstream_up: Callable[[], bool | None]) -> None:
+                 upstream_up: Callable[[], dict[str, bool | None]]) -> None:
         self.gate_fn = gate_fn
         self.label = label
         self.upstream_up = upstream_up
@@ -78,43 +79,53 @@ class GateCollector(Collector):
     def collect(self) -> Iterator[Metric]:
         gate = self.gate_fn()
         depth = GaugeMetricFamily("lmgate_queue_depth", "Requests waiting for their turn.", labels=["model"])
-        active = GaugeMetricFamily("lmgate_requests_active", "Requests running upstream now.", labels=["model"])
-        loaded = GaugeMetricFamily("lmgate_loaded_model", "1 for the model(s) lmgate believes are loaded.",
-                                   labels=["model"])
-        for family, counts in ((depth, gate.depth_by_model()), (active, gate.active_by_model())):
-            folded: dict[str, int] = {}
-            for model, n in counts.items():
-                key = self.label.peek(model)
-                folded[key] = folded.get(key, 0) + n
-            if not folded:
-                folded["none"] = 0
-            for model, n in folded.items():
-                family.add_metric([model], n)
-        for model in sorted(gate.loaded):
-            loaded.add_metric([model], 1)  # names from the upstream itself: already bounded
+        active = GaugeMetricFamily("lmgate_requests_active", "Requests running upstream now.",
+                                   labels=["model", "upstream"])
+        loaded = GaugeMetricFamily("lmgate_loaded_model", "1 for the model(s) lmgate believes are "
+                                   "loaded on each box.", labels=["model", "upstream"])
+        folded: dict[str, int] = {}
+        for model, n in gate.depth_by_model().items():
+            key = self.label.peek(model)
+            folded[key] = folded.get(key, 0) + n
+        for model, n in (folded or {"none": 0}).items():
+            depth.add_metric([model], n)
+        running: dict[tuple[str, str], int] = {}
+        for (box, model), n in gate.active_by_box_model().items():
+            key = (self.label.peek(model), box)
+            running[key] = running.get(key, 0) + n
+        for box in gate.boxes.values():
+            if not any(b == box.name for _, b in running):
+                running[("none", box.name)] = 0
+            for model in sorted(box.loaded):
+                loaded.add_metric([model, box.name], 1)  # names from the box itself: bounded
+        for (model, box), n in running.items():
+            active.add_metric([model, box], n)
         switches = CounterMetricFamily("lmgate_model_switches", "Times a request for another model "
-                                       "started after the loaded one (a model swap).")
-        switches.add_metric([], gate.switches)
-        up = GaugeMetricFamily("lmgate_upstream_up", "1 if the last upstream probe or request "
-                               "succeeded, 0 if it failed.")
-        state = self.upstream_up()
-        up.add_metric([], 1.0 if state else 0.0)
-        yield from (depth, active, loaded, switches, up)
+                                       "started after the loaded one (a model swap), per box.",
+                                       labels=["upstream"])
+        parallel = GaugeMetricFamily("lmgate_parallel", "Slots per box: requests for one model "
+                                     "that may run on it at once.", labels=["upstream"])
+        for box in gate.boxes.values():
+            switches.add_metric([box.name], box.switches)
+            parallel.add_metric([box.name], box.parallel)
+        up = GaugeMetricFamily("lmgate_upstream_up", "1 if the last check of or request to the box "
+                               "succeeded, 0 if it failed.", labels=["upstream"])
+        for name, state in self.upstream_up().items():
+            up.add_metric([name], 1.0 if state else 0.0)
+        yield from (depth, active, loaded, switches, parallel, up)
 
 
 class Metrics:
-    def __init__(self, registry: CollectorRegistry, *, max_models: int, max_queue: int,
-                 parallel: int) -> None:
+    def __init__(self, registry: CollectorRegistry, *, max_models: int, max_queue: int) -> None:
         self.registry = registry
         self.label = ModelLabels(max_models)
         self.key_label = ModelLabels(max_models)  # key names: bounded the same way
         Gauge("lmgate_max_queue", "Configured --max-queue.", registry=registry).set(max_queue)
-        Gauge("lmgate_parallel", "Configured --parallel.", registry=registry).set(parallel)
         Gauge("lmgate_build_info", "lmgate version.", ["version"], registry=registry).labels(
             __version__).set(1)
         self.requests = Counter("lmgate_requests", "Requests by route, model and outcome (ok, "
                                 "upstream_error, client_gone, rejected, timeout).",
-                                ["route", "model", "outcome"], registry=registry)
+                                ["route", "model", "outcome", "upstream"], registry=registry)
         self.rejections = Counter("lmgate_rejections", "Requests refused by lmgate, by reason.",
                                   ["reason"], registry=registry)
         self.prompt_tokens = Counter("lmgate_prompt_tokens", "Prompt tokens, from the upstream's "
@@ -135,7 +146,8 @@ class Metrics:
                                   "end of the response.", ["route", "model"],
                                   buckets=DURATION_BUCKETS, registry=registry)
 
-    def attach_gate(self, gate_fn: Callable[[], Gate], upstream_up: Callable[[], bool | None]) -> None:
+    def attach_gate(self, gate_fn: Callable[[], Gate],
+                    upstream_up: Callable[[], dict[str, bool | None]]) -> None:
         self.registry.register(GateCollector(gate_fn, self.label, upstream_up))
 
     def observe(self, rec: RequestRecord) -> None:
@@ -147,7 +159,7 @@ class Metrics:
             model = self.label.peek(rec.model)
         else:
             model = self.label(rec.model)
-        self.requests.labels(rec.route, model, rec.outcome).inc()
+        self.requests.labels(rec.route, model, rec.outcome, rec.upstream).inc()
         if rec.outcome == "rejected" and rec.reason:
             self.rejections.labels(rec.reason).inc()
         if rec.wait_ms is not None:

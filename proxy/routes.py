@@ -61,6 +61,7 @@ def ticket_view(state: AppState, t: Ticket, who: Principal | None, now: float,
         "waited_s": round(t.waited_s(now), 3),
         "stream": bool(t.meta.get("stream")),
         "priority": t.priority,
+        "upstream": t.box if t.state == "running" else None,
         "mine": bool(who is not None and who.identity == t.identity),
     }
     if t.started_at is not None:
@@ -90,7 +91,8 @@ async def queue_snapshot(request: Request) -> Response:
         "max_skips": gate.max_skips,
         "loaded_models": sorted(gate.loaded),
         "model_switches": gate.switches,
-        "upstream_up": state.upstream.up,
+        "upstream_up": any(bool(u.up) for u in state.upstreams.values()),
+        "upstreams": upstream_views(state),
         "draining": state.draining,
         "totals": dict(state.totals),
         "uptime_s": round(time.time() - state.started_at, 1),
@@ -98,6 +100,22 @@ async def queue_snapshot(request: Request) -> Response:
         "waiting": waiting,
         "waiting_listed": len(waiting),
     })
+
+
+def upstream_views(state: AppState) -> list[dict[str, Any]]:
+    """Every box: up or down, what it has loaded, what runs on it. Never its key."""
+    out = []
+    for box in state.gate.boxes.values():
+        up = state.upstreams.get(box.name)
+        out.append({
+            "name": box.name, "url": up.base if up is not None else None,
+            "up": bool(up.up) if up is not None else False, "removed": box.removed,
+            "loaded_models": sorted(box.loaded), "running": len(box.running),
+            "parallel": box.parallel, "models": list(box.models),
+            "catalog": None if box.catalog is None else len(box.catalog),
+            "switches": box.switches,
+        })
+    return out
 
 
 def _int_param(request: Request, name: str, default: int) -> int:
@@ -174,9 +192,10 @@ async def readyz(request: Request) -> Response:
     """From what lmgate already knows (its last check while idle, or the last response):
     never a request of its own to the upstream, which may be busy generating."""
     state: AppState = request.app.state.lmgate
-    up = bool(state.upstream.up)
+    up = any(bool(u.up) for u in state.upstreams.values())
     body = {"status": "ready" if up and not state.draining else "not ready",
-            "upstream": state.upstream.base, "upstream_up": up, "draining": state.draining}
+            "upstream": state.upstream.base, "upstream_up": up, "draining": state.draining,
+            "upstreams": {name: bool(u.up) for name, u in state.upstreams.items()}}
     return JSONResponse(body, status_code=200 if up and not state.draining else 503)
 
 

@@ -17,11 +17,11 @@ import httpx
 from prometheus_client import CollectorRegistry
 
 from .auth import Auth
-from .config import ApiKey, Settings
-from .errors import QuotaExceeded, ShuttingDown
+from .config import ApiKey, Settings, UpstreamSpec
+from .errors import NotFound, QuotaExceeded, ShuttingDown, UpstreamUnavailable
 from .eta import Estimator
 from .exchange import Exchange
-from .gate import Gate, Ticket
+from .gate import Box, Gate, Ticket
 from .history import History
 from .identity import Identities
 from .inbound import ByteBudget, Scope, client_address, header_map
@@ -44,19 +44,22 @@ class AppState:
     def __init__(self, settings: Settings, *, transport: httpx.AsyncBaseTransport | None,
                  registry: CollectorRegistry) -> None:
         self.settings = settings
-        self.gate = Gate(parallel=settings.parallel, max_queue=settings.max_queue,
+        self.transport = transport
+        self.upstreams: dict[str, Upstream] = {
+            spec.name: Upstream(settings, transport, spec) for spec in settings.boxes()}
+        self.gate = Gate(max_queue=settings.max_queue,
                          max_skips=settings.max_skips, policy=settings.policy,
                          groups=settings.groups, on_start=_grant,
                          top_priority=max([0, *(k.priority for k in settings.keys)]),
-                         max_priority_wait=settings.max_priority_wait)
+                         max_priority_wait=settings.max_priority_wait,
+                         boxes=[_box(spec, settings) for spec in settings.boxes()])
         self._aging: asyncio.TimerHandle | None = None
         self.quotas = QuotaStore(quota_path(settings))
-        self.upstream = Upstream(settings, transport)
         self.auth = Auth(settings.keys)
         self.eta = Estimator()
         self.metrics = Metrics(registry, max_models=settings.max_models,
-                               max_queue=settings.max_queue, parallel=settings.parallel)
-        self.metrics.attach_gate(lambda: self.gate, lambda: self.upstream.up)
+                               max_queue=settings.max_queue)
+        self.metrics.attach_gate(lambda: self.gate, lambda: {n: u.up for n, u in self.upstreams.items()})
         self.registry = registry
         self.exchanges: dict[Ticket, Exchange] = {}
         self.identities = Identities(settings.trusted_proxies)
@@ -71,6 +74,67 @@ class AppState:
         self.extensions: list[Any] = []
         self.totals = {"served": 0, "failed": 0, "rejected": 0, "completion_tokens": 0}
         self.history = History.of(self)  # for the status page: /queue/history
+
+    # -- boxes ---------------------------------------------------------------------------
+    @property
+    def upstream(self) -> Upstream:
+        """The first box (with a single box, the upstream)."""
+        return next(iter(self.upstreams.values()))
+
+    @property
+    def several(self) -> bool:
+        return len(self.upstreams) > 1
+
+    def upstream_for(self, ticket: Ticket | None) -> Upstream:
+        """The box a started request runs on; for an ungated call, the first box that is up."""
+        if ticket is not None and ticket.box in self.upstreams:
+            return self.upstreams[ticket.box]
+        for up in self.upstreams.values():
+            if up.up is not False:
+                return up
+        return self.upstream
+
+    def reroute(self, ticket: Ticket) -> bool:
+        """Its box refused the connection before anything was sent: mark the box down and put
+        the request back in its place in line, for another box that lists its model. False
+        when no other box could take it (the caller reports the refusal)."""
+        if not self.several or ticket.box is None:
+            return False
+        refused = ticket.box
+        others = [b for b in self.gate.boxes.values()
+                  if b.name != refused and b.usable and b.lists(ticket.model)]
+        self._mark_down(refused)
+        if not others:
+            return False
+        ticket.waiter = asyncio.get_running_loop().create_future()
+        self.gate.requeue(ticket)
+        return True
+
+    def _mark_down(self, name: str) -> None:
+        up = self.upstreams.get(name)
+        if up is None:
+            return
+        if up.up is not False:
+            log.warning("upstream %s is not answering; its requests go to the other boxes", name)
+        up.up = False
+        up.backoff_s = min(MAX_BACKOFF_S, up.backoff_s * 2 if up.backoff_s
+                           else min(1.0, self.probe_interval_s))
+        up.retry_at = time.monotonic() + up.backoff_s
+        if self.several:
+            self.gate.set_up(name, False)
+
+    def check_servable(self, model: str) -> None:
+        """With several boxes: 404 at once for a model no box lists, 502 at once when every
+        box that lists it is down (it would only wait)."""
+        if not self.several:
+            return
+        boxes = [b for b in self.gate.boxes.values() if not b.removed and b.lists(model)]
+        if not boxes:
+            raise NotFound(f"no upstream serves the model '{model}'", param="model",
+                           code="model_not_found")
+        if not any(b.up for b in boxes):
+            raise UpstreamUnavailable(f"every upstream that serves '{model}' is down "
+                                      f"({', '.join(b.name for b in boxes)}); try again shortly")
 
     # -- who is asking ------------------------------------------------------------------
     def client_of(self, scope: Scope, headers: dict[bytes, bytes] | None = None) -> str:
@@ -151,15 +215,27 @@ class AppState:
 
     @property
     def idle(self) -> bool:
-        """Nothing runs on the upstream: only then may lmgate send it anything of its own."""
+        """Nothing runs on any box."""
         return not self.gate.active
 
-    async def refresh_loaded(self) -> None:
-        if not self.idle:
-            return
-        models = await self.upstream.loaded_models()
-        if models is not None and self.idle:
-            self.gate.set_loaded(models)
+    def box_idle(self, name: str) -> bool:
+        """Nothing runs on this box: only then may lmgate send it anything of its own."""
+        box = self.gate.boxes.get(name)
+        return box is not None and not box.running
+
+    async def refresh_loaded(self, names: list[str] | None = None) -> None:
+        """Read what each idle box has loaded (and, with several boxes, what it lists)."""
+        for name in list(self.upstreams) if names is None else names:
+            up = self.upstreams.get(name)
+            if up is None or not self.box_idle(name) or up.up is False:
+                continue
+            models = await up.loaded_models()
+            if models is not None and self.box_idle(name):
+                self.gate.set_loaded(models, box=name)
+            if self.several:
+                catalog = await up.catalog()
+                if name in self.gate.boxes and self.box_idle(name):
+                    self.gate.set_catalog(name, catalog)
 
     # -- lifecycle ---------------------------------------------------------------------
     async def startup(self) -> None:
@@ -168,12 +244,8 @@ class AppState:
         except QuotaStoreError as err:
             log.error("%s", err)
             raise SystemExit(2) from None
-        if await self.upstream.probe():
-            log.info("upstream %s is up", self.upstream.base)
-            await self.refresh_loaded()
-        else:
-            log.warning("upstream %s is not answering; requests get 502 until it is back",
-                        self.upstream.base)
+        for name, up in self.upstreams.items():
+            await self._check(name, up, first=True)
         self._watch = asyncio.get_running_loop().create_task(self._watch_upstream())
         self.history.start()
         if self.auth.open and self.settings.host not in ("127.0.0.1", "localhost", "::1"):
@@ -182,21 +254,46 @@ class AppState:
                         self.settings.host)
 
     async def _watch_upstream(self) -> None:
-        """Keep ``upstream_up`` true to life, and notice a model loaded by hand in LM Studio
-        while nothing runs through lmgate. Only while nothing runs: some servers stop the
-        running generation when any other request arrives (llama.cpp's ``interrupt_requests``),
-        and while a request runs its own answer tells whether the box is up."""
+        """Keep each box's up/down state true to life, and notice a model loaded by hand in LM
+        Studio. A box is checked only while nothing runs on it: some servers stop the running
+        generation when any other request arrives (llama.cpp's ``interrupt_requests``), and
+        while a request runs its own answer tells whether the box is up. A box that is down is
+        checked again after 1, 2, 4 ... up to 30 s; one removed by a reload is closed once its
+        last request has ended."""
         while True:
-            await asyncio.sleep(self.probe_interval_s)
-            if not self.idle:
-                continue
-            was_up = self.upstream.up
-            up = await self.upstream.probe()
-            if up != was_up:
-                log.log(logging.INFO if up else logging.WARNING, "upstream %s is %s",
-                        self.upstream.base, "back up" if up else "not answering")
-            if up:
-                await self.refresh_loaded()
+            await asyncio.sleep(min(self.probe_interval_s, 1.0))
+            now = time.monotonic()
+            for name, up in list(self.upstreams.items()):
+                if name not in self.gate.boxes:  # removed, and done
+                    del self.upstreams[name]
+                    await up.aclose()
+                    continue
+                if not self.box_idle(name):
+                    continue
+                due = up.retry_at if up.up is False else up.last_probe + self.probe_interval_s
+                if now >= due:
+                    await self._check(name, up)
+
+    async def _check(self, name: str, up: Upstream, first: bool = False) -> None:
+        was_up = up.up
+        ok = await up.probe()
+        if ok:
+            up.backoff_s = 0.0
+            if first:
+                log.info("upstream %s is up", up.base if not self.several else name)
+            elif was_up is False:
+                log.info("upstream %s is back up", up.base if not self.several else name)
+            if self.several and name in self.gate.boxes:
+                self.gate.set_up(name, True)
+            await self.refresh_loaded([name])
+            return
+        if first:
+            log.warning("upstream %s is not answering; %s", up.base if not self.several else name,
+                        "requests go to the other boxes until it is back" if self.several
+                        else "requests get 502 until it is back")
+        elif was_up is not False:
+            log.warning("upstream %s is not answering", up.base if not self.several else name)
+        self._mark_down(name)
 
     def begin_shutdown(self) -> None:
         """Stop admitting; fail waiting requests now; give running ones the grace period."""
@@ -228,7 +325,8 @@ class AppState:
         for task in (self._refresh, self._grace, self._watch):
             if task is not None:
                 task.cancel()
-        await self.upstream.aclose()
+        for up in self.upstreams.values():
+            await up.aclose()
 
     def cancel(self, request_id: str, who: Principal, reason: Any) -> str:
         """Admin cancel: withdraw waiting requests or cut off running ones. Answers
@@ -248,6 +346,13 @@ class AppState:
                 for ext in self.extensions:
                     ext.cancel(ticket.uid, reason)
         return "cancelled" if found else "none"
+
+
+MAX_BACKOFF_S = 30.0
+
+
+def _box(spec: UpstreamSpec, settings: Settings) -> Box:
+    return Box(spec.name, parallel=spec.parallel or settings.parallel, models=spec.models)
 
 
 def quota_path(settings: Settings) -> Path | None:

@@ -11,7 +11,7 @@ from urllib.parse import unquote, urlsplit, urlunsplit
 
 import httpx
 
-from .config import Settings
+from .config import Settings, UpstreamSpec
 from .errors import ProxyError, UpstreamTimeout, UpstreamUnavailable
 
 try:  # httptools is installed with lmgate where wheels exist; without it httpx's own layer is used
@@ -61,10 +61,16 @@ def basic_auth(url: str) -> bytes | None:
 
 
 class Upstream:
-    def __init__(self, settings: Settings, transport: httpx.AsyncBaseTransport | None = None) -> None:
-        self.base = base_url(settings.upstream)
-        self.key = settings.upstream_key
-        self.auth_value = (b"Bearer " + self.key.encode()) if self.key else basic_auth(settings.upstream)
+    """One box: its own connection pool, credentials and health."""
+
+    def __init__(self, settings: Settings, transport: httpx.AsyncBaseTransport | None = None,
+                 spec: UpstreamSpec | None = None) -> None:
+        spec = spec or settings.boxes()[0]
+        self.name = spec.name
+        self.spec = spec
+        self.base = base_url(spec.url)
+        self.key = spec.key or settings.upstream_key
+        self.auth_value = (b"Bearer " + self.key.encode()) if self.key else basic_auth(spec.url)
         self.strip_credentials = bool(settings.keys) or self.auth_value is not None
         self.lean: LeanTransport | None = None
         if transport is None and urlsplit(self.base).scheme == "http" and LeanTransport is not None:
@@ -82,6 +88,8 @@ class Upstream:
         )
         self.up: bool | None = None
         self.last_probe = 0.0
+        self.retry_at = 0.0  # a box that is down: when to check it again
+        self.backoff_s = 0.0
         self._own: asyncio.Event | None = None  # set while lmgate's own request is in flight
 
     async def aclose(self) -> None:
@@ -123,6 +131,10 @@ class Upstream:
                 response = await self.lean.handle_async_request(request)
             else:
                 response = await self.client.send(request, stream=True)
+        except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
+            err = map_error(exc)
+            err.refused = True  # nothing reached the box: the request may go to another one
+            raise err from exc
         except Exception as exc:
             raise map_error(exc) from exc
         self.up = True
@@ -152,6 +164,21 @@ class Upstream:
             self.up = False
         self.last_probe = time.monotonic()
         return bool(self.up)
+
+    async def catalog(self) -> set[str] | None:
+        """The models this box can serve: the model keys of ``GET /api/v1/models`` (LM Studio
+        0.4+ lists every downloaded model there), else the ids of ``GET /v1/models``."""
+        for path, field_name, item_key in (("/api/v1/models", "models", "key"), ("/v1/models", "data", "id")):
+            try:
+                r = await self._get(path)
+                if r.status_code != 200:
+                    continue
+                items = r.json().get(field_name)
+            except (httpx.HTTPError, ValueError, AttributeError):
+                continue
+            if isinstance(items, list):
+                return {str(m[item_key]) for m in items if isinstance(m, dict) and item_key in m}
+        return None
 
     async def loaded_models(self) -> set[str] | None:
         """Which models LM Studio reports as loaded; None if it cannot tell us."""

@@ -35,6 +35,9 @@ HOLD_TEXT = "please hold"  # ... is answered only once the test sets ``Upstream.
 PIECES = ["Hello", " there", " friend"]
 
 
+BOX = "lmstudio.test:1234"  # the box name of the upstream URL these tests use
+
+
 class Chunks(httpx.AsyncByteStream):
     """A response body delivered chunk by chunk, as a network transport would.
 
@@ -128,8 +131,14 @@ class Lmgate:
         self.upstream = upstream
 
     def value(self, name: str, **labels: str) -> float:
-        v = self.registry.get_sample_value(name, labels)
-        return 0.0 if v is None else v
+        """The sum of the samples whose labels include ``labels`` (others, such as the box a
+        request ran on, summed over)."""
+        total = 0.0
+        for family in self.registry.collect():
+            for sample in family.samples:
+                if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                    total += sample.value
+        return total
 
     def samples(self, name: str) -> dict[tuple[tuple[str, str], ...], float]:
         out = {}
@@ -183,7 +192,7 @@ def test_config_and_build_gauges(make_gate):
     assert g.value("lmgate_upstream_up") == 1  # the startup probe got an answer
     # idle gate: the collector still exports the gauges, with model="none"
     assert g.samples("lmgate_queue_depth") == {(("model", "none"),): 0.0}
-    assert g.samples("lmgate_requests_active") == {(("model", "none"),): 0.0}
+    assert g.samples("lmgate_requests_active") == {(("model", "none"), ("upstream", BOX)): 0.0}
     assert g.value("lmgate_model_switches_total") == 0
     # what the /metrics route serves is the same registry
     text = g.client.get("/metrics").text
@@ -199,12 +208,13 @@ def test_upstream_down_at_startup():
     app = create_app(Settings(upstream="http://lmstudio.test:1234"),
                      transport=httpx.MockTransport(down), registry=registry)
     with TestClient(app) as client:
-        assert registry.get_sample_value("lmgate_upstream_up") == 0
+        assert registry.get_sample_value("lmgate_upstream_up", {"upstream": BOX}) == 0
         r = client.post(CHAT, json={"model": MODEL_A, "messages": []})
         assert r.status_code == 502
-        assert registry.get_sample_value("lmgate_upstream_up") == 0
+        assert registry.get_sample_value("lmgate_upstream_up", {"upstream": BOX}) == 0
         assert registry.get_sample_value(
-            "lmgate_requests_total", {"route": CHAT, "model": MODEL_A, "outcome": "upstream_error"}) == 1
+            "lmgate_requests_total", {"route": CHAT, "model": MODEL_A, "outcome": "upstream_error",
+                                      "upstream": BOX}) == 1
         # never reached the upstream: a queue wait but no first token
         assert registry.get_sample_value("lmgate_queue_wait_seconds_count", {"model": MODEL_A}) == 1
         assert registry.get_sample_value("lmgate_time_to_first_token_seconds_count",
@@ -275,7 +285,7 @@ def test_known_workload_moves_each_metric_exactly(make_gate):
 
     # gauges back to rest
     assert g.samples("lmgate_queue_depth") == {(("model", "none"),): 0.0}
-    assert g.samples("lmgate_requests_active") == {(("model", "none"),): 0.0}
+    assert g.samples("lmgate_requests_active") == {(("model", "none"), ("upstream", BOX)): 0.0}
     assert v("lmgate_loaded_model", model=MODEL_A) == 1
     assert v("lmgate_model_switches_total") == 0  # one model only
     assert v("lmgate_upstream_up") == 1  # an HTTP 500 is still an answer
@@ -355,7 +365,7 @@ def test_queue_depth_active_and_wait_while_queued(make_gate):
     assert v("lmgate_requests_total", route=CHAT, model=MODEL_B, outcome="ok") == 1
     assert v("lmgate_model_switches_total") == 1
     assert g.samples("lmgate_queue_depth") == {(("model", "none"),): 0.0}
-    assert g.samples("lmgate_requests_active") == {(("model", "none"),): 0.0}
+    assert g.samples("lmgate_requests_active") == {(("model", "none"), ("upstream", BOX)): 0.0}
 
 
 def test_queue_full_is_a_rejection_with_its_model(make_gate):
@@ -395,7 +405,7 @@ def test_model_label_cap_folds_into_other(make_gate):
     models = {dict(labels)["model"] for labels in g.samples("lmgate_requests_total")}
     assert models == {MODEL_A, MODEL_B, "other", "none"}
     # the gate-side gauges use the same folding
-    assert g.samples("lmgate_loaded_model") == {(("model", MODEL_A),): 1.0}
+    assert g.samples("lmgate_loaded_model") == {(("model", MODEL_A), ("upstream", BOX)): 1.0}
     assert v("lmgate_requests_total", route=CHAT, model="none", outcome="rejected") == 1
 
 

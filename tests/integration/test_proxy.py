@@ -460,5 +460,5 @@ def test_upstream_watch_notices_an_outage() -> None:
                 await asyncio.sleep(0.01)
             assert r.state.upstream.up is False
             metrics = (await r.client.get("/metrics")).text
-            assert "lmgate_upstream_up 0.0" in metrics
+            assert 'lmgate_upstream_up{upstream="upstream.test:1234"} 0.0' in metrics
     run(body)
