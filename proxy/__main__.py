@@ -20,7 +20,7 @@ from uvicorn.server import HANDLED_SIGNALS
 
 from . import __version__, logs
 from .app import create_app
-from .config import ConfigError, Settings, load_settings
+from .config import ConfigError, Settings, UpstreamSpec, load_settings
 from .listen import ListenError, bind_listeners
 from .protocol import HEAD_LIMIT, ClientLimits, protocol_class, raise_fd_limit
 from .quota import QuotaStore, QuotaStoreError
@@ -58,11 +58,24 @@ class LmgateServer(uvicorn.Server):
         for sig in HANDLED_SIGNALS:
             with contextlib.suppress(OSError, ValueError):  # not settable here: keep the default
                 previous[sig] = signal.signal(sig, self.handle_exit)
+        if hasattr(signal, "SIGHUP"):  # re-read the configuration (POST /admin/reload elsewhere)
+            previous[signal.SIGHUP] = signal.signal(signal.SIGHUP, self.handle_reload)
         try:
             yield
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
+
+    def handle_reload(self, sig: int, frame: FrameType | None) -> None:
+        loop = self.lmgate.loop
+        if loop is not None:
+            loop.call_soon_threadsafe(self._reload)
+
+    def _reload(self) -> None:
+        try:
+            self.lmgate.reload()
+        except ConfigError as exc:
+            log.error("reload refused, the running configuration stays: %s", exc)
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         if self.should_exit:
@@ -91,22 +104,34 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def start_demo_upstream() -> str:
-    """Run the LM Studio simulator on a free loopback port in a background thread."""
+DEMO_BOXES = (
+    ("demo-a", ("qwen2.5-7b-instruct", "text-embedding-nomic-embed-text-v1.5")),
+    ("demo-b", ("qwen2.5-7b-instruct", "llama-3.2-3b-instruct")),
+)
+
+
+def start_demo_upstreams() -> tuple[UpstreamSpec, ...]:
+    """Two simulated LM Studio boxes on free loopback ports, in background threads: one chat
+    model on both, one only on each, so the demo shows routing across boxes."""
     from .simulator import create_simulator_app
 
-    port = free_port()
-    config = uvicorn.Config(create_simulator_app(tokens_per_s=20.0, load_s=1.0), host="127.0.0.1",
-                            port=port, log_level="warning", lifespan="off", log_config=None)
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, name="lmgate-demo-upstream", daemon=True)
-    thread.start()
-    for _ in range(200):
-        if server.started:
-            break
-        threading.Event().wait(0.025)
-    log.info("demo mode: simulated LM Studio on http://127.0.0.1:%d (models: see /v1/models)", port)
-    return f"http://127.0.0.1:{port}"
+    specs = []
+    for name, models in DEMO_BOXES:
+        port = free_port()
+        config = uvicorn.Config(create_simulator_app(models=models, tokens_per_s=20.0, load_s=1.0),
+                                host="127.0.0.1", port=port, log_level="warning", lifespan="off",
+                                log_config=None)
+        server = uvicorn.Server(config)
+        thread = threading.Thread(target=server.run, name=f"lmgate-{name}", daemon=True)
+        thread.start()
+        for _ in range(200):
+            if server.started:
+                break
+            threading.Event().wait(0.025)
+        log.info("demo mode: simulated LM Studio %s on http://127.0.0.1:%d with %s", name, port,
+                 ", ".join(models))
+        specs.append(UpstreamSpec(name=name, url=f"http://127.0.0.1:{port}"))
+    return tuple(specs)
 
 
 def build_server(settings: Settings) -> LmgateServer:
@@ -156,11 +181,16 @@ def run(args: list[str]) -> None:
         refuse(str(exc))
     configure_logging(settings.log_level, settings.log_format)
     if settings.demo:
-        settings = settings.with_(upstream=start_demo_upstream())
-    log.info("lmgate %s listening on %s, upstream %s, parallel %d, max queue %d",
-             __version__, listen_url(settings.host, settings.port), redact(settings.upstream),
+        boxes = start_demo_upstreams()
+        settings = settings.with_(upstream=boxes[0].url, upstreams=boxes)
+    boxes = settings.boxes()
+    log.info("lmgate %s listening on %s, %s %s, parallel %d, max queue %d",
+             __version__, listen_url(settings.host, settings.port),
+             "upstream" if len(boxes) == 1 else "upstreams",
+             ", ".join(redact(b.url) if len(boxes) == 1 else f"{b.name}={redact(b.url)}" for b in boxes),
              settings.parallel, settings.max_queue)
     server = build_server(settings)
+    server.lmgate.argv, server.lmgate.environ = args, dict(os.environ)
     # Everything built so far lives as long as the process: keep it out of the collector's
     # way, and collect less often, so thousands of waiting clients do not cause long pauses.
     gc.freeze()

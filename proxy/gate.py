@@ -456,6 +456,11 @@ class Gate:
             young.popleft()
         return young[0].arrived_at + self.max_priority_wait if young else None
 
+    def rebalance(self) -> None:
+        """Limits or boxes changed from outside (a reload): start whatever may start now."""
+        self._bump()
+        self._notify(self._dispatch())
+
     def tick(self) -> None:
         """Apply aging due by now; start whatever that lets start."""
         if self._age():

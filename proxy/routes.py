@@ -6,6 +6,7 @@ Proxied paths (inference, model listings, model management) never reach these ro
 
 from __future__ import annotations
 
+import logging
 import time
 from importlib import resources
 from typing import TYPE_CHECKING, Any
@@ -20,12 +21,15 @@ from . import __version__
 from .auth import Principal
 from .errors import BadRequest, Cancelled, Conflict, Forbidden, NotFound, ProxyError, Unauthorized
 from .gate import Ticket
-from .inbound import header_map
+from .config import ConfigError
+from .inbound import client_address, header_map
 
 if TYPE_CHECKING:
     from .state import AppState
 
 DEFAULT_LIST_LIMIT = 500
+LOOPBACK = ("127.0.0.1", "::1")
+log = logging.getLogger("lmgate")
 
 
 def error_response(err: ProxyError, extra: dict[str, str] | None = None) -> JSONResponse:
@@ -167,6 +171,26 @@ def ambiguous(request_id: str) -> Conflict:
                     "'id' from GET /queue", code="ambiguous_request_id")
 
 
+async def admin_reload(request: Request) -> Response:
+    """Re-read the configuration file (what SIGHUP does, for systems without it). With keys,
+    for admins; with open access, only from this machine."""
+    state: AppState = request.app.state.lmgate
+    if state.auth.open:
+        if client_address(request.scope) not in LOOPBACK:
+            raise Forbidden("without keys, reloading is allowed only from this machine",
+                            code="admin_only")
+    else:
+        who = caller(state, request)
+        if not who.admin:
+            raise Forbidden("reloading the configuration needs an admin key", code="admin_only")
+    try:
+        result = state.reload()
+    except ConfigError as exc:
+        log.error("reload refused, the running configuration stays: %s", exc)
+        raise BadRequest(f"the configuration was not reloaded: {exc}", code="invalid_config") from None
+    return JSONResponse(result)
+
+
 async def queue_cancel(request: Request) -> Response:
     state: AppState = request.app.state.lmgate
     who = viewer(state, request)
@@ -249,6 +273,7 @@ def build_routes(state: AppState) -> list[BaseRoute]:
         Route("/queue", queue_snapshot, methods=["GET"]),
         Route("/queue/history", queue_history, methods=["GET"]),
         Route("/usage", usage, methods=["GET"]),
+        Route("/admin/reload", admin_reload, methods=["POST"]),
         Route("/queue/{request_id}", queue_item, methods=["GET"]),
         Route("/queue/{request_id}", queue_cancel, methods=["DELETE"]),
     ]

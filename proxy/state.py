@@ -17,7 +17,7 @@ import httpx
 from prometheus_client import CollectorRegistry
 
 from .auth import Auth
-from .config import ApiKey, Settings, UpstreamSpec
+from .config import ApiKey, ConfigError, Settings, UpstreamSpec, load_settings
 from .errors import NotFound, QuotaExceeded, ShuttingDown, UpstreamUnavailable
 from .eta import Estimator
 from .exchange import Exchange
@@ -71,6 +71,10 @@ class AppState:
         self._grace: asyncio.Task[None] | None = None
         self._watch: asyncio.Task[None] | None = None
         self.probe_interval_s = settings.probe_interval
+        self.argv: list[str] | None = None  # how to read the configuration again (reload)
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.environ: dict[str, str] = {}
+        self._retired: list[Upstream] = []
         self.extensions: list[Any] = []
         self.totals = {"served": 0, "failed": 0, "rejected": 0, "completion_tokens": 0}
         self.history = History.of(self)  # for the status page: /queue/history
@@ -135,6 +139,74 @@ class AppState:
         if not any(b.up for b in boxes):
             raise UpstreamUnavailable(f"every upstream that serves '{model}' is down "
                                       f"({', '.join(b.name for b in boxes)}); try again shortly")
+
+    # -- reloading the configuration -------------------------------------------------------
+    def reload(self) -> dict[str, Any]:
+        """Re-read the configuration (SIGHUP, ``POST /admin/reload``): keys, limits and boxes
+        change in place; nothing waiting or running is dropped. A box taken out starts nothing
+        more and leaves when its running requests end. Settings that only a restart can change
+        are reported, not applied. A bad file raises ConfigError and changes nothing."""
+        if self.argv is None:
+            raise ConfigError("config", "lmgate was started without --config: nothing to re-read")
+        new = load_settings(self.argv, self.environ)
+        old = self.settings
+        if old.demo:  # the simulated boxes stay
+            new = new.with_(upstream=old.upstream, upstreams=old.upstreams)
+        later = [name for name in RESTART_ONLY if getattr(new, name) != getattr(old, name)]
+        if quota_path(new) != quota_path(old):
+            later.append("state_dir (quotas)")
+        kept = {name: getattr(old, name) for name in RESTART_ONLY}
+        self.settings = new.with_(**kept, demo=old.demo, upstreams=new.upstreams)
+        self.auth.keys = new.keys
+        self.identities = Identities(new.trusted_proxies)
+        self.waiting_bytes.limit = new.max_waiting_bytes
+        self.probe_interval_s = new.probe_interval
+        gate = self.gate
+        gate.max_queue, gate.max_skips = new.max_queue, new.max_skips
+        gate.groups = tuple(frozenset(g) for g in new.groups)
+        gate.top_priority = max([0, *(k.priority for k in new.keys)])
+        gate.max_priority_wait = new.max_priority_wait
+        added, removed = self._reload_boxes(new)
+        log.info("configuration reloaded from %s: %d keys; boxes %s%s%s%s", new.config,
+                 len(new.keys), ", ".join(s.name for s in new.boxes()),
+                 f"; added {', '.join(added)}" if added else "",
+                 f"; removing {', '.join(removed)} once their requests end" if removed else "",
+                 f"; needs a restart to change: {', '.join(later)}" if later else "")
+        return {"reloaded": True, "keys": len(new.keys), "upstreams": [s.name for s in new.boxes()],
+                "added": added, "removing": removed, "restart_needed": later}
+
+    def _reload_boxes(self, new: Settings) -> tuple[list[str], list[str]]:
+        specs = {spec.name: spec for spec in new.boxes()}
+        added, removed = [], []
+        for name, box in list(self.gate.boxes.items()):
+            spec = specs.get(name)
+            if spec is None:
+                if not box.removed:
+                    removed.append(name)
+                    self.gate.remove_box(name)
+                continue
+            box.parallel, box.models = spec.parallel or new.parallel, spec.models
+            up = self.upstreams.get(name)
+            if up is not None and (up.spec != spec or up.key != (spec.key or new.upstream_key)):
+                self._retired.append(up)  # its running requests keep their connections
+                self.upstreams[name] = Upstream(new, self.transport, spec)
+        for name, spec in specs.items():
+            if name in self.gate.boxes:
+                continue
+            if name in self.upstreams:  # removed earlier, still finishing: replace it
+                self._retired.append(self.upstreams[name])
+            self.upstreams[name] = Upstream(new, self.transport, spec)
+            self.gate.add_box(_box(spec, new))
+            added.append(name)
+        if added and self.several:
+            for name in added:
+                self.gate.set_up(name, False)  # until its first check answers
+                self.upstreams[name].retry_at = 0.0
+                self.upstreams[name].up = False
+        self.gate.rebalance()
+        if added:
+            self.refresh_loaded_soon()
+        return added, removed
 
     # -- who is asking ------------------------------------------------------------------
     def client_of(self, scope: Scope, headers: dict[bytes, bytes] | None = None) -> str:
@@ -239,6 +311,7 @@ class AppState:
 
     # -- lifecycle ---------------------------------------------------------------------
     async def startup(self) -> None:
+        self.loop = asyncio.get_running_loop()
         try:
             await self.quotas.start()
         except QuotaStoreError as err:
@@ -325,7 +398,7 @@ class AppState:
         for task in (self._refresh, self._grace, self._watch):
             if task is not None:
                 task.cancel()
-        for up in self.upstreams.values():
+        for up in [*self.upstreams.values(), *self._retired]:
             await up.aclose()
 
     def cancel(self, request_id: str, who: Principal, reason: Any) -> str:
@@ -349,6 +422,10 @@ class AppState:
 
 
 MAX_BACKOFF_S = 30.0
+# What a reload cannot change: the listening socket and its limits, logging, the quota file,
+# the policy (tags of waiting requests), CORS (middleware) and the metric label budget.
+RESTART_ONLY = ("host", "port", "max_connections", "client_read_timeout", "client_write_timeout",
+                "log_level", "log_format", "policy", "cors_origins", "max_models", "state_dir")
 
 
 def _box(spec: UpstreamSpec, settings: Settings) -> Box:
