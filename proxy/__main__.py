@@ -134,8 +134,8 @@ def start_demo_upstreams() -> tuple[UpstreamSpec, ...]:
     return tuple(specs)
 
 
-def build_server(settings: Settings) -> LmgateServer:
-    app = create_app(settings)
+def build_server(settings: Settings, quotas: QuotaStore | None = None) -> LmgateServer:
+    app = create_app(settings, quotas=quotas)
     config = uvicorn.Config(
         app, host=settings.host, port=settings.port, log_level=settings.log_level,
         access_log=False, lifespan="on", server_header=False, log_config=None,
@@ -175,8 +175,8 @@ def run(args: list[str]) -> None:
     except ListenError as exc:
         refuse(str(exc))
     settings = settings.with_(port=int(sockets[0].getsockname()[1]))  # the real one, for port 0
-    try:
-        asyncio.run(check_state(settings))
+    try:  # opened (and locked) before serving: one line and status 2 if it cannot be
+        quotas = asyncio.run(open_state(settings))
     except QuotaStoreError as exc:
         refuse(str(exc))
     configure_logging(settings.log_level, settings.log_format)
@@ -189,7 +189,7 @@ def run(args: list[str]) -> None:
              "upstream" if len(boxes) == 1 else "upstreams",
              ", ".join(redact(b.url) if len(boxes) == 1 else f"{b.name}={redact(b.url)}" for b in boxes),
              settings.parallel, settings.max_queue)
-    server = build_server(settings)
+    server = build_server(settings, quotas)
     server.lmgate.argv, server.lmgate.environ = args, dict(os.environ)
     # Everything built so far lives as long as the process: keep it out of the collector's
     # way, and collect less often, so thousands of waiting clients do not cause long pauses.
@@ -198,17 +198,13 @@ def run(args: list[str]) -> None:
     server.run(sockets=sockets)
 
 
-async def check_state(settings: Settings) -> None:
-    """Open and close the quota database once before serving, so a file that cannot be used
-    (or that another lmgate process holds) is refused with one line, not a traceback."""
-    path = quota_path(settings)
-    if path is None:
-        return
-    store = QuotaStore(path)
-    try:
-        await store.start()
-    finally:
-        await store.aclose()
+async def open_state(settings: Settings) -> QuotaStore:
+    """Open the quota database (and take its lock) before serving, so a file that cannot be
+    used, or that another lmgate process holds, is refused with one line, not a traceback;
+    the app then uses this store, so the lock is never let go in between."""
+    store = QuotaStore(quota_path(settings))
+    await store.start()
+    return store
 
 
 def refuse(message: str) -> NoReturn:

@@ -17,6 +17,7 @@ from .compat import LegacyQueue
 from .config import Settings
 from .gated import GatedRequest
 from .inbound import Receive, Scope, Send
+from .quota import QuotaStore
 from .state import AppState
 
 GATED_ROUTES = {
@@ -78,10 +79,11 @@ class GateDispatch:
 
 
 def create_app(settings: Settings, *, transport: httpx.AsyncBaseTransport | None = None,
-               registry: CollectorRegistry | None = None) -> Starlette:
+               registry: CollectorRegistry | None = None, quotas: QuotaStore | None = None) -> Starlette:
     """Build lmgate. ``transport`` replaces the upstream connection (tests); metrics go to
     ``registry`` (a fresh one if omitted), never to the process-global registry."""
-    state = AppState(settings, transport=transport, registry=registry or CollectorRegistry())
+    state = AppState(settings, transport=transport, registry=registry or CollectorRegistry(),
+                     quotas=quotas)
     state.extensions.append(LegacyQueue(state))
 
     @contextlib.asynccontextmanager

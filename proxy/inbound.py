@@ -173,16 +173,18 @@ def ask_for_usage(body: bytes, doc: dict[str, Any], route: str) -> tuple[bytes, 
     if doc.get("stream") is not True or route not in USAGE_ROUTES:
         return body, False
     options = doc.get("stream_options")
-    if options is None and "stream_options" not in doc:
+    if options is None and "stream_options" not in doc:  # absent: a byte-level insert
         start = body.index(b"{") + 1
         inserted = b'"stream_options": {"include_usage": true}'
         if body[start:].strip().startswith(b"}"):
             return body[:start] + inserted + body[start:], True
         return body[:start] + inserted + b", " + body[start:], True
-    if not isinstance(options, dict) or options.get("include_usage") is True:
-        return body, False  # asked already (or malformed: the upstream answers that)
+    if options is not None and not isinstance(options, dict):
+        return body, False  # malformed: the upstream answers that
+    if options is not None and options.get("include_usage") is True:
+        return body, False  # asked already
     current = json.loads(body)  # the body as it stands (a token cap may have changed it)
-    current["stream_options"] = {**options, "include_usage": True}
+    current["stream_options"] = {**(options or {}), "include_usage": True}  # null: as absent
     return json.dumps(current).encode(), True
 
 

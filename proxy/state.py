@@ -42,7 +42,7 @@ class AppState:
     """Everything one lmgate instance owns. Lives in ``app.state.lmgate``."""
 
     def __init__(self, settings: Settings, *, transport: httpx.AsyncBaseTransport | None,
-                 registry: CollectorRegistry) -> None:
+                 registry: CollectorRegistry, quotas: QuotaStore | None = None) -> None:
         self.settings = settings
         self.transport = transport
         self.upstreams: dict[str, Upstream] = {
@@ -54,7 +54,7 @@ class AppState:
                          max_priority_wait=settings.max_priority_wait,
                          boxes=[_box(spec, settings) for spec in settings.boxes()])
         self._aging: asyncio.TimerHandle | None = None
-        self.quotas = QuotaStore(quota_path(settings))
+        self.quotas = quotas if quotas is not None else QuotaStore(quota_path(settings))
         self.auth = Auth(settings.keys)
         self.eta = Estimator()
         self.metrics = Metrics(registry, max_models=settings.max_models,

@@ -5,6 +5,11 @@ way Grafana would render them, so every returned string is plain PromQL:
 
     $__rate_interval -> 1m     $__range -> 5m     $__interval -> 15s
 
+The dashboard's own template variables (``templating.list``, e.g. ``$upstream``)
+are replaced with what Grafana sends when "All" is selected: the variable's
+``allValue`` (``.*`` if it has none), or for a variable without "All" its current
+value.
+
 Standard library only, so any test (unit, integration, e2e) can import it::
 
     from tests.dashboard_exprs import dashboard_exprs
@@ -30,22 +35,48 @@ GRAFANA_VARS: dict[str, str] = {
     "__interval_ms": "15000",
 }
 
-# $__name, ${__name} and ${__name:format}; the longest identifier wins (\w+ is greedy),
-# so $__range_s is not mistaken for $__range followed by "_s".
-_VAR_RE = re.compile(r"\$\{(__\w+)(?::[^}]*)?\}|\$(__\w+)")
+# $name, ${name}, ${name:format} and the deprecated [[name]] / [[name:format]]; the longest
+# identifier wins (\w+ is greedy), so $__range_s is not mistaken for $__range followed by "_s".
+# A name must start with a letter or "_": "$1" (a label_replace reference) is left alone.
+_VAR_RE = re.compile(r"\$\{([A-Za-z_]\w*)(?::[^}]*)?\}|\$([A-Za-z_]\w*)|\[\[([A-Za-z_]\w*)(?::[^\]]*)?\]\]")
+
+# What a template variable stands for when the dashboard does not say (no allValue).
+ALL_VALUE = ".*"
 
 
-def substitute_grafana_vars(expr: str, values: dict[str, str] | None = None) -> str:
-    """Replace Grafana global variables in *expr*; unknown ``$__x`` variables raise ValueError."""
-    table = GRAFANA_VARS if values is None else values
+def substitute_grafana_vars(expr: str, values: dict[str, str] | None = None,
+                            variables: dict[str, str] | None = None) -> str:
+    """Replace Grafana variables in *expr*: the global ``$__x`` ones from *values* (default
+    ``GRAFANA_VARS``), the dashboard's own from *variables* (see ``template_values``).
+    A variable in neither raises ValueError."""
+    table = {**(GRAFANA_VARS if values is None else values), **(variables or {})}
 
     def repl(m: re.Match[str]) -> str:
-        name = m.group(1) or m.group(2)
+        name = m.group(1) or m.group(2) or m.group(3)
         if name not in table:
             raise ValueError(f"unsupported Grafana variable ${name} in expr: {expr!r}")
         return table[name]
 
     return _VAR_RE.sub(repl, expr)
+
+
+def template_values(dash: dict) -> dict[str, str]:
+    """The dashboard's template variables, each as Grafana renders it with "All" selected
+    (``allValue``, else ``ALL_VALUE``); a variable without "All" as its current value
+    (the first one of a multi-value selection), else ``ALL_VALUE``."""
+    out: dict[str, str] = {}
+    for var in (dash.get("templating") or {}).get("list") or []:
+        name = var.get("name")
+        if not isinstance(name, str) or not name:
+            continue
+        if var.get("includeAll"):
+            out[name] = var.get("allValue") or ALL_VALUE
+            continue
+        current = (var.get("current") or {}).get("value")
+        if isinstance(current, list):
+            current = current[0] if current else None
+        out[name] = str(current) if current not in (None, "", "$__all") else ALL_VALUE
+    return out
 
 
 def iter_panels(panels: list[dict]) -> Iterator[dict]:
@@ -63,19 +94,21 @@ def load_dashboard(path: Union[str, Path, None] = None) -> dict:
 
 
 def dashboard_exprs(path: Union[str, Path, None] = None) -> list[str]:
-    """Every target ``expr`` of every panel in dashboard *path*, Grafana variables substituted.
+    """Every target ``expr`` of every panel in dashboard *path*, Grafana variables (global and
+    the dashboard's own) substituted.
 
     Order follows the dashboard (panel order, then target order); hidden targets are
     included. Targets without an expr are skipped; the deploy tests check that none are.
     """
     dash = load_dashboard(path)
+    variables = template_values(dash)
     exprs: list[str] = []
     for panel in iter_panels(dash.get("panels", [])):
         for target in panel.get("targets") or []:
             expr = target.get("expr")
             if not expr:
                 continue
-            exprs.append(substitute_grafana_vars(expr))
+            exprs.append(substitute_grafana_vars(expr, variables=variables))
     return exprs
 
 

@@ -1,12 +1,13 @@
 """The status page at ``GET /`` rendered by a real headless Chromium: against real lmgate and
 simulator processes, the JavaScript must fetch ``queue`` and draw the waiting line; against a
-small fake lmgate with fixed answers (``FakeGate``), it must show requests' priorities and, when
-a key is given, that key's usage (an admin's: every key's), and show neither where the server
-has none to give.
+small fake lmgate with fixed answers (``FakeGate``), it must show requests' priorities, a panel
+per upstream server when there are several, and, when a key is given, that key's usage (an
+admin's: every key's), and show none of these where the server has none to give.
 
 Needs the ``chromium`` binary; without it the tests skip, except under CI (``CI=true``), where
-they fail. Screenshots are left in ``test-artifacts/status-page.png`` and
-``test-artifacts/status-page-usage.png`` for people to look at."""
+they fail. Screenshots are left in ``test-artifacts/status-page.png``,
+``test-artifacts/status-page-usage.png`` and ``test-artifacts/status-page-upstreams.png`` for
+people to look at."""
 
 from __future__ import annotations
 
@@ -37,6 +38,7 @@ TOKENS_PER_S = 5.0
 MAX_TOKENS = 40
 ARTIFACT = ROOT / "test-artifacts" / "status-page.png"
 USAGE_ARTIFACT = ROOT / "test-artifacts" / "status-page-usage.png"
+UPSTREAMS_ARTIFACT = ROOT / "test-artifacts" / "status-page-upstreams.png"
 STATUS_HTML = ROOT / "proxy" / "status.html"
 
 
@@ -496,3 +498,101 @@ def test_status_page_without_priorities_or_usage_looks_as_before(
     assert not root.find_all("span", "prio")
     assert not root.by_id("usage").shown(), dom[:4000]
     assert fake_gate.usage_calls == ([] if key is None else [f"Bearer {key}"])
+    assert "upstreams" not in fake_gate.queue
+    assert not root.by_id("boxes").shown() and not root.by_id("box-list").find_all("div", "box")
+    assert "Upstream" not in shown_headers(root, "running")
+
+
+# --- several upstream servers, against a fake lmgate -------------------------------------------
+
+NASTY_GLOB = '<img src=x onerror="document.title=2">*'
+GPU1 = {"name": "gpu1:1234", "url": "http://gpu1:1234", "up": True, "removed": True,
+        "loaded_models": [MODEL], "running": 2, "parallel": 4, "models": ["qwen*", NASTY_GLOB],
+        "catalog": 12, "switches": 3}
+GPU2 = {"name": "gpu2:1234", "url": "http://gpu2:1234", "up": False, "removed": False,
+        "loaded_models": [], "running": 0, "parallel": 1, "models": [], "catalog": None,
+        "switches": 0}
+
+
+def with_upstreams(snapshot: dict[str, Any], boxes: list[dict[str, Any]]) -> dict[str, Any]:
+    """``snapshot`` as an lmgate with ``boxes`` answers it: every box listed, the running
+    requests on the first box and the waiting ones on none yet."""
+    snapshot = {**snapshot, "upstreams": boxes}
+    first = boxes[0]["name"] if boxes else None
+    snapshot["running"] = [{**r, "upstream": first} for r in snapshot["running"]]
+    snapshot["waiting"] = [{**w, "upstream": None} for w in snapshot["waiting"]]
+    return snapshot
+
+
+def box_panels(root: Node) -> dict[str, Node]:
+    return {n.attrs["data-upstream"] or "": n for n in root.by_id("box-list").find_all("div", "box")
+            if n.shown()}
+
+
+def badges(panel: Node) -> list[str]:
+    return [" ".join(c.text().split()) for c in panel.find_all("span", "chip")
+            if c.parent is not None and "head" in (c.parent.attrs.get("class") or "").split()]
+
+
+def test_status_page_shows_a_panel_per_upstream(chromium: str, fake_gate: FakeGate,
+                                                 tmp_path: Path) -> None:
+    fake_gate.queue = with_upstreams(queue_snapshot(priorities=False), [GPU1, GPU2])
+    root, dom = render(chromium, tmp_path / "profile", fake_gate.url + "/")
+    assert_no_error(root, dom)
+    assert root.by_id("boxes").shown(), f"no upstream panels:\n{dom[:4000]}"
+    assert "1 of 2 up" in root.by_id("boxes-count").text()
+    panels = box_panels(root)
+    assert list(panels) == ["gpu1:1234", "gpu2:1234"], dom[:4000]
+    gpu1, gpu2 = panels["gpu1:1234"], panels["gpu2:1234"]
+    # gpu1: up, taken out by a reload and finishing its two requests, half of its four slots
+    assert badges(gpu1) == ["up", "removed — finishing"], badges(gpu1)
+    assert "removed" in (gpu1.attrs.get("class") or "").split()
+    assert [c.text() for c in gpu1.find_all("div", "models")[0].find_all("span", "chip")] == [MODEL]
+    assert [b.text() for b in gpu1.find_all("b", "running")] == ["2 / 4"]
+    bars = gpu1.find_all("div", "bar")
+    assert len(bars) == 1 and bars[0].attrs.get("aria-valuenow") == "50", bars
+    assert re.search(r"width:\s*50(\.0+)?%", bars[0].find_all("i")[0].attrs.get("style") or "")
+    text = " ".join(gpu1.text().split())
+    assert "model switches: 3" in text and "12 models listed" in text, text
+    assert [c.text() for c in gpu1.find_all("code")] == ["qwen*", NASTY_GLOB]
+    assert [n.attrs.get("title") for n in gpu1.find_all("span", "name")] == ["http://gpu1:1234"]
+    # gpu2: down, nothing loaded, one slot free, no catalog and no model globs
+    assert badges(gpu2) == ["down"], badges(gpu2)
+    assert [c.attrs.get("class") for c in gpu2.find_all("span", "chip")] == ["chip down"]
+    assert "removed" not in (gpu2.attrs.get("class") or "").split()
+    assert [b.text() for b in gpu2.find_all("b", "running")] == ["0 / 1"]
+    text = " ".join(gpu2.text().split())
+    assert "no model loaded" in text and "model switches: 0" in text, text
+    assert "models listed" not in text and not gpu2.find_all("code"), text
+    # the running table says where each request runs; the waiting line is as it was
+    assert shown_headers(root, "running") == ["Model", "Upstream", "Running", "Stream",
+                                              "Request ID", "Who"], dom[:4000]
+    assert [tr.cells()[:2] for tr in table_rows(root, "running")] == [[MODEL, "gpu1:1234"]]
+    assert shown_headers(root, "waiting") == ["#", "Model", "Waited", "ETA (est.)", "Who",
+                                              "Request ID"]
+    # strings from the server are text, never markup; the header chip still says "upstream up"
+    assert not root.find_all("img"), "a string from the server became an element"
+    assert root.by_id("upstream").text().strip() == "upstream up"
+
+    UPSTREAMS_ARTIFACT.parent.mkdir(parents=True, exist_ok=True)
+    UPSTREAMS_ARTIFACT.unlink(missing_ok=True)
+    run_chromium(chromium, tmp_path / "profile-shot", f"--screenshot={UPSTREAMS_ARTIFACT}",
+                 "--window-size=1280,1000", fake_gate.url + "/")
+    assert UPSTREAMS_ARTIFACT.is_file() and png_size(UPSTREAMS_ARTIFACT) == (1280, 1000)
+
+
+@pytest.mark.parametrize("boxes", [None, [], [{**GPU2, "name": "localhost:1234", "up": True}]],
+                         ids=["absent", "empty", "one"])
+def test_status_page_with_one_upstream_shows_no_panels(chromium: str, fake_gate: FakeGate,
+                                                       tmp_path: Path,
+                                                       boxes: list[dict[str, Any]] | None) -> None:
+    """An lmgate without ``upstreams`` (older), or with one box: the page as it always was."""
+    snapshot = queue_snapshot(priorities=False)
+    fake_gate.queue = snapshot if boxes is None else with_upstreams(snapshot, boxes)
+    root, dom = render(chromium, tmp_path / "profile", fake_gate.url + "/")
+    assert_no_error(root, dom)
+    assert not root.by_id("boxes").shown(), dom[:4000]
+    assert not box_panels(root) and not root.by_id("box-list").find_all("div", "box")
+    assert shown_headers(root, "running") == ["Model", "Running", "Stream", "Request ID", "Who"]
+    assert [len(tr.find_all("td")) for tr in table_rows(root, "running")] == [5]
+    assert root.by_id("upstream").text().strip() == "upstream up"

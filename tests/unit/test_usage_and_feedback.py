@@ -35,6 +35,8 @@ def test_ask_for_usage_inserts_bytes_and_keeps_the_rest() -> None:
     (b'{"model": "m", "stream": true, "stream_options": {"include_usage": true}}', "/v1/completions", False),
     (b'{"model": "m", "stream": true, "stream_options": {"include_usage": false}, "max_tokens": 5}',
      "/v1/chat/completions", True),
+    (b'{"model": "m", "stream": true, "stream_options": null, "max_tokens": 5}',
+     "/v1/chat/completions", True),
 ])
 def test_ask_for_usage_only_where_needed(raw: bytes, route: str, expect_asked: bool) -> None:
     body, asked = ask_for_usage(raw, parse_request(raw), route)
