@@ -103,7 +103,7 @@ OPTIONS: tuple[Option, ...] = (
     Option("log_level", str, "info", "debug, info, warning or error",
            choices=("debug", "info", "warning", "error", "critical")),
     Option("log_format", str, "text", "access log format: text or json", choices=("text", "json")),
-    Option("demo", bool, False, "run a built-in LM Studio simulator as the upstream (no LM Studio needed)"),
+    Option("demo", bool, False, "run two built-in LM Studio simulators as the upstream boxes (no LM Studio needed)"),
 )
 OPTION_BY_NAME = {o.name: o for o in OPTIONS}
 TABLE_KEYS = ("keys", "groups", "upstreams")
