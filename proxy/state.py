@@ -195,14 +195,15 @@ class AppState:
                 continue
             if name in self.upstreams:  # removed earlier, still finishing: replace it
                 self._retired.append(self.upstreams[name])
-            self.upstreams[name] = Upstream(new, self.transport, spec)
-            self.gate.add_box(_box(spec, new))
+            up = self.upstreams[name] = Upstream(new, self.transport, spec)
+            up.up = False  # until its first check answers (the watcher checks it at once)
+            box = _box(spec, new)
+            box.up = False
+            self.gate.add_box(box)
             added.append(name)
-        if added and self.several:
-            for name in added:
-                self.gate.set_up(name, False)  # until its first check answers
-                self.upstreams[name].retry_at = 0.0
-                self.upstreams[name].up = False
+        if not self.several:  # one box: it is never skipped (a refusal is a 502, as always)
+            for box in self.gate.boxes.values():
+                box.up = True
         self.gate.rebalance()
         if added:
             self.refresh_loaded_soon()
@@ -356,7 +357,7 @@ class AppState:
                 log.info("upstream %s is up", up.base if not self.several else name)
             elif was_up is False:
                 log.info("upstream %s is back up", up.base if not self.several else name)
-            if self.several and name in self.gate.boxes:
+            if name in self.gate.boxes:
                 self.gate.set_up(name, True)
             await self.refresh_loaded([name])
             return

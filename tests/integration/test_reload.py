@@ -1,0 +1,124 @@
+"""Live reload in process: boxes added and removed under a held request, a bad file refused,
+keys replaced. Both boxes point at the scripted upstream host under different names."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import httpx
+
+from proxy.config import load_settings
+
+from .harness import chat_body, run, serve
+
+BOX = '[[upstreams]]\nname = "{name}"\nurl = "http://upstream.test:1234"\n'
+
+
+def write(path: Path, *boxes: str, extra: str = "") -> None:
+    path.write_text(extra + "".join(BOX.format(name=b) for b in boxes), encoding="utf-8")
+
+
+async def until(check, timeout: float = 5.0) -> None:  # type: ignore[no-untyped-def]
+    async def loop() -> None:
+        while not check():
+            await asyncio.sleep(0.01)
+    await asyncio.wait_for(loop(), timeout)
+
+
+def boxes(queue: dict) -> dict[str, dict]:  # type: ignore[type-arg]
+    return {b["name"]: b for b in queue["upstreams"]}
+
+
+def test_reload_adds_and_removes_boxes_without_dropping_a_request(tmp_path: Path) -> None:
+    path = tmp_path / "lmgate.toml"
+    write(path, "one")
+
+    async def body() -> None:
+        async with serve(load_settings(["--config", str(path)], env={})) as r:
+            r.state.argv, r.state.environ = ["--config", str(path)], {}
+            held = asyncio.create_task(r.client.post("/v1/chat/completions", json=chat_body(act="hold")))
+            await r.upstream.wait_for_requests(1)
+            assert r.state.gate.boxes["one"].running
+            waiting = asyncio.create_task(r.client.post("/v1/chat/completions", json=chat_body()))
+            await r.wait_depth(1)
+
+            write(path, "one", "two")
+            answer = (await r.client.post("/admin/reload")).json()
+            assert answer["added"] == ["two"] and answer["removing"] == []
+            # the new box is checked, comes up, and takes the waiting request
+            done = await asyncio.wait_for(waiting, 10)
+            assert done.status_code == 200 and done.headers["x-upstream"] == "two"
+
+            write(path, "two")
+            answer = (await r.client.post("/admin/reload")).json()
+            assert answer["removing"] == ["one"]
+            view = boxes((await r.client.get("/queue")).json())
+            assert view["one"]["removed"] and view["one"]["running"] == 1
+            later = await r.client.post("/v1/chat/completions", json=chat_body())
+            assert later.status_code == 200, later.text
+            assert later.headers["x-upstream"] == "two"  # nothing new starts on a removed box
+            r.upstream.release(0)
+            first = await held
+            assert first.status_code == 200 and first.headers["x-upstream"] == "one"
+            await until(lambda: "one" not in r.state.gate.boxes)
+            assert list(boxes((await r.client.get("/queue")).json())) == ["two"]
+            await until(lambda: "one" not in r.state.upstreams)
+            await r.assert_gate_free()
+    run(body)
+
+
+def test_a_bad_file_changes_nothing(tmp_path: Path) -> None:
+    path = tmp_path / "lmgate.toml"
+    write(path, "one")
+
+    async def body() -> None:
+        async with serve(load_settings(["--config", str(path)], env={})) as r:
+            r.state.argv, r.state.environ = ["--config", str(path)], {}
+            path.write_text("[[upstreams]\nurl = ", encoding="utf-8")
+            resp = await r.client.post("/admin/reload")
+            assert resp.status_code == 400
+            assert resp.json()["error"]["code"] == "invalid_config"
+            assert list(r.state.upstreams) == ["one"]
+            write(path, "one", extra='max_queue = -1\n')
+            assert (await r.client.post("/admin/reload")).status_code == 400
+            assert r.state.gate.max_queue == 100
+            await r.assert_gate_free()
+    run(body)
+
+
+def test_reload_replaces_keys_and_needs_an_admin(tmp_path: Path) -> None:
+    path = tmp_path / "lmgate.toml"
+    keys = ('[[keys]]\nname = "root"\nkey = "sk-root-reload-01"\nrole = "admin"\n'
+            '[[keys]]\nname = "amy"\nkey = "sk-amy-reload-0001"\n')
+    write(path, "one", extra=keys)
+
+    async def body() -> None:
+        async with serve(load_settings(["--config", str(path)], env={})) as r:
+            r.state.argv, r.state.environ = ["--config", str(path)], {}
+            amy = {"authorization": "Bearer sk-amy-reload-0001"}
+            root = {"authorization": "Bearer sk-root-reload-01"}
+            assert (await r.client.post("/admin/reload")).status_code == 401
+            assert (await r.client.post("/admin/reload", headers=amy)).status_code == 403
+            ok = await r.client.post("/v1/chat/completions", json=chat_body(), headers=amy)
+            assert ok.status_code == 200
+            write(path, "one", extra="max_queue = 7\n"
+                  + keys.replace("sk-amy-reload-0001", "sk-amy-reload-0002"))
+            answer = await r.client.post("/admin/reload", headers=root)
+            assert answer.status_code == 200 and answer.json()["keys"] == 2
+            old = await r.client.post("/v1/chat/completions", json=chat_body(), headers=amy)
+            assert old.status_code == 401
+            new = await r.client.post("/v1/chat/completions", json=chat_body(),
+                                      headers={"authorization": "Bearer sk-amy-reload-0002"})
+            assert new.status_code == 200
+            assert r.state.gate.max_queue == 7
+    run(body)
+
+
+def test_without_a_config_file_there_is_nothing_to_reload() -> None:
+    async def body() -> None:
+        async with serve() as r:
+            resp = await r.client.post("/admin/reload")
+            assert resp.status_code == 400 and "without --config" in resp.json()["error"]["message"]
+            assert isinstance(resp, httpx.Response)
+    run(body)
