@@ -376,6 +376,8 @@ class LegacyQueue:
     async def _generate(self, job: Job, rec: RequestRecord) -> None:
         st = self.state
         assert job.body is not None
+        if job.ticket is not None:
+            await st.prepare(job.ticket)
         upstream = st.upstream_for(job.ticket)
         rec.upstream = upstream.name
         req = upstream.build("POST", "/v1/chat/completions", b"",

@@ -93,6 +93,13 @@ OPTIONS: tuple[Option, ...] = (
            "oldest go first", minimum=0),
     Option("probe_interval", float, 15.0, "seconds between upstream checks while no request "
            "runs on it", minimum=0.05),
+    Option("load_mode", str, "auto", "who loads models: managed (lmgate, through LM Studio's REST "
+           "API v1), jit (LM Studio, on first use), or auto (managed where the box has that API)",
+           choices=("auto", "managed", "jit")),
+    Option("max_loaded", int, 1, "models lmgate keeps loaded per box in managed mode; the least "
+           "recently used idle one is unloaded for another", minimum=1),
+    Option("max_loaded_bytes", int, None, "bytes of models (their size_bytes) lmgate keeps loaded "
+           "per box in managed mode (default: no limit)", minimum=1),
     Option("feedback", str, "comments", "how a waiting stream is told its place: comments "
            "(SSE comments only) or reasoning (also reasoning_content chunks that chat UIs show)",
            choices=FEEDBACK_MODES),
@@ -106,7 +113,11 @@ OPTIONS: tuple[Option, ...] = (
     Option("demo", bool, False, "run two built-in LM Studio simulators as the upstream boxes (no LM Studio needed)"),
 )
 OPTION_BY_NAME = {o.name: o for o in OPTIONS}
-TABLE_KEYS = ("keys", "groups", "upstreams")
+TABLE_KEYS = ("keys", "groups", "upstreams", "models")
+# Fields of LM Studio's POST /api/v1/models/load that [[models]] may set; nothing else is sent.
+LOAD_FIELDS: dict[str, type] = {"context_length": int, "eval_batch_size": int, "flash_attention": bool,
+                                "num_experts": int, "offload_kv_cache_to_gpu": bool}
+MODEL_FIELDS = {"name", "parallel", "ttl", *LOAD_FIELDS}
 UPSTREAM_FIELDS = {"name", "url", "key", "parallel", "models", "max_loaded", "max_loaded_bytes"}
 KEY_FIELDS = {"name", "key", "key_sha256", "models", "max_queued", "rpm", "max_tokens", "role",
               "clamp_max_tokens", "priority", "feedback", "tokens_per_day", "tokens_per_month"}
@@ -149,6 +160,18 @@ class UpstreamSpec:
     models: tuple[str, ...] = ()
     max_loaded: int | None = None
     max_loaded_bytes: int | None = None
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """``[[models]]``: how lmgate loads a model (managed mode). ``load`` holds the fields passed
+    to LM Studio's load call; ``parallel`` is lmgate's slot count for it; ``ttl`` unloads it
+    after that many idle seconds."""
+
+    name: str
+    parallel: int | None = None
+    ttl: float | None = None
+    load: tuple[tuple[str, Any], ...] = ()
 
 
 def box_name(url: str) -> str:
@@ -195,6 +218,10 @@ class Settings:
     keys: tuple[ApiKey, ...] = ()
     groups: tuple[tuple[str, ...], ...] = ()
     upstreams: tuple[UpstreamSpec, ...] = ()  # every box; empty: the one ``upstream``
+    models: tuple[ModelSpec, ...] = ()
+    load_mode: str = "auto"
+    max_loaded: int = 1
+    max_loaded_bytes: int | None = None
     config: str | None = None
     sources: Mapping[str, str] = field(default_factory=dict, compare=False)
 
@@ -368,6 +395,45 @@ def _url_boxes(value: str) -> tuple[UpstreamSpec, ...]:
     return _unique_boxes([UpstreamSpec(name=box_name(u), url=u) for u in urls], "upstream")
 
 
+def _parse_models(raw: Any) -> tuple[ModelSpec, ...]:
+    if not isinstance(raw, list):
+        raise ConfigError("models", "must be an array of tables ([[models]])")
+    out: list[ModelSpec] = []
+    seen: set[str] = set()
+    for i, entry in enumerate(raw):
+        where = f"models[{i}]"
+        if not isinstance(entry, dict):
+            raise ConfigError(where, "must be a table")
+        unknown = sorted(set(entry) - MODEL_FIELDS)
+        if unknown:
+            raise ConfigError(f"{where}.{unknown[0]}", "unknown key (LM Studio's load call takes "
+                              f"{', '.join(LOAD_FIELDS)}; lmgate's own: parallel, ttl)")
+        name = entry.get("name")
+        if not isinstance(name, str) or not name:
+            raise ConfigError(f"{where}.name", "required, the model key")
+        if name in seen:
+            raise ConfigError(f"{where}.name", f"duplicate model {name!r}")
+        seen.add(name)
+        parallel, ttl = entry.get("parallel"), entry.get("ttl")
+        if parallel is not None and (isinstance(parallel, bool) or not isinstance(parallel, int) or parallel < 1):
+            raise ConfigError(f"{where}.parallel", "must be a positive integer")
+        if ttl is not None and (isinstance(ttl, bool) or not isinstance(ttl, (int, float)) or ttl <= 0):
+            raise ConfigError(f"{where}.ttl", "must be a positive number of seconds")
+        load: list[tuple[str, Any]] = []
+        for field_name, kind in LOAD_FIELDS.items():
+            if field_name not in entry:
+                continue
+            value = entry[field_name]
+            if kind is int and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ConfigError(f"{where}.{field_name}", "must be a positive integer")
+            if kind is bool and not isinstance(value, bool):
+                raise ConfigError(f"{where}.{field_name}", "must be true or false")
+            load.append((field_name, value))
+        out.append(ModelSpec(name=name, parallel=parallel, ttl=None if ttl is None else float(ttl),
+                             load=tuple(load)))
+    return tuple(out)
+
+
 def _parse_groups(raw: Any) -> tuple[tuple[str, ...], ...]:
     if not isinstance(raw, list):
         raise ConfigError("groups", "must be an array of tables ([[groups]])")
@@ -491,8 +557,9 @@ def load_settings(
             _parse_upstreams(file_values["upstreams"])  # checked, though the flag replaces it
         boxes = _url_boxes(values.get("upstream", OPTION_BY_NAME["upstream"].default))
     values["upstream"] = boxes[0].url
-    settings = Settings(**values, keys=keys, groups=groups, upstreams=boxes, config=config_path,
-                        sources=sources)
+    models = _parse_models(file_values["models"]) if "models" in file_values else ()
+    settings = Settings(**values, keys=keys, groups=groups, upstreams=boxes, models=models,
+                        config=config_path, sources=sources)
     validate(settings)
     return settings
 

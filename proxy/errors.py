@@ -15,6 +15,7 @@
     │   ├── QueueFullError          429 rate_limit_error / queue_full
     │   └── QuotaExceeded           429 insufficient_quota (Retry-After to the reset, uncapped)
     ├── UpstreamUnavailable         502 upstream_error
+    │   └── ModelLoadFailed         502 / model_load_failed
     ├── ServiceUnavailable          503 service_unavailable
     │   ├── QueueTimeout            503 / queue_timeout
     │   ├── ShuttingDown            503 / shutting_down
@@ -164,6 +165,12 @@ class UpstreamUnavailable(ProxyError):
     status = 502
     type = "upstream_error"
     code = "upstream_unavailable"
+
+
+class ModelLoadFailed(UpstreamUnavailable):
+    """lmgate's own load of a model (managed mode) failed; LM Studio's message is passed on."""
+
+    code = "model_load_failed"
 
 
 class ServiceUnavailable(ProxyError):

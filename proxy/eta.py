@@ -58,6 +58,7 @@ class Estimator:
         self.cold: set[str] = set()  # models whose only estimate includes a swap
         self.overall_s: float | None = None
         self.swap_s: float | None = None
+        self.load_s: dict[str, float] = {}  # explicit loads lmgate made, timed per model
         self._last_model: str | None = None
         self._learned = 0  # bumped by every observation: a cached walk is stale after one
         self._walk: _Walk | None = None
@@ -87,6 +88,15 @@ class Estimator:
             if self.overall_s is None:
                 self.overall_s = service_s
         self._trim()
+
+    def observe_load(self, model: str, seconds: float) -> None:
+        """lmgate loaded ``model`` itself and timed it: the swap cost for that model."""
+        if seconds < 0 or math.isnan(seconds):
+            return
+        self.load_s[model] = _ema(self.load_s.get(model), seconds)
+        self._learned += 1
+        while len(self.load_s) > MODEL_CAP:
+            del self.load_s[next(iter(self.load_s))]
 
     def _trim(self) -> None:
         while len(self.by_model) > MODEL_CAP:
@@ -179,7 +189,7 @@ class Estimator:
             start = heapq.heappop(walk.slots)
             walk.current = walk.current | {ticket.model}
         else:
-            start = walk.latest + self._swap()
+            start = walk.latest + self._swap(ticket.model)
             walk.slots = [start] * (gate.parallel - 1)
             walk.current = frozenset({ticket.model})
         heapq.heappush(walk.slots, start + service)
@@ -193,5 +203,7 @@ class Estimator:
         started = ticket.started_at if ticket.started_at is not None else now
         return max(0.0, expected - (now - started))
 
-    def _swap(self) -> float:
+    def _swap(self, model: str | None = None) -> float:
+        if model is not None and model in self.load_s:
+            return self.load_s[model]
         return DEFAULT_SWAP_S if self.swap_s is None else self.swap_s

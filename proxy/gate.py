@@ -119,6 +119,10 @@ class Box:
     loaded: frozenset[str] = frozenset()
     switches: int = 0
     running: dict[int, Ticket] = field(default_factory=dict)
+    slots: dict[str, int] = field(default_factory=dict)  # per model, where it differs
+
+    def slots_for(self, model: str) -> int:
+        return self.slots.get(model, self.parallel)
 
     def lists(self, model: str) -> bool:
         if self.models and not any(fnmatch.fnmatchcase(model, g) for g in self.models):
@@ -135,7 +139,7 @@ class _Slotview:
     """A box as the dispatch rules see it (real, or a copy in a replay)."""
 
     name: str
-    parallel: int
+    slots: Callable[[str], int]
     lists: Callable[[str], bool]
     running: list[str]  # models, one per running request
     loaded: frozenset[str]
@@ -493,12 +497,19 @@ class Gate:
         together = set(models) | {model}
         return any(together <= g for g in self.groups)
 
+    def _fits(self, model: str, v: _Slotview) -> bool:
+        """May ``model`` start on this box without a swap: compatible with what runs there,
+        or, on an idle box, loaded there (one of its resident models) or compatible with it."""
+        if v.running:
+            return self.compatible(model, frozenset(v.running))
+        return model in v.loaded or self.compatible(model, v.loaded)
+
     def _joined(self, model: str, models: frozenset[str]) -> frozenset[str]:
         """The model set after ``model`` starts: added to a compatible set, else replacing it."""
         return models | {model} if self.compatible(model, models) else frozenset({model})
 
     def _views(self) -> list[_Slotview]:
-        return [_Slotview(b.name, b.parallel, b.lists, [t.model for t in b.running.values()], b.loaded)
+        return [_Slotview(b.name, b.slots_for, b.lists, [t.model for t in b.running.values()], b.loaded)
                 for b in self.boxes.values() if b.usable]
 
     def _choose(self, n: int, model: Callable[[int], str], skipped: Callable[[int], int],
@@ -521,9 +532,9 @@ class Gate:
                 if not v.lists(m):
                     continue
                 mine.append(v)
-                if len(v.running) >= v.parallel:
+                if len(v.running) >= v.slots(m):
                     continue
-                if not self.compatible(m, frozenset(v.running) if v.running else v.loaded):
+                if not self._fits(m, v):
                     continue
                 ahead = blockers.get(v.name)
                 if not ahead:
@@ -587,7 +598,7 @@ class Gate:
         self._running[ticket.seq] = ticket
         box.running[ticket.seq] = ticket
         self._vtime = max(self._vtime, ticket.tag)
-        if not self.compatible(ticket.model, box.loaded):
+        if ticket.model not in box.loaded and not self.compatible(ticket.model, box.loaded):
             box.switches += 1
         box.loaded = self._joined(ticket.model, box.loaded)
 

@@ -298,6 +298,7 @@ class GatedRequest:
         await self._write(opening)
         deadline = self._deadline(ticket)
         last_write = time.monotonic()
+        told_loading = False
         while not ticket.waiter.done():
             now = time.monotonic()
             if now >= deadline:
@@ -315,10 +316,19 @@ class GatedRequest:
                     update += self._waiting_chunk(pos, self.state.eta.eta_ms(gate, ticket, pos))
                 await self._write(update)
                 last_write = now
+            elif not told_loading and self.state.model_loading(ticket.model):
+                told_loading = True
+                await self._write(sse.comment(f"model_loading={ticket.model}"))
+                last_write = now
             elif now - last_write >= sse.KEEPALIVE_S:
                 await self._write(sse.keepalive())
                 last_write = now
         self._check_turn(ticket)
+
+    async def _loading(self, model: str) -> None:
+        """Its model is about to be loaded: a stream that already answered says so."""
+        if self.ex.headers_sent and not self.ex.finished:
+            await self._write(sse.comment(f"model_loading={model}"))
 
     def _waiting_chunk(self, position: int, eta_ms: int | None) -> bytes:
         return sse.reasoning_chunk("lmgate-queue-" + self.uid, self.rec.model,
@@ -328,6 +338,8 @@ class GatedRequest:
     async def _forward(self, ticket: Ticket | None) -> None:
         st, scope = self.state, self.scope
         for _ in range(len(st.upstreams) + 1):
+            if ticket is not None:
+                await st.prepare(ticket, self._loading)
             upstream = st.upstream_for(ticket)
             request = upstream.build(scope["method"], scope["path"], scope.get("query_string", b""),
                                      scope["headers"], self.body)

@@ -20,6 +20,7 @@ from .gate import Gate
 OTHER = "other"
 WAIT_BUCKETS = (0.005, 0.025, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800)
 TTFT_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 60, 120, 300)
+LOAD_BUCKETS = (0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300, 600)
 DURATION_BUCKETS = (0.01, 0.05, 0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800)
 
 
@@ -137,6 +138,9 @@ class Metrics:
         self.tokens = Counter("lmgate_tokens", "Tokens used (the upstream's total_tokens, or a "
                               "lower bound when it reports none), by API key ('none' without "
                               "keys); what token quotas count.", ["key"], registry=registry)
+        self.model_load = Histogram("lmgate_model_load_seconds", "Loads lmgate made itself "
+                                    "(managed mode), by box and model.", ["upstream", "model"],
+                                    buckets=LOAD_BUCKETS, registry=registry)
         self.queue_wait = Histogram("lmgate_queue_wait_seconds", "Time from arrival to start.",
                                     ["model"], buckets=WAIT_BUCKETS, registry=registry)
         self.ttft = Histogram("lmgate_time_to_first_token_seconds", "Time from start upstream to "

@@ -59,7 +59,7 @@ def ticket_view(state: AppState, t: Ticket, who: Principal | None, now: float,
         "request_id": t.request_id if mine else None,
         "id": t.uid if mine else None,
         "model": t.model,
-        "state": t.state,
+        "state": "loading" if t.meta.get("loading") else t.state,
         "position": position,
         "position_at_arrival": t.position_at_arrival,
         "waited_s": round(t.waited_s(now), 3),
@@ -111,6 +111,7 @@ def upstream_views(state: AppState) -> list[dict[str, Any]]:
     out = []
     for box in state.gate.boxes.values():
         up = state.upstreams.get(box.name)
+        mgr = state.managers.get(box.name)
         out.append({
             "name": box.name, "url": up.base if up is not None else None,
             "up": bool(up.up) if up is not None else False, "removed": box.removed,
@@ -118,6 +119,10 @@ def upstream_views(state: AppState) -> list[dict[str, Any]]:
             "parallel": box.parallel, "models": list(box.models),
             "catalog": None if box.catalog is None else len(box.catalog),
             "switches": box.switches,
+            "load_mode": mgr.mode if mgr is not None else None,
+            "error": mgr.error if mgr is not None else None,
+            "loading": sorted(mgr.loading) if mgr is not None else [],
+            "slots": dict(box.slots),
         })
     return out
 

@@ -26,6 +26,7 @@ from .history import History
 from .identity import Identities
 from .inbound import ByteBudget, Scope, client_address, header_map
 from .metrics import Metrics, RequestRecord
+from .models import ERROR, MANAGED, UNKNOWN, BoxModels
 from .quota import DB_NAME, QuotaStore, QuotaStoreError, default_state_dir
 from .upstream import Upstream
 
@@ -47,6 +48,8 @@ class AppState:
         self.transport = transport
         self.upstreams: dict[str, Upstream] = {
             spec.name: Upstream(settings, transport, spec) for spec in settings.boxes()}
+        self.managers: dict[str, BoxModels] = {
+            name: self._manager(up) for name, up in self.upstreams.items()}
         self.gate = Gate(max_queue=settings.max_queue,
                          max_skips=settings.max_skips, policy=settings.policy,
                          groups=settings.groups, on_start=_grant,
@@ -80,6 +83,35 @@ class AppState:
         self.history = History.of(self)  # for the status page: /queue/history
 
     # -- boxes ---------------------------------------------------------------------------
+    def _manager(self, up: Upstream) -> BoxModels:
+        return BoxModels(up, up.spec, self.settings, on_load=self._loaded)
+
+    def _loaded(self, box: str, model: str, seconds: float) -> None:
+        self.metrics.model_load.labels(box, self.metrics.label.peek(model)).observe(seconds)
+        self.eta.observe_load(model, seconds)
+
+    def model_loading(self, model: str) -> bool:
+        return any(model in m.loading for m in self.managers.values())
+
+    async def prepare(self, ticket: Ticket, loading: Any = None) -> None:
+        """Managed mode: the ticket's model gets an instance on its box before it is sent
+        (a load, and room made for it, if needed). ``loading``: awaited with the model name
+        when a load is about to be waited for (a waiting stream says so)."""
+        mgr = self.managers.get(ticket.box or "")
+        if mgr is None or mgr.mode != MANAGED:
+            return
+        box = self.gate.boxes.get(mgr.upstream.name)
+        if mgr.needs_load(ticket.model) and loading is not None:
+            await loading(ticket.model)
+        ticket.meta["loading"] = mgr.needs_load(ticket.model)
+        try:
+            await mgr.ensure(ticket.model, lambda: {t.model for t in box.running.values()} if box else set())
+        finally:
+            ticket.meta["loading"] = False
+        if box is not None and box.loaded != mgr.resident:
+            mgr.slots(box)
+            self.gate.set_loaded(mgr.resident, box=box.name)
+
     @property
     def upstream(self) -> Upstream:
         """The first box (with a single box, the upstream)."""
@@ -189,13 +221,19 @@ class AppState:
             up = self.upstreams.get(name)
             if up is not None and (up.spec != spec or up.key != (spec.key or new.upstream_key)):
                 self._retired.append(up)  # its running requests keep their connections
-                self.upstreams[name] = Upstream(new, self.transport, spec)
+                up = self.upstreams[name] = Upstream(new, self.transport, spec)
+                self.managers[name] = self._manager(up)
+            mgr = self.managers.get(name)
+            if mgr is not None:
+                mgr.reconfigure(spec, new)
+                mgr.slots(box)
         for name, spec in specs.items():
             if name in self.gate.boxes:
                 continue
             if name in self.upstreams:  # removed earlier, still finishing: replace it
                 self._retired.append(self.upstreams[name])
             up = self.upstreams[name] = Upstream(new, self.transport, spec)
+            self.managers[name] = self._manager(up)
             up.up = False  # until its first check answers (the watcher checks it at once)
             box = _box(spec, new)
             box.up = False
@@ -302,6 +340,15 @@ class AppState:
             up = self.upstreams.get(name)
             if up is None or not self.box_idle(name) or up.up is False:
                 continue
+            mgr = self.managers.get(name)
+            if mgr is not None and mgr.mode == MANAGED:
+                if await mgr.refresh() and self.box_idle(name) and name in self.gate.boxes:
+                    box = self.gate.boxes[name]
+                    mgr.slots(box)
+                    if self.several:
+                        self.gate.set_catalog(name, set(mgr.sizes) | set(mgr.instances))
+                    self.gate.set_loaded(mgr.resident, box=name)
+                continue
             models = await up.loaded_models()
             if models is not None and self.box_idle(name):
                 self.gate.set_loaded(models, box=name)
@@ -340,10 +387,17 @@ class AppState:
             for name, up in list(self.upstreams.items()):
                 if name not in self.gate.boxes:  # removed, and done
                     del self.upstreams[name]
+                    self.managers.pop(name, None)
                     await up.aclose()
                     continue
                 if not self.box_idle(name):
                     continue
+                mgr = self.managers.get(name)
+                if mgr is not None and mgr.mode == MANAGED and mgr.instances and up.up:
+                    before = mgr.resident
+                    await mgr.expire(set())
+                    if mgr.resident != before and self.box_idle(name):
+                        self.gate.set_loaded(mgr.resident, box=name)
                 due = up.retry_at if up.up is False else up.last_probe + self.probe_interval_s
                 if now >= due:
                     await self._check(name, up)
@@ -351,6 +405,14 @@ class AppState:
     async def _check(self, name: str, up: Upstream, first: bool = False) -> None:
         was_up = up.up
         ok = await up.probe()
+        mgr = self.managers.get(name)
+        if ok and mgr is not None and (mgr.mode == UNKNOWN or was_up is False or first):
+            await mgr.detect()
+            if mgr.mode == ERROR:
+                log.error("upstream %s: %s", name, mgr.error)
+                ok = False
+            elif name in self.gate.boxes:
+                mgr.slots(self.gate.boxes[name])
         if ok:
             up.backoff_s = 0.0
             if first:

@@ -155,6 +155,17 @@ class Upstream:
             self._own = None
             own.set()
 
+    async def own_post(self, path: str, body: dict[str, object], *, timeout: float) -> httpx.Response:
+        """lmgate's own POST (a model load or unload in managed mode); requests granted on the
+        box meanwhile wait in ``send`` until it has its answer."""
+        self._own = own = asyncio.Event()
+        try:
+            headers = {"authorization": self.auth_value.decode()} if self.auth_value else {}
+            return await self.client.post(self.base + path, json=body, timeout=timeout, headers=headers)
+        finally:
+            self._own = None
+            own.set()
+
     async def probe(self) -> bool:
         """Is the upstream answering at all? Short timeout, any HTTP answer counts."""
         try:

@@ -86,9 +86,12 @@ def start_simulator(tmp: Path, *, tokens_per_s: float = 100.0, load_s: float = 0
 
 
 def start_lmgate(tmp: Path, upstream: str, *args: str, env: dict[str, str] | None = None) -> Process:
+    """lmgate in front of ``upstream``. The suites written for LM Studio's own just-in-time
+    loading pin ``--load-mode jit`` through the environment (the simulator has the REST API
+    v1, so ``auto`` would manage its models); a test passes ``--load-mode`` to choose."""
     port = free_port()
     return Process(["-m", "proxy", "--upstream", upstream, "--port", str(port), *args], port,
-                   tmp / f"lmgate-{port}.log", "/healthz", env=env)
+                   tmp / f"lmgate-{port}.log", "/healthz", env={"LMGATE_LOAD_MODE": "jit", **(env or {})})
 
 
 @contextlib.contextmanager
