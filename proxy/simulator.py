@@ -1,13 +1,31 @@
 """LM Studio simulator for demos and tests.
 
-Serves the OpenAI-compatible ``/v1`` API and LM Studio's ``/api/v0`` REST API
-with deterministic replies, and reproduces LM Studio's "Only Keep Last JIT
-Loaded Model" behaviour: a request for a model that is not loaded unloads the
-current one, killing every generation still running on it.
+Serves the OpenAI-compatible ``/v1`` API, LM Studio's ``/api/v0`` REST API and the model
+management part of its ``/api/v1`` REST API (LM Studio 0.4+) with deterministic replies.
 
-Run it with ``python -m proxy.simulator --port 1234``.  ``GET /sim/stats`` (generations),
-``GET /sim/requests`` (every request received, /sim/* excepted) and ``POST /sim/reset``
-(clears both) are simulator-only introspection endpoints.
+Models live in *instances*, as in LM Studio 0.4: each has an ``instance_id`` (the model key,
+then ``key:2``, ``key:3`` ... for further instances of the same model), an origin (``jit``:
+loaded because a request named the model; ``api``: ``POST /api/v1/models/load``), a config
+(``context_length``, ``parallel`` ...) and its model's size in bytes.
+
+* ``GET /api/v1/models`` lists every model with its ``loaded_instances``.
+* ``POST /api/v1/models/load`` loads an instance (closed body schema, as in LM Studio: an
+  unknown key is a 400), ``POST /api/v1/models/unload`` unloads one by ``instance_id``;
+  generations running on an unloaded instance are cut (their streams end with an error).
+* A chat/completions/embeddings request for a model with no instance loads it JIT and
+  auto-evicts JIT-loaded instances only (never API-loaded ones): without a memory budget
+  (``--memory-bytes``) at most one JIT model is kept, which reproduces LM Studio's
+  "Only Keep Last JIT Loaded Model" (a request for another model unloads the current one,
+  killing every generation still running on it); with a budget, least recently used JIT
+  instances are evicted until the new model fits, and the request fails if API-loaded
+  instances leave no room.  JIT instances unload after an idle TTL (``--jit-ttl``, or the
+  request's ``ttl``).
+* Each instance runs up to its ``parallel`` generations at once (LM Studio 0.4's "Max
+  Concurrent Predictions", ``--max-concurrent``); instances run side by side.
+
+Run it with ``python -m proxy.simulator --port 1234``.  ``GET /sim/stats`` (generations,
+loads, instances), ``GET /sim/requests`` (every request received, /sim/* excepted) and
+``POST /sim/reset`` (clears both) are simulator-only introspection endpoints.
 """
 
 from __future__ import annotations
@@ -17,6 +35,7 @@ import asyncio
 import contextlib
 import hashlib
 import json
+import re
 import time
 from collections import deque
 from collections.abc import Sequence
@@ -39,7 +58,8 @@ MAX_TOKENS_CAP = 4096
 LOG_CAP = 10_000
 REQUEST_LOG_CAP = 10_000
 MAX_WORD_LEN = 65_536  # cap of the ``x_word_len`` body field (test knob: long filler words)
-_REQUEST_FIELDS = ("model", "max_tokens", "max_completion_tokens", "max_output_tokens", "stream")
+_REQUEST_FIELDS = ("model", "max_tokens", "max_completion_tokens", "max_output_tokens", "stream",
+                   "instance_id")
 EMBEDDING_DIM = 8
 _FILLER = "the quick brown fox jumps over the lazy dog".split()
 _KNOWN_META = {
@@ -47,9 +67,30 @@ _KNOWN_META = {
     "llama-3.2-3b-instruct": ("hugging-quants", "llama"),
     "text-embedding-nomic-embed-text-v1.5": ("nomic-ai", "nomic-bert"),
 }
-_LOG_FIELDS = ("seq", "model", "stream", "path", "user", "started", "ended", "outcome")
+# plausible Q4_K_M GGUF file sizes of the default models; others are guessed from their name
+_KNOWN_SIZES = {
+    "qwen2.5-7b-instruct": 4_683_074_240,
+    "llama-3.2-3b-instruct": 2_019_377_696,
+    "text-embedding-nomic-embed-text-v1.5": 84_106_624,
+}
+_BYTES_PER_PARAM = 0.6  # Q4_K_M: about 4.85 bits per weight
+_MAX_CONTEXT = 32768
+_DEFAULT_CONTEXT = {"llm": 4096, "embedding": 2048}
+_DEFAULT_JIT_TTL_S = 3600.0  # LM Studio: JIT-loaded models default to a 60 minute idle TTL
+_LOG_FIELDS = ("seq", "model", "instance", "stream", "path", "user", "started", "ended",
+               "outcome", "cut_by")
 _UNLOADED_ERROR = {"error": {"message": "Model unloaded.", "type": "model_unloaded",
                              "param": None, "code": "model_unloaded"}}
+# POST /api/v1/models/load: LM Studio validates the body against a closed schema
+_LOAD_FIELDS: dict[str, str] = {
+    "model": "string", "context_length": "count", "eval_batch_size": "count",
+    "flash_attention": "boolean", "num_experts": "number", "offload_kv_cache_to_gpu": "boolean",
+    "echo_load_config": "boolean",
+}
+_UNLOAD_FIELDS: dict[str, str] = {"instance_id": "string"}
+_GUARDRAIL_MESSAGE = ("Model loading aborted due to insufficient system resources. Overloading the "
+                      "system will likely cause it to freeze. If you believe this is a mistake, you "
+                      "can try to change the model loading guardrails in the settings.")
 
 
 def _content_text(content: Any) -> str:
@@ -164,6 +205,108 @@ def _model_not_found(model: str) -> JSONResponse:
     return _error(404, f"Model '{model}' not found", param="model", code="model_not_found")
 
 
+def _native_error(status: int, type_: str, message: str, *, code: str | None = None,
+                  param: str | None = None) -> JSONResponse:
+    """An error in the shape of LM Studio's native ``/api/v1`` endpoints."""
+    error: dict[str, Any] = {"type": type_, "message": message}
+    if code is not None:
+        error["code"] = code
+    if param is not None:
+        error["param"] = param
+    return JSONResponse({"error": error}, status_code=status)
+
+
+class _SimError(Exception):
+    """A request the simulator refuses: ``status`` and both error bodies (native, OpenAI)."""
+
+    def __init__(self, status: int, type_: str, code: str, message: str) -> None:
+        super().__init__(message)
+        self.status, self.type, self.code, self.message = status, type_, code, message
+
+    def native(self) -> JSONResponse:
+        return _native_error(self.status, self.type, self.message, code=self.code)
+
+    def openai(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.type, "param": "model",
+                          "code": self.code}}
+
+
+def _kind_of(model: str) -> str:
+    return "embedding" if "embed" in model.lower() else "llm"
+
+
+def _params_billions(model: str) -> float | None:
+    """``7`` for ``qwen2.5-7b-instruct``, ``0.5`` for ``x-0.5b``; None if the name tells none."""
+    for part in reversed(model.lower().split("-")):
+        match = re.fullmatch(r"(\d+(?:\.\d+)?)b", part)
+        if match:
+            return float(match.group(1))
+    return None
+
+
+def _guess_size(model: str) -> int:
+    billions = _params_billions(model)
+    if billions is not None:
+        return int(billions * 1e9 * _BYTES_PER_PARAM)
+    return 100_000_000 if _kind_of(model) == "embedding" else 1_000_000_000
+
+
+def _params_string(model: str) -> str | None:
+    billions = _params_billions(model)
+    if billions is None or _kind_of(model) == "embedding":
+        return None
+    return f"{billions:g}B"
+
+
+def _display_name(model: str) -> str:
+    return " ".join(w.upper() if re.fullmatch(r"\d+(?:\.\d+)?[bm]", w) else w[:1].upper() + w[1:]
+                    for w in model.split("-") if w)
+
+
+@dataclass(eq=False)
+class _Instance:
+    """One loaded (or loading) copy of a model, as LM Studio 0.4 lists in ``loaded_instances``."""
+
+    id: str
+    model: str
+    origin: str  # "jit" (a request named the model) or "api" (POST /api/v1/models/load)
+    size_bytes: int
+    config: dict[str, Any]
+    parallel: int
+    ttl_s: float | None = None  # idle TTL (JIT instances only)
+    state: str = "loading"  # "loading", "loaded", then "gone"
+    loaded_at: float | None = None
+    last_used: float = field(default_factory=time.monotonic)
+    running: set[_Generation] = field(default_factory=set)
+    slots: asyncio.Semaphore = field(init=False)
+    ready: asyncio.Event = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.bind()
+
+    def bind(self) -> None:
+        """(Re)create the asyncio primitives (a new event loop serves the app)."""
+        self.slots = asyncio.Semaphore(self.parallel)
+        self.ready = asyncio.Event()
+        if self.state != "loading":
+            self.ready.set()
+
+    @property
+    def kind(self) -> str:
+        return _kind_of(self.model)
+
+    def listed(self) -> dict[str, Any]:
+        """The ``loaded_instances`` entry of ``GET /api/v1/models``."""
+        return {"id": self.id, "config": dict(self.config)}
+
+    def record(self) -> dict[str, Any]:
+        """The ``instances`` entry of ``/sim/stats``."""
+        return {"id": self.id, "model": self.model, "origin": self.origin, "state": self.state,
+                "size_bytes": self.size_bytes, "parallel": self.parallel,
+                "config": dict(self.config), "running": len(self.running),
+                "ttl_s": self.ttl_s, "loaded_at": self.loaded_at, "last_used": self.last_used}
+
+
 @dataclass(eq=False)
 class _Generation:
     seq: int
@@ -176,6 +319,10 @@ class _Generation:
     outcome: str | None = None
     stop_reason: str | None = None
     task: asyncio.Task | None = None
+    instance: str | None = None  # id of the instance that served (or was to serve) it
+    inst: _Instance | None = field(default=None, repr=False)
+    cut_by: str | None = None  # "unload" or "evict": why its instance went away under it
+    generating: bool = False
 
     def stop(self, reason: str) -> None:
         """Cancel the generation task, remembering why (``killed``/``cancelled``)."""
@@ -187,26 +334,54 @@ class _Generation:
         return {k: getattr(self, k) for k in _LOG_FIELDS}
 
 
+_COUNTERS = ("completed", "killed", "cancelled", "errors", "loads", "jit_loads", "api_loads",
+             "unloads", "evictions", "ttl_unloads", "cut_generations", "failed_loads",
+             "refused_loads")
+
+
 class _SimState:
     """Everything mutable about one simulator instance."""
 
     def __init__(self, models: Sequence[str], tokens_per_s: float, load_s: float,
-                 max_concurrent: int, loaded: str | None) -> None:
+                 max_concurrent: int, loaded: str | None, *,
+                 load_times: dict[str, float] | None = None,
+                 sizes: dict[str, int] | None = None, memory_bytes: int | None = None,
+                 fail_loads: Sequence[str] = (), preload: Sequence[str] = (),
+                 jit_ttl_s: float | None = _DEFAULT_JIT_TTL_S, accept_parallel: bool = False) -> None:
         self.models = list(models)
         self.delay = 1.0 / tokens_per_s if tokens_per_s > 0 else 0.0
         self.load_s = max(0.0, load_s)
+        self.load_times = {m: max(0.0, s) for m, s in (load_times or {}).items()}
         self.max_concurrent = max(1, max_concurrent)
-        self.loaded = loaded if loaded in self.models else None
-        self.running: set[_Generation] = set()
+        self.sizes = {m: sizes[m] if sizes and m in sizes else _KNOWN_SIZES.get(m, _guess_size(m))
+                      for m in self.models}
+        self.memory_bytes = memory_bytes if memory_bytes is None else max(0, memory_bytes)
+        self.fail_loads = set(fail_loads)
+        self.jit_ttl_s = jit_ttl_s if jit_ttl_s and jit_ttl_s > 0 else None
+        self.accept_parallel = accept_parallel
+        self.instances: list[_Instance] = []  # in load order
+        self.generating: dict[str, int] = {}  # model -> generations producing tokens now
         self.seq = 0
         self.active = 0
         self._loop: asyncio.AbstractEventLoop | None = None
+        self.lock = asyncio.Lock()
         self.reset()
+        startup = [(loaded, "jit")] if loaded in self.models else []
+        startup += [(m, "api") for m in preload if m in self.models]
+        for model, origin in startup:
+            inst = self._new_instance(model, origin, {}, self.jit_ttl_s)
+            if self.memory_bytes is not None and self.loaded_bytes() > self.memory_bytes:
+                raise ValueError(f"{model} does not fit in --memory-bytes {self.memory_bytes}")
+            inst.state, inst.loaded_at = "loaded", time.monotonic()
+            inst.ready.set()
 
+    # -- bookkeeping -----------------------------------------------------------------------
     def reset(self) -> None:
-        """Clear counters and log; keeps the loaded model, live gauges and ``seq``."""
-        self.counters = {"completed": 0, "killed": 0, "cancelled": 0, "errors": 0, "loads": 0}
+        """Clear counters and log; keeps the instances, live gauges and ``seq``."""
+        self.counters = dict.fromkeys(_COUNTERS, 0)
         self.active_max = self.active
+        self.max_loaded_bytes = self.loaded_bytes()
+        self.max_concurrent_models = len(self.generating)
         self.log: deque[_Generation] = deque(maxlen=LOG_CAP)
         self.requests: deque[dict[str, Any]] = deque(maxlen=REQUEST_LOG_CAP)
         self.requests_total = 0
@@ -217,7 +392,175 @@ class _SimState:
         if loop is not self._loop:
             self._loop = loop
             self.lock = asyncio.Lock()
-            self.slots = asyncio.Semaphore(self.max_concurrent)
+            for inst in self.instances:
+                inst.bind()
+
+    def loaded_bytes(self) -> int:
+        """Memory taken by every instance, loading ones included."""
+        return sum(i.size_bytes for i in self.instances)
+
+    @property
+    def loaded(self) -> str | None:
+        """The model of the most recently loaded instance (None: nothing loaded)."""
+        done = [i for i in self.instances if i.state == "loaded"]
+        return max(done, key=lambda i: i.loaded_at or 0.0).model if done else None
+
+    def loaded_instances(self, model: str) -> list[_Instance]:
+        return [i for i in self.instances if i.model == model and i.state == "loaded"]
+
+    def knows(self, name: str) -> bool:
+        """A model key, or the id of a loaded instance (``key:2``), that requests may name."""
+        return name in self.models or any(i.id == name and i.state == "loaded"
+                                          for i in self.instances)
+
+    def load_time(self, model: str) -> float:
+        return self.load_times.get(model, self.load_s)
+
+    def default_config(self, model: str, parallel: int) -> dict[str, Any]:
+        if _kind_of(model) == "embedding":
+            return {"context_length": _DEFAULT_CONTEXT["embedding"]}
+        return {"context_length": _DEFAULT_CONTEXT["llm"], "eval_batch_size": 512,
+                "flash_attention": True, "offload_kv_cache_to_gpu": True, "parallel": parallel}
+
+    def _new_instance(self, model: str, origin: str, asked: dict[str, Any],
+                      ttl_s: float | None = None) -> _Instance:
+        """Reserve a loading instance (its memory counts from now on)."""
+        taken = {i.id for i in self.instances}
+        n = 1
+        while (iid := model if n == 1 else f"{model}:{n}") in taken:
+            n += 1
+        parallel = self.max_concurrent
+        if "parallel" in asked and _kind_of(model) == "llm":
+            parallel = asked["parallel"]
+        config = self.default_config(model, parallel)
+        config.update({k: v for k, v in asked.items() if k in config or
+                       (k == "num_experts" and _kind_of(model) == "llm")})
+        inst = _Instance(iid, model, origin, self.sizes[model], config, parallel,
+                         ttl_s if origin == "jit" else None)
+        self.instances.append(inst)
+        self.max_loaded_bytes = max(self.max_loaded_bytes, self.loaded_bytes())
+        return inst
+
+    def _drop(self, inst: _Instance, why: str) -> None:
+        """Take ``inst`` out of memory; generations on it are cut (``why``: unload/evict/ttl)."""
+        if inst in self.instances:
+            self.instances.remove(inst)
+        inst.state = "gone"
+        inst.ready.set()
+        for gen in list(inst.running):
+            if gen.stop_reason is None:
+                gen.cut_by = why
+            gen.stop("killed")
+
+    def expire_idle(self) -> None:
+        """Unload JIT instances idle for longer than their TTL (LM Studio's Idle TTL)."""
+        now = time.monotonic()
+        for inst in list(self.instances):
+            if (inst.origin == "jit" and inst.state == "loaded" and inst.ttl_s is not None
+                    and not inst.running and now - inst.last_used > inst.ttl_s):
+                self._drop(inst, "ttl")
+                self.counters["ttl_unloads"] += 1
+
+    def _route(self, name: str) -> _Instance | None:
+        """The instance a request naming ``name`` (model key or instance id) goes to: the
+        instance with that id, else the first instance of that model (loading ones too)."""
+        for inst in self.instances:
+            if inst.id == name:
+                return inst
+        return next((i for i in self.instances if i.model == name), None)
+
+    def _register(self, gen: _Generation, inst: _Instance) -> None:
+        inst.running.add(gen)
+        inst.last_used = time.monotonic()
+        gen.inst, gen.instance = inst, inst.id
+
+    # -- loading ---------------------------------------------------------------------------
+    async def _load(self, inst: _Instance) -> float:
+        """Wait out the load time of a reserved instance; returns it. Called with the lock."""
+        started = time.monotonic()
+        try:
+            await asyncio.sleep(self.load_time(inst.model))
+        except BaseException:
+            self._drop(inst, "cancelled")
+            raise
+        if inst.model in self.fail_loads:
+            self._drop(inst, "failed")
+            self.counters["failed_loads"] += 1
+            raise _SimError(500, "model_load_failed", "model_load_failed",
+                            f"Failed to load model \"{inst.model}\". Error loading model. "
+                            "(Exit code: 1). Unknown error. Try a different model and/or config.")
+        inst.state, inst.loaded_at = "loaded", time.monotonic()
+        inst.last_used = inst.loaded_at
+        inst.ready.set()
+        self.counters["loads"] += 1
+        self.counters["jit_loads" if inst.origin == "jit" else "api_loads"] += 1
+        return inst.loaded_at - started
+
+    def _refuse(self) -> _SimError:
+        self.counters["refused_loads"] += 1
+        return _SimError(500, "model_load_failed", "insufficient_resources", _GUARDRAIL_MESSAGE)
+
+    async def _jit_load(self, model: str, ttl_s: float | None) -> _Instance:
+        """JIT: evict JIT instances (never API ones) to make room, then load ``model``."""
+        size = self.sizes[model]
+        jit = sorted((i for i in self.instances if i.origin == "jit"), key=lambda i: i.last_used)
+        if self.memory_bytes is None:
+            victims = jit  # "Only Keep Last JIT Loaded Model"
+        else:
+            pinned = sum(i.size_bytes for i in self.instances if i.origin != "jit")
+            if pinned + size > self.memory_bytes:
+                raise self._refuse()
+            victims, used = [], self.loaded_bytes()
+            while used + size > self.memory_bytes:
+                victims.append(jit[len(victims)])
+                used -= victims[-1].size_bytes
+        for victim in victims:
+            self._drop(victim, "evict")
+            self.counters["evictions"] += 1
+        inst = self._new_instance(model, "jit", {}, ttl_s if ttl_s else self.jit_ttl_s)
+        await self._load(inst)
+        return inst
+
+    async def load_api(self, model: str, asked: dict[str, Any]) -> tuple[_Instance, float]:
+        """``POST /api/v1/models/load``: a new instance, even if the model has one already."""
+        async with self.lock:
+            self.expire_idle()
+            if (self.memory_bytes is not None
+                    and self.loaded_bytes() + self.sizes[model] > self.memory_bytes):
+                raise self._refuse()
+            inst = self._new_instance(model, "api", asked)
+            took = await self._load(inst)
+            return inst, took
+
+    def unload(self, instance_id: str) -> _Instance | None:
+        """``POST /api/v1/models/unload``: cuts the generations running on it."""
+        inst = next((i for i in self.instances if i.id == instance_id and i.state == "loaded"), None)
+        if inst is not None:
+            self._drop(inst, "unload")
+            self.counters["unloads"] += 1
+        return inst
+
+    async def enter_model(self, gen: _Generation, ttl_s: float | None = None) -> _Instance:
+        """Route ``gen`` to an instance of ``gen.model`` (JIT-loading one if there is none)
+        and register it there."""
+        while True:
+            self.expire_idle()
+            inst = self._route(gen.model)
+            if inst is None:
+                if gen.model not in self.models:  # an instance id that went away
+                    raise _SimError(404, "invalid_request_error", "model_not_found",
+                                    f"Model '{gen.model}' not found")
+                async with self.lock:
+                    inst = self._route(gen.model)
+                    if inst is None:
+                        inst = await self._jit_load(gen.model, ttl_s)
+                        self._register(gen, inst)  # before the lock goes: nobody evicts it first
+                        return inst
+            if inst.state == "loading":
+                await inst.ready.wait()
+                continue
+            self._register(gen, inst)
+            return inst
 
     def new_generation(self, model: str, stream: bool, path: str, user: str) -> _Generation:
         self.seq += 1
@@ -225,28 +568,47 @@ class _SimState:
         self.log.append(gen)
         return gen
 
-    async def enter_model(self, gen: _Generation) -> None:
-        """JIT: make ``gen.model`` the loaded model (killing others) and register ``gen``."""
-        async with self.lock:
-            if self.loaded != gen.model:
-                for other in list(self.running):
-                    other.stop("killed")
-                self.loaded = None
-                await asyncio.sleep(self.load_s)
-                self.loaded = gen.model
-                self.counters["loads"] += 1
-            self.running.add(gen)
+    def begin(self, gen: _Generation) -> None:
+        """``gen`` got a slot of its instance and produces tokens now."""
+        gen.generating = True
+        self.active += 1
+        self.active_max = max(self.active_max, self.active)
+        model = gen.inst.model if gen.inst else gen.model
+        self.generating[model] = self.generating.get(model, 0) + 1
+        self.max_concurrent_models = max(self.max_concurrent_models, len(self.generating))
+
+    def end(self, gen: _Generation) -> None:
+        if not gen.generating:
+            return
+        gen.generating = False
+        self.active -= 1
+        model = gen.inst.model if gen.inst else gen.model
+        left = self.generating.get(model, 0) - 1
+        if left > 0:
+            self.generating[model] = left
+        else:
+            self.generating.pop(model, None)
 
     def finish(self, gen: _Generation, outcome: str) -> None:
-        self.running.discard(gen)
+        if gen.inst is not None:
+            gen.inst.running.discard(gen)
+            gen.inst.last_used = time.monotonic()
         gen.ended = time.monotonic()
         gen.outcome = outcome
         key = {"ok": "completed", "error": "errors"}.get(outcome, outcome)
         self.counters[key] += 1
+        if outcome == "killed" and gen.cut_by in ("unload", "evict"):
+            self.counters["cut_generations"] += 1
 
     def stats(self) -> dict[str, Any]:
+        self.expire_idle()
         return {"loaded": self.loaded, "active": self.active, "max_active": self.active_max,
-                **self.counters, "log": [g.record() for g in self.log]}
+                **self.counters, "max_loaded_bytes": self.max_loaded_bytes,
+                "loaded_bytes": self.loaded_bytes(), "memory_bytes": self.memory_bytes,
+                "max_concurrent_models": self.max_concurrent_models,
+                "generating_models": sorted(self.generating),
+                "instances": [i.record() for i in self.instances],
+                "log": [g.record() for g in self.log]}
 
 
 class _Sender:
@@ -288,6 +650,9 @@ class _GenerationResponse(Response):
     def __init__(self, state: _SimState, gen: _Generation, body: dict, kind: str) -> None:
         super().__init__()
         self.state, self.gen, self.body, self.kind = state, gen, body, kind
+        ttl = body.get("ttl")  # LM Studio: idle TTL of a model this request JIT-loads
+        valid = isinstance(ttl, (int, float)) and not isinstance(ttl, bool) and ttl > 0
+        self.ttl_s: float | None = float(ttl) if valid else None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         sender = _Sender(send, self.gen.stream)
@@ -312,14 +677,13 @@ class _GenerationResponse(Response):
         state, gen = self.state, self.gen
         outcome = "error"
         try:
-            await state.enter_model(gen)
-            async with state.slots:
-                state.active += 1
-                state.active_max = max(state.active_max, state.active)
+            inst = await state.enter_model(gen, self.ttl_s)
+            async with inst.slots:  # the instance's "Max Concurrent Predictions"
+                state.begin(gen)
                 try:
                     await self._produce(out)
                 finally:
-                    state.active -= 1
+                    state.end(gen)
             outcome = "ok"
         except asyncio.CancelledError:
             outcome = gen.stop_reason or "cancelled"
@@ -327,6 +691,8 @@ class _GenerationResponse(Response):
                 outcome = "ok"  # killed after the last byte went out: nothing was lost
             elif outcome == "killed":
                 await self._fail(out, _UNLOADED_ERROR)
+        except _SimError as exc:  # the model could not be loaded (JIT) or is gone
+            await self._fail(out, exc.openai(), status=exc.status)
         except Exception as exc:  # noqa: BLE001 - a simulator bug must not hang the client
             await self._fail(out, {"error": {"message": str(exc), "type": "internal_error",
                                              "param": None, "code": None}})
@@ -334,10 +700,13 @@ class _GenerationResponse(Response):
             state.finish(gen, outcome)
 
     @staticmethod
-    async def _fail(out: _Sender, error: dict) -> None:
-        """Send ``error`` as a final SSE event (stream) or a 500 JSON body, if still possible."""
+    async def _fail(out: _Sender, error: dict, status: int | None = None) -> None:
+        """Send ``error`` as a final SSE event (stream) or a 500 JSON body, if still possible;
+        with ``status``, as a JSON body with that status if nothing was sent yet."""
         with contextlib.suppress(Exception):
-            if out.stream and not out.finished:
+            if status is not None and not out.started:
+                await out.json(status, error)
+            elif out.stream and not out.finished:
                 await out.event(error)
                 await out.end()
             elif not out.started:

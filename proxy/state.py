@@ -163,6 +163,9 @@ class AppState:
         """With several boxes: 404 at once for a model no box lists, 502 at once when every
         box that lists it is down (it would only wait)."""
         if not self.several:
+            mgr = next(iter(self.managers.values()), None)
+            if mgr is not None and mgr.mode == ERROR:
+                raise UpstreamUnavailable(f"upstream {mgr.upstream.name}: {mgr.error}")
             return
         boxes = [b for b in self.gate.boxes.values() if not b.removed and b.lists(model)]
         if not boxes:
