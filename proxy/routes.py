@@ -221,7 +221,8 @@ async def readyz(request: Request) -> Response:
     """From what lmgate already knows (its last check while idle, or the last response):
     never a request of its own to the upstream, which may be busy generating."""
     state: AppState = request.app.state.lmgate
-    up = any(bool(u.up) for u in state.upstreams.values())
+    up = any(bool(u.up) and not (state.managers.get(n) and state.managers[n].error)
+             for n, u in state.upstreams.items())
     body = {"status": "ready" if up and not state.draining else "not ready",
             "upstream": state.upstream.base, "upstream_up": up, "draining": state.draining,
             "upstreams": {name: bool(u.up) for name, u in state.upstreams.items()},

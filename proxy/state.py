@@ -146,18 +146,26 @@ class AppState:
         self.gate.requeue(ticket)
         return True
 
-    def _mark_down(self, name: str) -> None:
+    def _mark_down(self, name: str, *, quiet: bool = False) -> None:
+        """The box refused or failed: skip it (with several boxes) and check it again after a
+        growing pause. Logged once per outage, whichever path noticed it first."""
         up = self.upstreams.get(name)
         if up is None:
             return
-        if up.up is not False:
-            log.warning("upstream %s is not answering; its requests go to the other boxes", name)
+        if not up.down_logged and not quiet:
+            log.warning("upstream %s is not answering; %s", self._label(up),
+                        "its requests go to the other boxes until it is back" if self.several
+                        else "requests get 502 until it is back")
+        up.down_logged = True
         up.up = False
         up.backoff_s = min(MAX_BACKOFF_S, up.backoff_s * 2 if up.backoff_s
                            else min(1.0, self.probe_interval_s))
         up.retry_at = time.monotonic() + up.backoff_s
-        if self.several:
+        if self.several or quiet:
             self.gate.set_up(name, False)
+
+    def _label(self, up: Upstream) -> str:
+        return up.name if self.several else up.base
 
     def check_servable(self, model: str) -> None:
         """With several boxes: 404 at once for a model no box lists, 502 at once when every
@@ -406,33 +414,30 @@ class AppState:
                     await self._check(name, up)
 
     async def _check(self, name: str, up: Upstream, first: bool = False) -> None:
-        was_up = up.up
         ok = await up.probe()
         mgr = self.managers.get(name)
-        if ok and mgr is not None and (mgr.mode == UNKNOWN or was_up is False or first):
+        if ok and mgr is not None and (mgr.mode == UNKNOWN or up.down_logged or first):
             await mgr.detect()
-            if mgr.mode == ERROR:
-                log.error("upstream %s: %s", name, mgr.error)
-                ok = False
-            elif name in self.gate.boxes:
-                mgr.slots(self.gate.boxes[name])
-        if ok:
-            up.backoff_s = 0.0
-            if first:
-                log.info("upstream %s is up", up.base if not self.several else name)
-            elif was_up is False:
-                log.info("upstream %s is back up", up.base if not self.several else name)
+            if mgr.mode == ERROR:  # answering, but not usable as configured: say why, once
+                if not up.down_logged:
+                    log.error("upstream %s: %s", self._label(up), mgr.error)
+                self._mark_down(name, quiet=True)
+                up.up = True  # it answers; the gate keeps it out of service
+                return
             if name in self.gate.boxes:
-                self.gate.set_up(name, True)
-            await self.refresh_loaded([name])
+                mgr.slots(self.gate.boxes[name])
+        if not ok:
+            self._mark_down(name)
             return
+        up.backoff_s = 0.0
         if first:
-            log.warning("upstream %s is not answering; %s", up.base if not self.several else name,
-                        "requests go to the other boxes until it is back" if self.several
-                        else "requests get 502 until it is back")
-        elif was_up is not False:
-            log.warning("upstream %s is not answering", up.base if not self.several else name)
-        self._mark_down(name)
+            log.info("upstream %s is up", self._label(up))
+        elif up.down_logged:
+            log.info("upstream %s is back up", self._label(up))
+        up.down_logged = False
+        await self.refresh_loaded([name])  # what it lists, before anything is sent to it
+        if name in self.gate.boxes:
+            self.gate.set_up(name, True)
 
     def begin_shutdown(self) -> None:
         """Stop admitting; fail waiting requests now; give running ones the grace period."""

@@ -89,6 +89,7 @@ class Upstream:
         self.up: bool | None = None
         self.last_probe = 0.0
         self.retry_at = 0.0  # a box that is down: when to check it again
+        self.down_logged = False  # its outage was logged (once per outage)
         self.backoff_s = 0.0
         self._own: asyncio.Event | None = None  # set while lmgate's own request is in flight
 
