@@ -802,26 +802,131 @@ def _v0_model(state: _SimState, model: str) -> dict[str, Any]:
     kind = "embeddings" if "embed" in model.lower() else "llm"
     return {"id": model, "object": "model", "type": kind, "publisher": publisher, "arch": arch,
             "compatibility_type": "gguf", "quantization": "Q4_K_M",
-            "state": "loaded" if state.loaded == model else "not-loaded",
-            "max_context_length": 32768}
+            "state": "loaded" if state.loaded_instances(model) else "not-loaded",
+            "max_context_length": _MAX_CONTEXT}
 
 
 def _v1_model(model: str) -> dict[str, Any]:
     return {"id": model, "object": "model", "owned_by": "organization_owner"}
 
 
+def _native_model(state: _SimState, model: str) -> dict[str, Any]:
+    """One entry of LM Studio 0.4's ``GET /api/v1/models``."""
+    publisher, arch = _KNOWN_META.get(model, ("lmstudio-community", model.split("-")[0]))
+    llm = _kind_of(model) == "llm"
+    entry: dict[str, Any] = {"type": _kind_of(model), "publisher": publisher, "key": model,
+                             "display_name": _display_name(model)}
+    if llm:
+        entry["architecture"] = arch
+    entry.update({
+        "quantization": {"name": "Q4_K_M", "bits_per_weight": 4},
+        "size_bytes": state.sizes[model], "params_string": _params_string(model),
+        "loaded_instances": [i.listed() for i in state.loaded_instances(model)],
+        "max_context_length": _MAX_CONTEXT, "format": "gguf"})
+    if llm:
+        entry["capabilities"] = {"vision": False, "trained_for_tool_use": True}
+        entry["description"] = None
+    return entry
+
+
+def _json_type(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, (int, float)):
+        return "number"
+    return {str: "string", list: "array", dict: "object"}.get(type(value), "unknown")
+
+
+def _check_body(body: Any, fields: dict[str, str], required: str) -> JSONResponse | None:
+    """LM Studio's closed-schema validation of a native request body: None if it passes."""
+    if not isinstance(body, dict):
+        return _native_error(400, "invalid_request",
+                             f"Expected object, received {_json_type(body)}", code="invalid_type")
+    unknown = [k for k in body if k not in fields]
+    if unknown:
+        keys = ", ".join(f"'{k}'" for k in unknown)
+        return _native_error(400, "invalid_request", f"Unrecognized key(s) in object: {keys}",
+                             code="unrecognized_keys")
+    if required not in body:
+        return _native_error(400, "invalid_request", f'"{required}" is required',
+                             code="missing_required_parameter", param=required)
+    for key, value in body.items():
+        want = fields[key]
+        got = _json_type(value)
+        ok = {"string": got == "string" and bool(value), "boolean": got == "boolean",
+              "number": got == "number",
+              "count": got == "number" and float(value).is_integer() and value > 0}[want]
+        if not ok:
+            expected = {"count": "positive integer"}.get(want, want)
+            return _native_error(400, "invalid_request",
+                                 f"Invalid value for '{key}': expected {expected}, received {got}",
+                                 code="invalid_type", param=key)
+    return None
+
+
+async def _json_body(request: Request) -> tuple[Any, JSONResponse | None]:
+    try:
+        return json.loads(await request.body()), None
+    except (ValueError, UnicodeDecodeError):
+        return None, _native_error(400, "invalid_request", "Invalid body: failed to parse JSON "
+                                   "value. Please check the value to ensure it is valid JSON",
+                                   code="invalid_json")
+
+
 def _routes(state: _SimState) -> list[Route]:
     async def list_models(request: Request) -> Response:
+        state.expire_idle()
         v0 = request.url.path.startswith("/api/v0")
         data = [_v0_model(state, m) if v0 else _v1_model(m) for m in state.models]
         return JSONResponse({"object": "list", "data": data})
 
     async def get_model(request: Request) -> Response:
+        state.expire_idle()
         model = request.path_params["model"]
         if model not in state.models:
             return _model_not_found(model)
         v0 = request.url.path.startswith("/api/v0")
         return JSONResponse(_v0_model(state, model) if v0 else _v1_model(model))
+
+    async def native_models(request: Request) -> Response:
+        state.expire_idle()
+        return JSONResponse({"models": [_native_model(state, m) for m in state.models]})
+
+    async def load(request: Request) -> Response:
+        body, bad = await _json_body(request)
+        fields = {**_LOAD_FIELDS, "parallel": "count"} if state.accept_parallel else _LOAD_FIELDS
+        bad = bad or _check_body(body, fields, "model")
+        if bad is not None:
+            return bad
+        model = body["model"]
+        if model not in state.models:
+            return _native_error(404, "model_not_found",
+                                 f"Model {model} not found in downloaded models")
+        state.bind_loop()
+        asked = {k: int(v) if fields[k] == "count" else v for k, v in body.items()
+                 if k not in ("model", "echo_load_config")}
+        try:
+            inst, took = await state.load_api(model, asked)
+        except _SimError as exc:
+            return exc.native()
+        answer: dict[str, Any] = {"type": inst.kind, "instance_id": inst.id,
+                                  "load_time_seconds": round(took, 3), "status": "loaded"}
+        if body.get("echo_load_config"):
+            answer["load_config"] = dict(inst.config)
+        return JSONResponse(answer)
+
+    async def unload(request: Request) -> Response:
+        body, bad = await _json_body(request)
+        bad = bad or _check_body(body, _UNLOAD_FIELDS, "instance_id")
+        if bad is not None:
+            return bad
+        instance_id = body["instance_id"]
+        if state.unload(instance_id) is None:
+            return _native_error(404, "model_not_found",
+                                 f"Model with instance identifier '{instance_id}' is not loaded.")
+        return JSONResponse({"instance_id": instance_id})
 
     def generation(kind: str):
         async def endpoint(request: Request) -> Response:
@@ -834,7 +939,7 @@ def _routes(state: _SimState) -> list[Route]:
             model = body.get("model")
             if not isinstance(model, str) or not model:
                 return _error(400, "'model' is required", param="model", code="model_required")
-            if model not in state.models:
+            if not state.knows(model):
                 return _model_not_found(model)
             state.bind_loop()
             stream = bool(body.get("stream")) and kind != "embeddings"
@@ -855,7 +960,10 @@ def _routes(state: _SimState) -> list[Route]:
         return JSONResponse({"total": state.requests_total, "requests": list(state.requests)})
 
     routes = [Route("/sim/stats", stats), Route("/sim/reset", reset, methods=["POST"]),
-              Route("/sim/requests", requests)]
+              Route("/sim/requests", requests),
+              Route("/api/v1/models", native_models),
+              Route("/api/v1/models/load", load, methods=["POST"]),
+              Route("/api/v1/models/unload", unload, methods=["POST"])]
     for prefix in ("/v1", "/api/v0"):
         routes += [
             Route(f"{prefix}/models", list_models),
@@ -920,13 +1028,51 @@ class _RequestLog:
 
 def create_simulator_app(*, models: Sequence[str] = DEFAULT_MODELS, tokens_per_s: float = 50.0,
                          load_s: float = 0.3, max_concurrent: int = 4,
-                         loaded: str | None = None) -> Starlette:
+                         loaded: str | None = None, load_times: dict[str, float] | None = None,
+                         sizes: dict[str, int] | None = None, memory_bytes: int | None = None,
+                         fail_loads: Sequence[str] = (), preload: Sequence[str] = (),
+                         jit_ttl_s: float | None = _DEFAULT_JIT_TTL_S,
+                         accept_parallel: bool = False) -> Starlette:
     """Build a simulator app; ``app.state.sim`` holds its state object."""
-    state = _SimState(models, tokens_per_s, load_s, max_concurrent, loaded)
+    state = _SimState(models, tokens_per_s, load_s, max_concurrent, loaded, load_times=load_times,
+                      sizes=sizes, memory_bytes=memory_bytes, fail_loads=fail_loads,
+                      preload=preload, jit_ttl_s=jit_ttl_s, accept_parallel=accept_parallel)
     app = Starlette(routes=_routes(state))
     app.state.sim = state
     app.add_middleware(_RequestLog, state=state)
     return app
+
+
+_UNITS = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12,
+          "ki": 2**10, "mi": 2**20, "gi": 2**30, "ti": 2**40}
+
+
+def _byte_count(text: str) -> int:
+    """``4700000000``, ``4.7G``, ``8GiB`` ... as a number of bytes."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kmgt]i?)?b?\s*", text.lower())
+    if not match:
+        raise argparse.ArgumentTypeError(f"not a byte count: {text!r}")
+    return int(float(match.group(1)) * _UNITS[match.group(2) or ""])
+
+
+def _names(text: str) -> list[str]:
+    return [m.strip() for m in text.split(",") if m.strip()]
+
+
+def _per_model(convert):
+    """An argparse type for ``model=value,model=value``."""
+    def parse(text: str) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for item in _names(text):
+            model, sep, value = item.rpartition("=")
+            if not sep or not model.strip():
+                raise argparse.ArgumentTypeError(f"expected model=value, got {item!r}")
+            try:
+                out[model.strip()] = convert(value.strip())
+            except (ValueError, argparse.ArgumentTypeError) as exc:
+                raise argparse.ArgumentTypeError(f"{item!r}: {exc}") from None
+        return out
+    return parse
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -935,9 +1081,11 @@ def main(argv: list[str] | None = None) -> None:
 
     parser = argparse.ArgumentParser(
         prog="lmgate-sim",
-        description="LM Studio simulator: an OpenAI-compatible /v1 and LM Studio /api/v0 server "
-        "with deterministic replies that, like LM Studio's JIT loading, unloads the current model "
-        "(killing its generations) when a request names another one. For demos and tests.",
+        description="LM Studio simulator: an OpenAI-compatible /v1, LM Studio /api/v0 and "
+        "/api/v1 (models, load, unload) server with deterministic replies. Like LM Studio 0.4, a "
+        "request for a model with no loaded instance loads it JIT and auto-evicts JIT-loaded "
+        "instances only (killing their generations), and unloading an instance cuts the "
+        "generations running on it. For demos and tests.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on")
     parser.add_argument("--port", type=int, default=1234,
@@ -945,19 +1093,51 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--tokens-per-s", type=float, default=50.0,
                         help="generation speed per request, in tokens per second (0 = instant)")
     parser.add_argument("--load-time", type=float, default=0.3,
-                        help="seconds a model takes to load when a request names one not loaded")
+                        help="seconds a model takes to load (JIT or POST /api/v1/models/load)")
+    parser.add_argument("--load-times", type=_per_model(float), default=None,
+                        help="per-model load seconds overriding --load-time, e.g. "
+                        "qwen2.5-7b-instruct=2.5,llama-3.2-3b-instruct=1")
     parser.add_argument("--models", default=",".join(DEFAULT_MODELS),
                         help="comma-separated model ids the simulator serves")
+    parser.add_argument("--model-sizes", type=_per_model(_byte_count), default=None,
+                        help="per-model size in bytes (4700000000, 4.7G, 8GiB), e.g. "
+                        "qwen2.5-7b-instruct=4700000000; others get a plausible size "
+                        "guessed from the name")
+    parser.add_argument("--memory-bytes", type=_byte_count, default=None,
+                        help="memory budget for loaded instances (None: unlimited); a load "
+                        "that does not fit is refused, JIT loads evict JIT instances to fit")
     parser.add_argument("--max-concurrent", type=int, default=4,
-                        help="generations that run at once, like LM Studio 0.4's "
-                        "\"Max Concurrent Predictions\"; more wait inside the simulator")
+                        help="generations that run at once per loaded instance, like LM Studio "
+                        "0.4's \"Max Concurrent Predictions\" (reported as config.parallel); "
+                        "more wait inside the simulator")
     parser.add_argument("--loaded", default=None,
-                        help="model already loaded at start (None: nothing loaded)")
+                        help="model already loaded (JIT) at start (None: nothing loaded)")
+    parser.add_argument("--preload", type=_names, default=[],
+                        help="comma-separated models loaded at start as through "
+                        "POST /api/v1/models/load (never auto-evicted)")
+    parser.add_argument("--fail-loads", type=_names, default=[],
+                        help="comma-separated models whose loads fail (test knob)")
+    parser.add_argument("--jit-ttl", type=float, default=_DEFAULT_JIT_TTL_S,
+                        help="idle seconds after which a JIT-loaded instance unloads, unless "
+                        "the request that loaded it gave a ttl (0: never)")
+    parser.add_argument("--accept-parallel", action="store_true",
+                        help="accept a 'parallel' key in POST /api/v1/models/load bodies (LM "
+                        "Studio's documented schema has none and rejects unknown keys)")
     args = parser.parse_args(argv)
-    models = [m.strip() for m in args.models.split(",") if m.strip()]
-    app = create_simulator_app(models=models, tokens_per_s=args.tokens_per_s,
-                               load_s=args.load_time, max_concurrent=args.max_concurrent,
-                               loaded=args.loaded)
+    models = _names(args.models)
+    named = [*(args.load_times or {}), *(args.model_sizes or {}), *args.preload, *args.fail_loads]
+    unknown = sorted({m for m in named if m not in models})
+    if unknown:
+        parser.error(f"not among --models: {', '.join(unknown)}")
+    try:
+        app = create_simulator_app(models=models, tokens_per_s=args.tokens_per_s,
+                                   load_s=args.load_time, max_concurrent=args.max_concurrent,
+                                   loaded=args.loaded, load_times=args.load_times,
+                                   sizes=args.model_sizes, memory_bytes=args.memory_bytes,
+                                   fail_loads=args.fail_loads, preload=args.preload,
+                                   jit_ttl_s=args.jit_ttl, accept_parallel=args.accept_parallel)
+    except ValueError as exc:
+        parser.error(str(exc))
     uvicorn.run(app, host=args.host, port=args.port, log_level="info")
 
 

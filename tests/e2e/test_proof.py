@@ -181,5 +181,6 @@ def test_knows_the_loaded_model_at_start(tmp_path: Path) -> None:
         client.chat.completions.create(model=MODELS[0], messages=[{"role": "user", "content": "x"}])
         assert httpx.get(gate.url + "/queue").json()["model_switches"] == 1
         metrics = httpx.get(gate.url + "/metrics").text
-        assert "lmgate_model_switches_total 1.0" in metrics
+        box = httpx.get(gate.url + "/queue").json()["upstreams"][0]["name"]
+        assert f'lmgate_model_switches_total{{upstream="{box}"}} 1.0' in metrics
         client.close()

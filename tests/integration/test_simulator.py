@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import socket
 import threading
@@ -327,3 +328,305 @@ def test_word_len_knob_makes_long_replies() -> None:
     words = expected_reply(body).split(" ")
     assert words[:2] == [f"[{MODEL_A}]", "a"] and [len(w) for w in words[2:]] == [1000] * 3
     assert expected_reply(chat_body(MODEL_A, "a", max_tokens=5)) == f"[{MODEL_A}] a the quick brown"
+
+
+# -- LM Studio 0.4 model management: /api/v1/models, load, unload, instances ---------------
+GB = 10**9
+BIG, MID, SMALL = "big-model-7b", "mid-model-3b", "small-model-1b"
+SIZES = {BIG: 4 * GB, MID: int(1.5 * GB), SMALL: 1 * GB}
+
+
+@contextlib.contextmanager
+def sim(**kwargs: Any) -> Iterator[httpx.Client]:
+    """A fresh simulator (its own state) and a client for it."""
+    app = create_simulator_app(**{"tokens_per_s": 100.0, "load_s": 0.02, **kwargs})
+    with ServerThread(app) as srv, httpx.Client(base_url=srv.url, timeout=10) as c:
+        yield c
+
+
+def native(client: httpx.Client) -> dict[str, dict]:
+    """``GET /api/v1/models`` by model key."""
+    resp = client.get("/api/v1/models")
+    assert resp.status_code == 200
+    return {m["key"]: m for m in resp.json()["models"]}
+
+
+def instance_ids(client: httpx.Client) -> dict[str, list[str]]:
+    return {k: [i["id"] for i in m["loaded_instances"]] for k, m in native(client).items()}
+
+
+def load(client: httpx.Client, model: str, **extra: Any) -> httpx.Response:
+    return client.post("/api/v1/models/load", json={"model": model, **extra})
+
+
+def test_native_models_listing_shape() -> None:
+    with sim(max_concurrent=3, loaded=MODEL_A) as client:
+        models = native(client)
+        assert list(models) == list(DEFAULT_MODELS)
+        qwen, embed = models[MODEL_A], models[EMBED]
+        assert qwen == {
+            "type": "llm", "publisher": "lmstudio-community", "key": MODEL_A,
+            "display_name": "Qwen2.5 7B Instruct", "architecture": "qwen2",
+            "quantization": {"name": "Q4_K_M", "bits_per_weight": 4},
+            "size_bytes": qwen["size_bytes"], "params_string": "7B",
+            "loaded_instances": [{"id": MODEL_A, "config": {
+                "context_length": 4096, "eval_batch_size": 512, "flash_attention": True,
+                "offload_kv_cache_to_gpu": True, "parallel": 3}}],
+            "max_context_length": 32768, "format": "gguf",
+            "capabilities": {"vision": False, "trained_for_tool_use": True},
+            "description": None}
+        assert 4 * GB < qwen["size_bytes"] < 5 * GB
+        # embedding models: no architecture, capabilities nor description (as documented)
+        assert set(embed) == {"type", "publisher", "key", "display_name", "quantization",
+                              "size_bytes", "params_string", "loaded_instances",
+                              "max_context_length", "format"}
+        assert embed["type"] == "embedding" and embed["loaded_instances"] == []
+        assert embed["size_bytes"] < qwen["size_bytes"] and embed["params_string"] is None
+
+
+def test_load_is_listed_with_loaded_instances_and_parallel() -> None:
+    with sim(max_concurrent=3, load_times={MODEL_B: 0.3}) as client:
+        assert instance_ids(client)[MODEL_A] == []
+        resp = load(client, MODEL_A, context_length=8192, echo_load_config=True)
+        assert resp.status_code == 200
+        body = resp.json()
+        assert body == {"type": "llm", "instance_id": MODEL_A, "status": "loaded",
+                        "load_time_seconds": body["load_time_seconds"],
+                        "load_config": {"context_length": 8192, "eval_batch_size": 512,
+                                        "flash_attention": True,
+                                        "offload_kv_cache_to_gpu": True, "parallel": 3}}
+        assert 0.02 <= body["load_time_seconds"] < 0.3
+        listed = native(client)[MODEL_A]["loaded_instances"]
+        assert listed == [{"id": MODEL_A, "config": body["load_config"]}]
+        # per-model load time; without echo_load_config no load_config
+        slow = load(client, MODEL_B).json()
+        assert "load_config" not in slow and slow["load_time_seconds"] >= 0.3
+        embed = load(client, EMBED, echo_load_config=True).json()
+        assert embed["type"] == "embedding" and embed["load_config"] == {"context_length": 2048}
+        v0 = {m["id"]: m["state"] for m in client.get("/api/v0/models").json()["data"]}
+        assert v0 == {MODEL_A: "loaded", MODEL_B: "loaded", EMBED: "loaded"}
+        stats = client.get("/sim/stats").json()
+        assert (stats["api_loads"], stats["jit_loads"], stats["loads"]) == (3, 0, 3)
+        assert [(i["id"], i["origin"], i["state"], i["parallel"]) for i in stats["instances"]] == [
+            (MODEL_A, "api", "loaded", 3), (MODEL_B, "api", "loaded", 3),
+            (EMBED, "api", "loaded", 3)]
+        assert stats["loaded_bytes"] == stats["max_loaded_bytes"] == sum(
+            i["size_bytes"] for i in stats["instances"])
+        # a request for an API-loaded model uses it: no JIT load, nothing evicted
+        chat = client.post("/v1/chat/completions", json=chat_body(MODEL_B, "hi", max_tokens=3))
+        assert chat.status_code == 200
+        stats = client.get("/sim/stats").json()
+        assert stats["jit_loads"] == 0 and stats["evictions"] == 0
+        assert stats["log"][-1]["instance"] == MODEL_B
+
+
+def test_second_load_of_a_model_is_a_second_instance() -> None:
+    with sim(max_concurrent=2) as client:
+        assert load(client, MODEL_A).json()["instance_id"] == MODEL_A
+        assert load(client, MODEL_A).json()["instance_id"] == f"{MODEL_A}:2"
+        assert instance_ids(client)[MODEL_A] == [MODEL_A, f"{MODEL_A}:2"]
+        # a request naming the key goes to the first instance, one naming `key:2` to that one
+        body = chat_body(MODEL_A, "first", max_tokens=2)
+        client.post("/v1/chat/completions", json=body).raise_for_status()
+        second = client.post("/v1/chat/completions",
+                             json={**body, "model": f"{MODEL_A}:2"}).json()
+        assert second["model"] == f"{MODEL_A}:2"
+        log = client.get("/sim/stats").json()["log"]
+        assert [e["instance"] for e in log] == [MODEL_A, f"{MODEL_A}:2"]
+        # an unloaded id is free again for the next load; an unknown id is a 404 again
+        client.post("/api/v1/models/unload", json={"instance_id": MODEL_A}).raise_for_status()
+        assert client.post("/v1/chat/completions", json={**body, "model": f"{MODEL_A}:3"}
+                           ).status_code == 404
+        assert load(client, MODEL_A).json()["instance_id"] == MODEL_A
+        assert instance_ids(client)[MODEL_A] == [f"{MODEL_A}:2", MODEL_A]
+
+
+def test_load_body_is_validated_like_lm_studio() -> None:
+    with sim() as client:
+        unknown = load(client, MODEL_A, ttl=300)
+        assert unknown.status_code == 400
+        assert unknown.json() == {"error": {"type": "invalid_request", "code": "unrecognized_keys",
+                                            "message": "Unrecognized key(s) in object: 'ttl'"}}
+        two = load(client, MODEL_A, parallel=2, gpu="max").json()["error"]["message"]
+        assert two == "Unrecognized key(s) in object: 'parallel', 'gpu'"
+        missing = client.post("/api/v1/models/load", json={"context_length": 4096})
+        assert missing.status_code == 400 and missing.json()["error"]["param"] == "model"
+        for bad in ({"context_length": "big"}, {"context_length": 0}, {"flash_attention": 1}):
+            wrong = load(client, MODEL_A, **bad)
+            assert wrong.status_code == 400, bad
+            assert wrong.json()["error"]["type"] == "invalid_request"
+        not_json = client.post("/api/v1/models/load", content=b"{nope",
+                               headers={"content-type": "application/json"})
+        assert not_json.status_code == 400 and not_json.json()["error"]["code"] == "invalid_json"
+        nope = load(client, "nope-13b")
+        assert nope.status_code == 404
+        assert nope.json() == {"error": {"type": "model_not_found",
+                                         "message": "Model nope-13b not found in downloaded models"}}
+        assert all(ids == [] for ids in instance_ids(client).values())
+        assert client.get("/sim/stats").json()["api_loads"] == 0
+    # `parallel` as a load key only when the simulator is told LM Studio accepts it
+    with sim(max_concurrent=4, accept_parallel=True) as client:
+        body = load(client, MODEL_A, parallel=2, echo_load_config=True).json()
+        assert body["load_config"]["parallel"] == 2
+        assert native(client)[MODEL_A]["loaded_instances"][0]["config"]["parallel"] == 2
+
+
+def test_unload_by_instance_id() -> None:
+    with sim() as client:
+        load(client, MODEL_A).raise_for_status()
+        resp = client.post("/api/v1/models/unload", json={"instance_id": MODEL_A})
+        assert resp.status_code == 200 and resp.json() == {"instance_id": MODEL_A}
+        assert instance_ids(client)[MODEL_A] == []
+        again = client.post("/api/v1/models/unload", json={"instance_id": MODEL_A})
+        assert again.status_code == 404 and again.json()["error"]["type"] == "model_not_found"
+        extra = client.post("/api/v1/models/unload", json={"instance_id": MODEL_A, "force": True})
+        assert extra.status_code == 400 and extra.json()["error"]["code"] == "unrecognized_keys"
+        assert client.post("/api/v1/models/unload", json={}).status_code == 400
+        stats = client.get("/sim/stats").json()
+        assert stats["unloads"] == 1 and stats["instances"] == [] and stats["loaded"] is None
+        paths = [(r["path"], r.get("instance_id")) for r in
+                 client.get("/sim/requests").json()["requests"]]
+        assert ("/api/v1/models/unload", MODEL_A) in paths
+
+
+def test_memory_budget_refuses_a_load_that_does_not_fit() -> None:
+    with sim(models=[BIG, MID, SMALL], sizes=SIZES, memory_bytes=5 * GB) as client:
+        assert native(client)[BIG]["size_bytes"] == 4 * GB
+        load(client, BIG).raise_for_status()
+        refused = load(client, MID)
+        assert refused.status_code == 500
+        error = refused.json()["error"]
+        assert error["code"] == "insufficient_resources"
+        assert error["message"].startswith("Model loading aborted due to insufficient system")
+        assert load(client, SMALL).status_code == 200  # 4 + 1 GB fit exactly
+        assert instance_ids(client) == {BIG: [BIG], MID: [], SMALL: [SMALL]}
+        stats = client.get("/sim/stats").json()
+        assert stats["refused_loads"] == 1 and stats["api_loads"] == 2
+        assert stats["max_loaded_bytes"] == 5 * GB and stats["memory_bytes"] == 5 * GB
+
+
+def test_jit_evicts_only_jit_instances() -> None:
+    # no budget: at most one JIT model, as today; API-loaded models stay and keep serving
+    with sim(max_concurrent=2, tokens_per_s=50.0) as client:
+        load(client, MODEL_A).raise_for_status()
+        long_a = chat_body(MODEL_A, "pinned", max_tokens=60)
+        with ThreadPoolExecutor(2) as pool:
+            fut_a = pool.submit(client.post, "/v1/chat/completions", json=long_a)
+            wait_for(client, lambda s: s["active"] == 1)
+            fut_b = pool.submit(client.post, "/v1/chat/completions",
+                                json=chat_body(MODEL_B, "jit one", max_tokens=30))
+            assert wait_for(client, lambda s: s["max_concurrent_models"] == 2, timeout=3
+                            )["max_concurrent_models"] == 2
+            assert fut_b.result(timeout=5).status_code == 200
+            client.post("/v1/embeddings", json={"model": EMBED, "input": "x"}).raise_for_status()
+            resp_a = fut_a.result(timeout=5)
+        assert resp_a.json()["choices"][0]["message"]["content"] == expected_reply(long_a)
+        assert instance_ids(client) == {MODEL_A: [MODEL_A], MODEL_B: [], EMBED: [EMBED]}
+        stats = client.get("/sim/stats").json()
+        assert (stats["jit_loads"], stats["api_loads"], stats["evictions"]) == (2, 1, 1)
+        assert stats["killed"] == 0 and stats["cut_generations"] == 0
+        assert {i["id"]: i["origin"] for i in stats["instances"]} == {MODEL_A: "api", EMBED: "jit"}
+    # with a budget: JIT instances (least recently used first) are evicted until it fits
+    sizes = {**SIZES, MID: 4 * GB}
+    models = [BIG, MID, SMALL, EMBED]
+    with sim(models=models, sizes={**sizes, EMBED: GB // 2}, memory_bytes=6 * GB) as client:
+        load(client, BIG).raise_for_status()
+        for model in (SMALL, EMBED):  # 4 + 1 + 0.5 GB: both JIT loads fit beside BIG
+            client.post("/v1/chat/completions", json=chat_body(model, "x", max_tokens=1)
+                        ).raise_for_status()
+        assert instance_ids(client) == {BIG: [BIG], MID: [], SMALL: [SMALL], EMBED: [EMBED]}
+        stats = client.get("/sim/stats").json()
+        assert stats["evictions"] == 0 and stats["max_loaded_bytes"] == int(5.5 * GB)
+        # MID (4 GB) never fits beside the API-loaded BIG: refused, and nothing is evicted
+        refused = client.post("/v1/chat/completions", json=chat_body(MID, "x", max_tokens=1))
+        assert refused.status_code == 500
+        assert refused.json()["error"]["message"].startswith("Model loading aborted")
+        assert instance_ids(client) == {BIG: [BIG], MID: [], SMALL: [SMALL], EMBED: [EMBED]}
+        client.post("/api/v1/models/unload", json={"instance_id": BIG}).raise_for_status()
+        # without BIG, MID fits once SMALL (least recently used JIT instance) is evicted:
+        # 1 (SMALL) + 0.5 (EMBED) + 1 (SMALL:2) + 4 > 6 GB, EMBED and SMALL:2 stay
+        client.post("/v1/chat/completions", json=chat_body(EMBED, "x", max_tokens=1)
+                    ).raise_for_status()
+        load(client, SMALL).raise_for_status()  # a second SMALL instance, API-loaded: SMALL:2
+        client.post("/v1/chat/completions", json=chat_body(MID, "x", max_tokens=1)
+                    ).raise_for_status()
+        stats = client.get("/sim/stats").json()
+        assert [(i["id"], i["origin"]) for i in stats["instances"]] == [
+            (EMBED, "jit"), (f"{SMALL}:2", "api"), (MID, "jit")]
+        assert stats["evictions"] == 1 and stats["refused_loads"] == 1
+
+
+def test_unload_during_a_generation_cuts_it_and_counts_it() -> None:
+    with sim(tokens_per_s=100.0) as client:
+        load(client, MODEL_A).raise_for_status()
+        body = chat_body(MODEL_A, "cut me", max_tokens=400, stream=True)
+        with client.stream("POST", "/v1/chat/completions", json=body) as resp:
+            assert resp.status_code == 200
+            lines = resp.iter_lines()
+            for _ in range(3):
+                next(lines)
+            unloaded = client.post("/api/v1/models/unload", json={"instance_id": MODEL_A})
+            assert unloaded.status_code == 200
+            rest = [ln for ln in lines if ln.startswith("data: ")]
+        assert rest[-1] != "data: [DONE]"
+        assert json.loads(rest[-1][6:])["error"]["message"] == "Model unloaded."
+        stats = client.get("/sim/stats").json()
+        assert stats["cut_generations"] == 1 and stats["killed"] == 1 and stats["unloads"] == 1
+        entry = stats["log"][-1]
+        assert (entry["instance"], entry["outcome"], entry["cut_by"]) == (MODEL_A, "killed",
+                                                                          "unload")
+        # a JIT switch cuts the same way, counted as an eviction
+        client.post("/v1/chat/completions", json=chat_body(MODEL_B, "w", max_tokens=1))
+        with ThreadPoolExecutor(1) as pool:
+            fut = pool.submit(client.post, "/v1/chat/completions",
+                              json=chat_body(MODEL_B, "long", max_tokens=300))
+            wait_for(client, lambda s: s["active"] == 1)
+            client.post("/v1/chat/completions", json=chat_body(MODEL_A, "x", max_tokens=1))
+            assert fut.result(timeout=5).status_code == 500
+        stats = client.get("/sim/stats").json()
+        assert stats["cut_generations"] == 2 and stats["evictions"] == 1
+        assert stats["log"][-2]["cut_by"] == "evict"
+
+
+def test_fail_loads_knob() -> None:
+    with sim(fail_loads=[MODEL_B]) as client:
+        failed = load(client, MODEL_B)
+        assert failed.status_code == 500
+        assert failed.json()["error"]["type"] == "model_load_failed"
+        jit = client.post("/v1/chat/completions", json=chat_body(MODEL_B, "x", stream=True))
+        assert jit.status_code == 500 and "Failed to load model" in jit.json()["error"]["message"]
+        ok = client.post("/v1/chat/completions", json=chat_body(MODEL_A, "x", max_tokens=2))
+        assert ok.status_code == 200
+        assert instance_ids(client)[MODEL_B] == []
+        stats = client.get("/sim/stats").json()
+        assert stats["failed_loads"] == 2 and stats["errors"] == 1 and stats["completed"] == 1
+
+
+def test_jit_instances_unload_after_their_idle_ttl() -> None:
+    with sim(jit_ttl_s=60) as client:
+        load(client, MODEL_A).raise_for_status()
+        client.post("/v1/chat/completions", json=chat_body(MODEL_B, "x", max_tokens=1, ttl=0.2)
+                    ).raise_for_status()
+        assert instance_ids(client)[MODEL_B] == [MODEL_B]
+        time.sleep(0.35)
+        assert instance_ids(client) == {MODEL_A: [MODEL_A], MODEL_B: [], EMBED: []}
+        assert client.get("/sim/stats").json()["ttl_unloads"] == 1
+
+
+def test_main_parses_model_management_flags(monkeypatch: pytest.MonkeyPatch) -> None:
+    seen: dict[str, Any] = {}
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: seen.update(state=app.state.sim))
+    main(["--models", "a-7b,b-1b", "--model-sizes", "a-7b=4.5G,b-1b=800000000",
+          "--memory-bytes", "6GiB", "--load-times", "a-7b=2", "--fail-loads", "b-1b",
+          "--preload", "a-7b", "--max-concurrent", "3"])
+    state = seen["state"]
+    assert state.sizes == {"a-7b": 4_500_000_000, "b-1b": 800_000_000}
+    assert state.memory_bytes == 6 * 2**30 and state.load_time("a-7b") == 2.0
+    assert state.fail_loads == {"b-1b"}
+    assert [(i.id, i.origin, i.parallel) for i in state.instances] == [("a-7b", "api", 3)]
+    with pytest.raises(SystemExit):
+        main(["--models", "a-7b", "--preload", "zzz"])
+    with pytest.raises(SystemExit):
+        main(["--models", "a-7b", "--model-sizes", "a-7b=lots"])
+    with pytest.raises(SystemExit):  # preloads that do not fit in the budget
+        main(["--models", "a-7b", "--preload", "a-7b", "--memory-bytes", "1G"])
