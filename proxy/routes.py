@@ -95,7 +95,8 @@ async def queue_snapshot(request: Request) -> Response:
         "max_skips": gate.max_skips,
         "loaded_models": sorted(gate.loaded),
         "model_switches": gate.switches,
-        "upstream_up": any(bool(u.up) for u in state.upstreams.values()),
+        "upstream_up": any(bool(u.up) and not (state.managers.get(n) and state.managers[n].error)
+                           for n, u in state.upstreams.items()),
         "upstreams": upstream_views(state),
         "draining": state.draining,
         "totals": dict(state.totals),
