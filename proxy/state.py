@@ -378,6 +378,13 @@ class AppState:
             raise SystemExit(2) from None
         for name, up in self.upstreams.items():
             await self._check(name, up, first=True)
+        for spec in self.settings.boxes():
+            room = spec.max_loaded or self.settings.max_loaded
+            for group in self.settings.groups:
+                if len(group) > room and self.managers[spec.name].mode != "jit":
+                    log.warning("group %s has %d models but box %s keeps at most %d loaded "
+                                "(max_loaded): in managed mode they cannot stay loaded together",
+                                ", ".join(group), len(group), spec.name, room)
         self._watch = asyncio.get_running_loop().create_task(self._watch_upstream())
         self.history.start()
         if self.auth.open and self.settings.host not in ("127.0.0.1", "localhost", "::1"):
