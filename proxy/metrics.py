@@ -106,14 +106,19 @@ class GateCollector(Collector):
                                        labels=["upstream"])
         parallel = GaugeMetricFamily("lmgate_parallel", "Slots per box: requests for one model "
                                      "that may run on it at once.", labels=["upstream"])
+        slots = GaugeMetricFamily("lmgate_model_slots", "Slots in force for each loaded model "
+                                  "on each box (LM Studio's reported parallel in managed mode, "
+                                  "unless configured).", labels=["upstream", "model"])
         for box in gate.boxes.values():
             switches.add_metric([box.name], box.switches)
             parallel.add_metric([box.name], box.parallel)
+            for model in sorted(box.loaded):
+                slots.add_metric([box.name, model], box.slots_for(model))
         up = GaugeMetricFamily("lmgate_upstream_up", "1 if the last check of or request to the box "
                                "succeeded, 0 if it failed.", labels=["upstream"])
         for name, state in self.upstream_up().items():
             up.add_metric([name], 1.0 if state else 0.0)
-        yield from (depth, active, loaded, switches, parallel, up)
+        yield from (depth, active, loaded, switches, parallel, slots, up)
 
 
 class Metrics:
