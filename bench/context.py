@@ -39,6 +39,8 @@ class Sizes:
     scale_chunks: int          # (e) chunks each waiting client receives once served
     cpu_window_s: float        # (e)
     queue_samples: int         # (e) GET /queue requests while they wait
+    boxes_requests: int        # (g) requests per side and round, split over its connections
+    boxes_warmup: int          # (g) warm-up requests per connection
     cap_s: float               # wall-clock cap of each scenario
 
     def as_dict(self) -> dict[str, Any]:
@@ -49,16 +51,33 @@ SIZES = {
     "full": Sizes(rounds=7, seq_requests=2000, seq_warmup=200, stream_chunks=1000, streams_per_round=20,
                   paced_chunks=200, paced_delay_ms=5, paced_streams=2, handoff_requests=50,
                   handoff_delay_ms=5, handoff_rounds=5, scale_clients=5000, scale_chunks=3,
-                  cpu_window_s=5.0, queue_samples=30, cap_s=150.0),
+                  cpu_window_s=5.0, queue_samples=30, boxes_requests=2000, boxes_warmup=200,
+                  cap_s=150.0),
     "quick": Sizes(rounds=3, seq_requests=500, seq_warmup=100, stream_chunks=1000, streams_per_round=5,
                    paced_chunks=200, paced_delay_ms=5, paced_streams=1, handoff_requests=50,
                    handoff_delay_ms=5, handoff_rounds=2, scale_clients=500, scale_chunks=3,
-                   cpu_window_s=2.0, queue_samples=10, cap_s=60.0),
+                   cpu_window_s=2.0, queue_samples=10, boxes_requests=500, boxes_warmup=100,
+                   cap_s=60.0),
     "smoke": Sizes(rounds=2, seq_requests=20, seq_warmup=5, stream_chunks=50, streams_per_round=2,
                    paced_chunks=20, paced_delay_ms=5, paced_streams=1, handoff_requests=10,
                    handoff_delay_ms=2, handoff_rounds=1, scale_clients=100, scale_chunks=3,
-                   cpu_window_s=0.5, queue_samples=3, cap_s=60.0),
+                   cpu_window_s=0.5, queue_samples=3, boxes_requests=40, boxes_warmup=5,
+                   cap_s=60.0),
 }
+
+
+@dataclass
+class Boxes:
+    """The servers of (g): a second fake upstream ("box b"; box a is the main fake upstream),
+    lmgate in front of both boxes, and, for the same load on one box, lmgate in front of box a
+    alone with as many slots as the two boxes have together."""
+
+    upstream_b: Server
+    two_boxes: Server
+    one_box: Server
+
+    def servers(self) -> list[Server]:
+        return [self.upstream_b, self.two_boxes, self.one_box]
 
 
 @dataclass
@@ -69,6 +88,7 @@ class Ctx:
     profile_dir: Path | None = None
     profile_mode: str = "nonblocking"
     profiles: dict[str, Any] = field(default_factory=dict)
+    boxes: Boxes | None = None
 
     @contextlib.contextmanager
     def phase(self, name: str) -> Iterator[None]:
@@ -107,23 +127,29 @@ class Ctx:
 
 
 class Meter:
-    """CPU of lmgate, the fake upstream and this client process across a block of work."""
+    """CPU of lmgate, the fake upstream and this client process across a block of work.
+    ``lmgate`` and ``upstreams`` name other servers than the context's (scenario (g))."""
 
-    def __init__(self, ctx: Ctx) -> None:
+    def __init__(self, ctx: Ctx, lmgate: Server | None = None, upstreams: list[Server] | None = None) -> None:
         self.ctx = ctx
+        self.lmgate = lmgate or ctx.lmgate
+        self.upstreams = upstreams or [ctx.upstream]
+
+    def _upstream_cpu(self) -> float:
+        return sum(u.cpu_s() for u in self.upstreams)
 
     def __enter__(self) -> Self:
         self.t0 = time.perf_counter()
         self.c0 = time.process_time()
-        self.l0 = self.ctx.lmgate.cpu_s()
-        self.u0 = self.ctx.upstream.cpu_s()
+        self.l0 = self.lmgate.cpu_s()
+        self.u0 = self._upstream_cpu()
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.wall_s = time.perf_counter() - self.t0
         self.client_cpu_s = time.process_time() - self.c0
-        self.lmgate_cpu_s = self.ctx.lmgate.cpu_s() - self.l0
-        self.upstream_cpu_s = self.ctx.upstream.cpu_s() - self.u0
+        self.lmgate_cpu_s = self.lmgate.cpu_s() - self.l0
+        self.upstream_cpu_s = self._upstream_cpu() - self.u0
 
     def as_dict(self) -> dict[str, float]:
         return {"wall_s": round(self.wall_s, 4), "client_cpu_s": round(self.client_cpu_s, 4),

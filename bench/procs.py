@@ -8,7 +8,7 @@ import signal
 import socket
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
@@ -131,15 +131,19 @@ class Server:
         return proc.returncode
 
 
-def fake_upstream(log_dir: Path) -> Server:
+def fake_upstream(log_dir: Path, name: str = "fake_upstream") -> Server:
     port = free_port()
-    return Server("fake upstream", ["-m", "bench.fake_upstream", "--port", str(port)], port,
-                  log_dir / "fake_upstream.log")
+    return Server(name.replace("_", " "), ["-m", "bench.fake_upstream", "--port", str(port)], port,
+                  log_dir / f"{name}.log")
 
 
-def lmgate(log_dir: Path, upstream_port: int, extra: list[str] | None = None) -> Server:
+def lmgate(log_dir: Path, upstream_port: int | Sequence[int], extra: list[str] | None = None,
+           name: str = "lmgate") -> Server:
+    """lmgate in front of one fake upstream, or of several (one ``--upstream`` per port: boxes)."""
     port = free_port()
-    args = ["-m", "proxy", "--upstream", f"http://127.0.0.1:{upstream_port}", "--port", str(port),
+    ports = [upstream_port] if isinstance(upstream_port, int) else list(upstream_port)
+    upstreams = [a for p in ports for a in ("--upstream", f"http://127.0.0.1:{p}")]
+    args = ["-m", "proxy", *upstreams, "--port", str(port),
             "--max-queue", "10000", "--max-connections", "12000", "--queue-timeout", "600",
             "--log-level", "warning", *(extra or [])]
-    return Server("lmgate", args, port, log_dir / "lmgate.log")
+    return Server(name.replace("_", " "), args, port, log_dir / f"{name}.log")

@@ -37,6 +37,61 @@ def _none(doc: dict[str, Any]) -> Any:
 
 
 A, B, C, D, E = "a_sequential", "b_stream", "c_paced", "d_handoff", "e_scale"
+G = "g_two_boxes"
+
+
+def _added(side: str, key: str, what: str, limit: float | None, base: str = DIRECT,
+           label: str = G) -> Target:
+    """(g): a latency figure of one side next to its direct baseline, compared as a difference."""
+    return Target(label, what, _g(G, "summary", base, key), _g(G, "summary", side, key),
+                  _g(G, "summary", side, "added_" + key), "<=", limit)
+
+
+def _cpu_row(side: str, label: str, limit: float | None = None) -> Target:
+    return Target(label, "lmgate CPU per request", _none, _g(G, "summary", side, "lmgate_cpu_ms_per_request"),
+                  _g(G, "summary", side, "lmgate_cpu_ms_per_request"), "<=", limit)
+
+
+def _info_row(side: str | None, key: str, what: str, label: str, unit: str = "") -> Target:
+    get = _g(G, "summary", side, key) if side else _g(G, "summary", key)
+    return Target(label, what, _none, get, _none, "<=", None, unit)
+
+
+def _boxes_rows() -> list[Target]:
+    """(g): two boxes with 2 connections (the targets), then one box under the same load, then
+    one connection (the load of (a)) through the two-box lmgate and through the one-box one."""
+    two, one, two_seq, one_seq = "two_boxes", "one_box", "two_boxes_seq", "one_box_seq"
+    g1, g2s, g1s = "g_one_box", "g_two_boxes_seq", "g_one_box_seq"
+    return [
+        _added(two, "p50_ms", "latency p50 (added)", 0.6),
+        _added(two, "p99_ms", "latency p99 (added)", None),
+        _added(two, "ttfb_p50_ms", "first byte p50 (added)", None),
+        _added(two, "ttfb_p99_ms", "first byte p99 (added)", None),
+        _cpu_row(two, G, 0.5),
+        _info_row(two, "lmgate_busy_pct", "lmgate busy (% of a core)", G, "%"),
+        _info_row(None, "split", "requests served by box a / box b", G),
+        _info_row(two, "waited", "requests that waited in line", G),
+        _added(one, "p50_ms", "latency p50 (added)", None, label=g1),
+        _added(one, "p99_ms", "latency p99 (added)", None, label=g1),
+        _added(one, "ttfb_p50_ms", "first byte p50 (added)", None, label=g1),
+        _cpu_row(one, g1),
+        _info_row(one, "lmgate_busy_pct", "lmgate busy (% of a core)", g1, "%"),
+        _added(two_seq, "p50_ms", "latency p50 (added)", None, base="direct_seq", label=g2s),
+        _added(two_seq, "p99_ms", "latency p99 (added)", None, base="direct_seq", label=g2s),
+        _added(two_seq, "ttfb_p50_ms", "first byte p50 (added)", None, base="direct_seq", label=g2s),
+        _cpu_row(two_seq, g2s),
+        _added(one_seq, "p50_ms", "latency p50 (added)", None, base="direct_seq", label=g1s),
+        _added(one_seq, "p99_ms", "latency p99 (added)", None, base="direct_seq", label=g1s),
+        _added(one_seq, "ttfb_p50_ms", "first byte p50 (added)", None, base="direct_seq", label=g1s),
+        _cpu_row(one_seq, g1s),
+        # no lmgate: what a second upstream process alone does to the same load
+        _added("direct_both", "p50_ms", "latency p50, a connection per box (vs direct)", None,
+               label="g_direct_both"),
+        _added("direct_both", "p99_ms", "latency p99, a connection per box (vs direct)", None,
+               label="g_direct_both"),
+    ]
+
+
 TARGETS = [
     Target(A, "latency p50 (added)", _g(A, "summary", DIRECT, "p50_ms"), _g(A, "summary", LMGATE, "p50_ms"),
            _g(A, "summary", "added_p50_ms"), "<=", 0.6),
@@ -71,6 +126,7 @@ TARGETS = [
            _g(E, "summary", "admit_per_client_ms"), "<=", None),
     Target(E, "drain: clients served per s", _none, _g(E, "summary", "served_per_s"),
            _g(E, "summary", "served_per_s"), ">=", None, "/s"),
+    *_boxes_rows(),
     Target("f_cpu", "lmgate CPU per request", _none, _g(A, "summary", "lmgate_cpu_ms_per_request"),
            _g(A, "summary", "lmgate_cpu_ms_per_request"), "<=", 0.5),
     Target("f_cpu", "lmgate CPU per 1,000 chunks", _none, _g(B, "summary", "lmgate_cpu_ms_per_1000_chunks"),

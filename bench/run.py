@@ -23,7 +23,8 @@ from pathlib import Path
 from typing import Any
 
 from . import procs, profile, report
-from .context import SIZES, Ctx
+from .boxes import PAIR, two_boxes
+from .context import SIZES, Boxes, Ctx
 from .scale import scale
 from .scenarios import handoff, paced_stream, sequential, stream_throughput
 
@@ -34,6 +35,7 @@ SCENARIOS: list[tuple[str, str, Scenario]] = [
     ("c", "c_paced", paced_stream),
     ("d", "d_handoff", handoff),
     ("e", "e_scale", scale),
+    ("g", "g_two_boxes", two_boxes),
 ]
 PHASED = {"e_scale"}  # profiled phase by phase (ctx.phase), not as a whole
 BUDGET_S = {"full": 330.0, "quick": 90.0, "smoke": 90.0}
@@ -48,7 +50,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                       help="smaller run (under a minute; 500 waiting clients)")
     size.add_argument("--smoke", action="store_true", help="tiny run for tests: correctness only")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="JSON results file (default %(default)s)")
-    p.add_argument("--only", default="", help="comma-separated scenario letters to run (a,b,c,d,e); "
+    p.add_argument("--only", default="", help="comma-separated scenario letters to run (a,b,c,d,e,g); "
                    "f is derived from a and b")
     p.add_argument("--clients", type=int, default=None, help="override the number of waiting clients in (e)")
     p.add_argument("--profile", action="store_true",
@@ -107,55 +109,88 @@ async def run(args: argparse.Namespace, mode: str, loop_name: str) -> dict[str, 
     }
     upstream = procs.fake_upstream(log_dir)
     lmgate: procs.Server | None = None
+    started: dict[str, procs.Server] = {}  # role -> server, in start order; stopped in reverse
     try:
+        started["upstream"] = upstream
         upstream.start()
         await upstream.ready("/v1/models")
         lmgate = procs.lmgate(log_dir, upstream.port)
+        started["lmgate"] = lmgate
         lmgate.start()
         await lmgate.ready("/healthz")
-        doc["meta"]["pids"] = {"upstream": upstream.pid, "lmgate": lmgate.pid}
-        doc["meta"]["ports"] = {"upstream": upstream.port, "lmgate": lmgate.port}
+        boxes = await start_boxes(log_dir, upstream, started) if "g" in wanted else None
+        doc["meta"]["pids"] = {role: srv.pid for role, srv in started.items()}
+        doc["meta"]["ports"] = {role: srv.port for role, srv in started.items()}
         doc["meta"]["rss_start_mb"] = round(lmgate.rss_bytes() / 2**20, 1)
         ctx = Ctx(upstream=upstream, lmgate=lmgate, sizes=sizes,
-                  profile_dir=out_dir if args.profile else None, profile_mode=args.profile_mode)
+                  profile_dir=out_dir if args.profile else None, profile_mode=args.profile_mode,
+                  boxes=boxes)
         for letter, name, fn in SCENARIOS:
             if letter not in wanted:
                 continue
             doc["scenarios"][name] = await run_one(ctx, name, fn, budget_end, args, out_dir)
-            if not lmgate.alive() or not upstream.alive():
+            dead = [role for role, srv in started.items() if not srv.alive()]
+            if dead:
                 doc["scenarios"][name]["error"] = (doc["scenarios"][name].get("error") or "") + \
-                    f" server died: lmgate {lmgate.alive()}, upstream {upstream.alive()}"
+                    f" server died: {', '.join(dead)}"
                 break
         doc["meta"]["lmgate_log_tail"] = lmgate.tail(2000)
+        if boxes is not None:
+            doc["meta"]["lmgate_two_boxes_log_tail"] = boxes.two_boxes.tail(2000)
     finally:
-        if lmgate is not None:
-            doc["meta"]["lmgate_exit"] = lmgate.stop()
-        doc["meta"]["upstream_exit"] = upstream.stop()
+        for role, srv in reversed(started.items()):
+            doc["meta"][f"{role}_exit"] = srv.stop()
     return doc
+
+
+async def start_boxes(log_dir: Path, box_a: procs.Server, started: dict[str, procs.Server]) -> Boxes:
+    """(g)'s servers: a second fake upstream (box b) and two more lmgates, one in front of both
+    boxes with a slot each, one in front of box a alone with the same number of slots."""
+    box_b = procs.fake_upstream(log_dir, "fake_upstream_b")
+    started["upstream_b"] = box_b
+    box_b.start()
+    await box_b.ready("/v1/models")
+    two = procs.lmgate(log_dir, [box_a.port, box_b.port], ["--parallel", "1"], name="lmgate_two_boxes")
+    one = procs.lmgate(log_dir, box_a.port, ["--parallel", str(PAIR)], name="lmgate_one_box")
+    for role, srv in (("lmgate_two_boxes", two), ("lmgate_one_box", one)):
+        started[role] = srv
+        srv.start()
+    for srv in (two, one):
+        await srv.ready("/healthz")
+    return Boxes(upstream_b=box_b, two_boxes=two, one_box=one)
+
+
+def profile_targets(ctx: Ctx, name: str) -> dict[str, int]:
+    """Which processes py-spy records during a scenario (file label -> PID)."""
+    if name == "g_two_boxes" and ctx.boxes is not None:
+        return {"g_two_boxes": ctx.boxes.two_boxes.pid, "g_one_box": ctx.boxes.one_box.pid}
+    return {name: ctx.lmgate.pid}
 
 
 async def run_one(ctx: Ctx, name: str, fn: Scenario, budget_end: float, args: argparse.Namespace,
                   out_dir: Path) -> dict[str, Any]:
     cap = max(5.0, min(ctx.sizes.cap_s, budget_end - time.monotonic()))
-    recorder = None
+    recorders: dict[str, profile.Recorder] = {}
     if args.profile and name not in PHASED:
-        recorder = profile.Recorder(ctx.lmgate.pid, out_dir / f"profile-{name}.txt", args.profile_mode)
+        recorders = {label: profile.Recorder(pid, out_dir / f"profile-{label}.txt", args.profile_mode)
+                     for label, pid in profile_targets(ctx, name).items()}
     t0 = time.perf_counter()
     noise = Noise(ctx)
     sys.stderr.write(f"[bench] {name} (cap {cap:.0f} s) ...\n")
+    profs: dict[str, Any] = {}
     try:
-        if recorder is not None:
-            recorder.start()
+        for rec in recorders.values():
+            rec.start()
         result = await asyncio.wait_for(fn(ctx), cap)
     except asyncio.TimeoutError:
         result = {"error": f"did not finish within its cap of {cap:.0f} s"}
     except Exception as exc:  # noqa: BLE001 - one scenario's failure must not stop the others
         result = {"error": f"{type(exc).__name__}: {exc}"}
     finally:
-        if recorder is not None:
-            prof = recorder.stop()
-    if recorder is not None:
-        result["profiles"] = {name: prof}
+        for label, rec in recorders.items():
+            profs[label] = rec.stop()
+    if recorders:
+        result["profiles"] = profs
     if ctx.profiles:
         result["profiles"] = dict(ctx.profiles)
         ctx.profiles.clear()
@@ -167,7 +202,7 @@ async def run_one(ctx: Ctx, name: str, fn: Scenario, budget_end: float, args: ar
 
 
 class Noise:
-    """CPU used on this machine by processes other than the bench and its two servers while a
+    """CPU used on this machine by processes other than the bench and its servers while a
     scenario runs: other work on a shared machine makes the tail latencies noisy."""
 
     def __init__(self, ctx: Ctx) -> None:
@@ -177,7 +212,8 @@ class Noise:
         self.ours0 = self._ours()
 
     def _ours(self) -> float:
-        return time.process_time() + self.ctx.lmgate.cpu_s() + self.ctx.upstream.cpu_s()
+        extra = self.ctx.boxes.servers() if self.ctx.boxes is not None else []
+        return time.process_time() + sum(s.cpu_s() for s in [self.ctx.lmgate, self.ctx.upstream, *extra])
 
     def stop(self) -> dict[str, float]:
         wall = time.perf_counter() - self.t0

@@ -17,7 +17,7 @@ import psutil
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-SCENARIOS = ("a_sequential", "b_stream", "c_paced", "d_handoff", "e_scale")
+SCENARIOS = ("a_sequential", "b_stream", "c_paced", "d_handoff", "e_scale", "g_two_boxes")
 RUN_TIMEOUT_S = 120
 
 
@@ -70,6 +70,11 @@ def test_bench_smoke_reports_numbers_for_every_target(smoke: tuple[int, str, dic
         assert s["d_handoff"]["summary"][side]["n"] > 0
     assert s["e_scale"]["summary"]["rss_waiting_mb"] > 0
     assert s["e_scale"]["summary"]["queue_get_ms"]["n"] > 0
+    g = s["g_two_boxes"]["summary"]
+    for side in ("direct", "one_box", "two_boxes", "direct_seq", "one_box_seq", "two_boxes_seq"):
+        assert g[side]["p50_ms"] > 0 and g[side]["ttfb_p50_ms"] > 0, (side, g[side])
+    for side in ("one_box", "two_boxes", "one_box_seq", "two_boxes_seq"):
+        assert g[side]["lmgate_cpu_ms_per_request"] >= 0, (side, g[side])  # CPU ticks: 0 at this size
 
 
 @pytest.mark.timeout(RUN_TIMEOUT_S + 60)
@@ -89,6 +94,12 @@ def test_bench_smoke_correctness(smoke: tuple[int, str, dict[str, Any]]) -> None
     assert s["a_sequential"]["checks"]["bodies_identical"] and s["a_sequential"]["checks"]["all_200"]
     d = s["d_handoff"]["checks"]
     assert d["all_200"] and d["queued"] and d["serialised"], s["d_handoff"]
+    # two boxes behind one line: every answer says which box (X-Upstream), and both served a share
+    g = s["g_two_boxes"]
+    assert g["checks"]["all_200"] and g["checks"]["bodies_identical"], g["summary"]
+    assert g["checks"]["x_upstream_on_every_answer"], g["summary"]
+    assert g["checks"]["both_boxes_served"], g["summary"]["two_boxes"]["boxes"]
+    assert set(g["summary"]["two_boxes"]["boxes"]) == {"a", "b"}, g["summary"]["two_boxes"]["boxes"]
     assert all(doc["checks"].values()), [k for k, v in doc["checks"].items() if not v]
 
 
