@@ -17,9 +17,10 @@ or a final SSE error event.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import httpx
 
@@ -70,6 +71,9 @@ TOKEN_FIELD = {
 
 
 STARTED_AT_ONCE = sse.queue_entered(0) + sse.queue_position(0)
+# Model listings answered with every box's models when there are several boxes.
+MERGED_LISTINGS = {"/v1/models": ("data", "id"), "/api/v0/models": ("data", "id"),
+                   "/api/v1/models": ("models", "key")}
 # Streams that may carry lmgate's waiting line as reasoning_content (chat UIs show it).
 FEEDBACK_ROUTES = frozenset({"/v1/chat/completions", "/api/v0/chat/completions"})
 
@@ -190,7 +194,10 @@ class GatedRequest:
                 await send_error(self.send, err, self.id_header)
                 return
             watcher = asyncio.create_task(watch_disconnect(self.receive, self.ex))
-            await self._forward(None)
+            if self.scope["method"] == "GET" and self.rec.route in MERGED_LISTINGS and st.several:
+                await self._merged_listing()
+            else:
+                await self._forward(None)
         except ClientGone:
             self.rec.outcome, self.rec.status = "client_gone", 499
         except asyncio.CancelledError:
@@ -204,6 +211,53 @@ class GatedRequest:
             if watcher is not None:
                 watcher.cancel()
             self._finish()
+
+    async def _merged_listing(self) -> None:
+        """With several boxes a model listing is every box's, merged (first box wins for a
+        model that several list), so a chat UI offers every model any box serves."""
+        st, scope = self.state, self.scope
+        field_name, id_key = MERGED_LISTINGS[self.rec.route]
+
+        async def one(up: Any) -> list[Any] | None:
+            request = up.build("GET", scope["path"], scope.get("query_string", b""), scope["headers"], b"")
+            try:
+                response = await up.send(request)
+            except ProxyError:
+                return None
+            try:
+                body = await read_capped(response, USAGE_BODY_CAP)
+            finally:
+                await response.aclose()
+            if response.status_code != 200:
+                return None
+            try:
+                items = json.loads(body).get(field_name)
+            except (ValueError, AttributeError):
+                return None
+            return items if isinstance(items, list) else None
+
+        boxes = [up for up in st.upstreams.values() if up.up is not False]
+        lists = await asyncio.gather(*(one(up) for up in boxes))
+        if all(items is None for items in lists):
+            raise UpstreamUnavailable("no upstream answered the model listing")
+        merged: list[Any] = []
+        seen: set[str] = set()
+        for items in lists:
+            for item in items or []:
+                key = item.get(id_key) if isinstance(item, dict) else None
+                if isinstance(key, str) and key in seen:
+                    continue
+                if isinstance(key, str):
+                    seen.add(key)
+                merged.append(item)
+        doc: dict[str, Any] = {"object": "list", field_name: merged} if field_name == "data" \
+            else {field_name: merged}
+        body = json.dumps(doc).encode()
+        self.rec.status = 200
+        await self._start(200, [(b"content-type", b"application/json"),
+                                (b"content-length", str(len(body)).encode()), *self.id_header])
+        self.ex.finished = True
+        await self.send({"type": "http.response.body", "body": body, "more_body": False})
 
     async def _admit(self) -> Ticket:
         try:

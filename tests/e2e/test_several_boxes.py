@@ -882,3 +882,12 @@ def test_a_box_that_stops_answering_is_logged(tmp_path: Path) -> None:
                 missing.append("stream cut off")
         assert not missing, (f"box {a} went down ({', '.join(missing)}) and lmgate logged "
                              f"nothing about it:\n" + gate.output()[-2000:])
+
+
+def test_model_listings_show_every_boxs_models(two: Stack) -> None:
+    """A chat UI asks /v1/models once: it must offer every model any box serves, once each."""
+    with sdk(two.gate) as client:
+        ids = [m.id for m in client.models.list()]
+    assert sorted(ids) == sorted({M1, M2, M3}) and len(ids) == len(set(ids))
+    v1 = httpx.get(two.gate.url + "/api/v1/models", timeout=10).json()
+    assert sorted(m["key"] for m in v1["models"]) == sorted({M1, M2, M3})
