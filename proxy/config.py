@@ -11,7 +11,7 @@ import argparse
 import hashlib
 import os
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -279,19 +279,35 @@ def _convert(opt: Option, value: Any, source: str) -> Any:
     return out
 
 
+def _tables(raw: Any, table: str, fields: set[str], *, non_empty: bool = False,
+            unknown_hint: str = "unknown key") -> Iterator[tuple[str, dict[str, Any]]]:
+    """Each entry of an array of tables (``[[table]]``) with its place for error messages,
+    after checking it is a table of known fields."""
+    if not isinstance(raw, list) or (non_empty and not raw):
+        raise ConfigError(table, f"must be {'a non-empty' if non_empty else 'an'} array of tables "
+                          f"([[{table}]])")
+    for i, entry in enumerate(raw):
+        where = f"{table}[{i}]"
+        if not isinstance(entry, dict):
+            raise ConfigError(where, "must be a table")
+        unknown = sorted(set(entry) - fields)
+        if unknown:
+            raise ConfigError(f"{where}.{unknown[0]}", unknown_hint)
+        yield where, entry
+
+
+def _positive_int(entry: dict[str, Any], where: str, name: str) -> int | None:
+    value = entry.get(name)
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+        raise ConfigError(f"{where}.{name}", "must be a positive integer")
+    return value
+
+
 def _parse_keys(raw: Any) -> tuple[ApiKey, ...]:
-    if not isinstance(raw, list):
-        raise ConfigError("keys", "must be an array of tables ([[keys]])")
     out: list[ApiKey] = []
     seen_names: set[str] = set()
     seen_hashes: set[str] = set()
-    for i, entry in enumerate(raw):
-        where = f"keys[{i}]"
-        if not isinstance(entry, dict):
-            raise ConfigError(where, "must be a table")
-        unknown = sorted(set(entry) - KEY_FIELDS)
-        if unknown:
-            raise ConfigError(f"{where}.{unknown[0]}", "unknown key")
+    for where, entry in _tables(raw, "keys", KEY_FIELDS):
         name = entry.get("name")
         if not isinstance(name, str) or not name:
             raise ConfigError(f"{where}.name", "required, a non-empty string")
@@ -315,12 +331,8 @@ def _parse_keys(raw: Any) -> tuple[ApiKey, ...]:
         models = entry.get("models", [])
         if not isinstance(models, list) or not all(isinstance(m, str) for m in models):
             raise ConfigError(f"{where}.models", "must be a list of strings (globs)")
-        limits: dict[str, int | None] = {}
-        for lim in ("max_queued", "rpm", "max_tokens", "tokens_per_day", "tokens_per_month"):
-            v = entry.get(lim)
-            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
-                raise ConfigError(f"{where}.{lim}", "must be a positive integer")
-            limits[lim] = v
+        limits = {lim: _positive_int(entry, where, lim)
+                  for lim in ("max_queued", "rpm", "max_tokens", "tokens_per_day", "tokens_per_month")}
         role = entry.get("role", "user")
         if role not in ("user", "admin"):
             raise ConfigError(f"{where}.role", "must be 'user' or 'admin'")
@@ -340,16 +352,8 @@ def _parse_keys(raw: Any) -> tuple[ApiKey, ...]:
 
 
 def _parse_upstreams(raw: Any) -> tuple[UpstreamSpec, ...]:
-    if not isinstance(raw, list) or not raw:
-        raise ConfigError("upstreams", "must be a non-empty array of tables ([[upstreams]])")
     out: list[UpstreamSpec] = []
-    for i, entry in enumerate(raw):
-        where = f"upstreams[{i}]"
-        if not isinstance(entry, dict):
-            raise ConfigError(where, "must be a table")
-        unknown = sorted(set(entry) - UPSTREAM_FIELDS)
-        if unknown:
-            raise ConfigError(f"{where}.{unknown[0]}", "unknown key")
+    for where, entry in _tables(raw, "upstreams", UPSTREAM_FIELDS, non_empty=True):
         url = entry.get("url")
         if not isinstance(url, str):
             raise ConfigError(f"{where}.url", "required, an http(s) URL")
@@ -366,12 +370,8 @@ def _parse_upstreams(raw: Any) -> tuple[UpstreamSpec, ...]:
         models = entry.get("models", [])
         if not isinstance(models, list) or not all(isinstance(m, str) for m in models):
             raise ConfigError(f"{where}.models", "must be a list of strings (globs)")
-        limits: dict[str, int | None] = {}
-        for lim in ("parallel", "max_loaded", "max_loaded_bytes"):
-            v = entry.get(lim)
-            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
-                raise ConfigError(f"{where}.{lim}", "must be a positive integer")
-            limits[lim] = v
+        limits = {lim: _positive_int(entry, where, lim)
+                  for lim in ("parallel", "max_loaded", "max_loaded_bytes")}
         out.append(UpstreamSpec(name=name.strip(), url=url, key=key, models=tuple(models), **limits))
     return _unique_boxes(out, "upstreams")
 
@@ -396,27 +396,17 @@ def _url_boxes(value: str) -> tuple[UpstreamSpec, ...]:
 
 
 def _parse_models(raw: Any) -> tuple[ModelSpec, ...]:
-    if not isinstance(raw, list):
-        raise ConfigError("models", "must be an array of tables ([[models]])")
     out: list[ModelSpec] = []
     seen: set[str] = set()
-    for i, entry in enumerate(raw):
-        where = f"models[{i}]"
-        if not isinstance(entry, dict):
-            raise ConfigError(where, "must be a table")
-        unknown = sorted(set(entry) - MODEL_FIELDS)
-        if unknown:
-            raise ConfigError(f"{where}.{unknown[0]}", "unknown key (LM Studio's load call takes "
-                              f"{', '.join(LOAD_FIELDS)}; lmgate's own: parallel, ttl)")
+    hint = f"unknown key (LM Studio's load call takes {', '.join(LOAD_FIELDS)}; lmgate's own: parallel, ttl)"
+    for where, entry in _tables(raw, "models", MODEL_FIELDS, unknown_hint=hint):
         name = entry.get("name")
         if not isinstance(name, str) or not name:
             raise ConfigError(f"{where}.name", "required, the model key")
         if name in seen:
             raise ConfigError(f"{where}.name", f"duplicate model {name!r}")
         seen.add(name)
-        parallel, ttl = entry.get("parallel"), entry.get("ttl")
-        if parallel is not None and (isinstance(parallel, bool) or not isinstance(parallel, int) or parallel < 1):
-            raise ConfigError(f"{where}.parallel", "must be a positive integer")
+        parallel, ttl = _positive_int(entry, where, "parallel"), entry.get("ttl")
         if ttl is not None and (isinstance(ttl, bool) or not isinstance(ttl, (int, float)) or ttl <= 0):
             raise ConfigError(f"{where}.ttl", "must be a positive number of seconds")
         load: list[tuple[str, Any]] = []

@@ -315,12 +315,7 @@ class Gate:
             return
         if ticket.state != RUNNING:
             return
-        del self._running[ticket.seq]
-        box = self.boxes.get(ticket.box or "")
-        if box is not None:
-            box.running.pop(ticket.seq, None)
-            if box.removed and not box.running:
-                del self.boxes[box.name]
+        self._off_box(ticket)
         ticket.state = DONE
         ticket.ended_at = self.clock()
         self._forget_if_idle(ticket.identity)
@@ -397,15 +392,19 @@ class Gate:
         it a fresh ``waiter`` first: it may start again at once."""
         if ticket.state != RUNNING:
             return
+        self._off_box(ticket)
+        ticket.started_at = None
+        self._insert(ticket, fresh=False)
+        self._notify(self._dispatch())
+
+    def _off_box(self, ticket: Ticket) -> None:
+        """A running ticket leaves its box; a removed box leaves with its last one."""
         del self._running[ticket.seq]
         box = self.boxes.get(ticket.box or "")
         if box is not None:
             box.running.pop(ticket.seq, None)
             if box.removed and not box.running:
                 del self.boxes[box.name]
-        ticket.started_at = None
-        self._insert(ticket, fresh=False)
-        self._notify(self._dispatch())
 
     def _box(self, name: str | None) -> Box:
         if name is None:

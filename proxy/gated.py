@@ -28,12 +28,12 @@ from . import streaming as sse
 from .config import FEEDBACK_MODES
 from .errors import (
     BadRequest,
-    UpstreamUnavailable,
     Forbidden,
     ProxyError,
     QueueFullError,
     QueueTimeout,
     ShuttingDown,
+    UpstreamUnavailable,
 )
 from .exchange import Exchange, watch_disconnect
 from .gate import RUNNING, GateClosed, QueueFull, Ticket

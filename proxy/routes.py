@@ -19,9 +19,9 @@ from starlette.routing import BaseRoute, Route
 
 from . import __version__
 from .auth import Principal
+from .config import ConfigError
 from .errors import BadRequest, Cancelled, Conflict, Forbidden, NotFound, ProxyError, Unauthorized
 from .gate import Ticket
-from .config import ConfigError
 from .inbound import client_address, header_map
 
 if TYPE_CHECKING:
