@@ -34,6 +34,9 @@ if TYPE_CHECKING:
 log = logging.getLogger("lmgate")
 
 MANAGED, JIT, ERROR, UNKNOWN = "managed", "jit", "error", "unknown"
+# After a failed load, requests for that model on that box get the same answer for this long
+# instead of each trying (and waiting for) the load again.
+FAILED_LOAD_HOLD_S = 10.0
 LISTING = "/api/v1/models"
 
 
@@ -55,6 +58,7 @@ class BoxModels:
         self.reported_parallel: dict[str, int] = {}
         self.last_used: dict[str, float] = {}
         self.loading: dict[str, asyncio.Future[None]] = {}
+        self.failed: dict[str, tuple[float, ModelLoadFailed]] = {}
         self.models: dict[str, ModelSpec] = {m.name: m for m in settings.models}
 
     # -- settings ---------------------------------------------------------------------------
@@ -145,6 +149,11 @@ class BoxModels:
         for key in instances:
             self.last_used.setdefault(key, now)
 
+    def used(self, model: str) -> None:
+        """A request for ``model`` has ended: its idle time (ttl, least recently used) starts."""
+        if model in self.instances:
+            self.last_used[model] = self.clock()
+
     @property
     def resident(self) -> frozenset[str]:
         return frozenset(self.instances)
@@ -161,6 +170,9 @@ class BoxModels:
         self.last_used[model] = self.clock()
         if model in self.instances:
             return None
+        failed = self.failed.get(model)
+        if failed is not None and self.clock() - failed[0] < FAILED_LOAD_HOLD_S:
+            raise ModelLoadFailed(failed[1].message)
         pending = self.loading.get(model)
         if pending is not None:
             await asyncio.shield(pending)
@@ -175,6 +187,7 @@ class BoxModels:
             if model not in self.instances:  # the box did not list it: trust the load's answer
                 self.instances[model] = [model]
         except ModelLoadFailed as err:
+            self.failed[model] = (self.clock(), err)
             future.set_exception(err)
             future.exception()  # retrieved: waiters get it through their own await
             raise
@@ -187,6 +200,7 @@ class BoxModels:
         finally:
             self.loading.pop(model, None)
         seconds = self.clock() - t0
+        self.failed.pop(model, None)
         future.set_result(None)
         self.last_used[model] = self.clock()
         if self.on_load is not None:

@@ -108,9 +108,11 @@ class AppState:
             await mgr.ensure(ticket.model, lambda: {t.model for t in box.running.values()} if box else set())
         finally:
             ticket.meta["loading"] = False
-        if box is not None and box.loaded != mgr.resident:
-            mgr.slots(box)
-            self.gate.set_loaded(mgr.resident, box=box.name)
+        if box is not None:
+            before = dict(box.slots), box.parallel
+            mgr.slots(box)  # after its own load: the parallel LM Studio now reports
+            if box.loaded != mgr.resident or (dict(box.slots), box.parallel) != before:
+                self.gate.set_loaded(mgr.resident, box=box.name)  # and start what that allows
 
     @property
     def upstream(self) -> Upstream:
@@ -320,6 +322,9 @@ class AppState:
         log_access(rec, self.settings.log_format)
 
     def remember(self, ticket: Ticket, rec: RequestRecord) -> None:
+        mgr = self.managers.get(ticket.box or "")
+        if mgr is not None:
+            mgr.used(ticket.model)  # idle from now: ttl and least-recently-used count from here
         self.recent[ticket.uid] = {
             "request_id": ticket.request_id, "uid": ticket.uid, "model": ticket.model, "state": "done",
             "outcome": rec.outcome, "status": rec.status, "position": -1,

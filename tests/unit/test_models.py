@@ -154,6 +154,8 @@ def test_memory_budget_counts_size_bytes() -> None:
 def test_a_failed_load_fails_everyone_waiting_and_is_tried_again_later() -> None:
     studio = FakeStudio(fail={"a"})
     m = manager(studio)
+    clock = [0.0]
+    m.clock = lambda: clock[0]
 
     async def body() -> None:
         await m.detect()
@@ -166,6 +168,10 @@ def test_a_failed_load_fails_everyone_waiting_and_is_tried_again_later() -> None
         assert "Failed to load a" in str(results[0])
         assert not m.loading
         studio.fail.clear()
+        with pytest.raises(ModelLoadFailed):  # the next in line gets the same answer at once
+            await m.ensure("a", set)
+        assert studio.loads() == ["a"]
+        clock[0] = 11.0  # a while later the load is tried again
         assert await m.ensure("a", set) is not None
     run(body())
     assert studio.loads() == ["a", "a"]
