@@ -21,13 +21,10 @@ test, not by timing."""
 from __future__ import annotations
 
 import contextlib
-import json
-import threading
 import time
 import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +45,7 @@ from tests.e2e.hostile import (
     stream_text,
     wait_until,
 )
+from tests.e2e.plain_box import PlainBox
 from tests.servers import Process, running_stack, start_lmgate
 
 M1, M2, M3 = "m1-alpha-7b", "m2-beta-3b", "m3-gamma-1b"
@@ -329,17 +327,12 @@ def test_after_its_own_load_lmgate_uses_the_parallel_lm_studio_reports(tmp_path:
                 conns.append(stream_open(gate, body))
             wait_until(lambda: sim_stats(sim)["api_loads"] == 1, 10, "M2 to be loaded")
             # the first stream runs 2 s after the load: time enough for the other two to join
-            seen: list[tuple[int, dict[str, int]]] = []
-            deadline = time.monotonic() + 1.5
-            while time.monotonic() < deadline:
+            def joined() -> bool:
                 view = box_view(gate)
-                seen.append((view["running"], view["slots"]))
-                if seen[-1][0] == 3 and seen[-1][1].get(M2) == 3:
-                    break
-                time.sleep(0.05)
-            assert seen[-1][0] == 3 and seen[-1][1].get(M2) == 3, (
-                "after loading M2, whose instance reports parallel 3, lmgate should run the three "
-                f"M2 streams at once with 3 slots; /queue showed (running, slots): {seen[-1]}")
+                return view["running"] == 3 and view["slots"].get(M2) == 3
+
+            wait_until(joined, 1.5, "the three M2 streams to run at once with the 3 slots its "
+                       "new instance reports")
             for conn in conns:
                 conn.read_all(timeout=20)
         finally:
@@ -560,65 +553,9 @@ def test_jit_mode_leaves_loading_to_lm_studio(tmp_path: Path) -> None:
         assert box_view(gate)["slots"] == {}
 
 
-class PlainUpstream:
-    """A minimal OpenAI-compatible server (no LM Studio REST API): ``GET /v1/models`` and
-    ``POST /v1/chat/completions``, 404 for everything else. Records the paths it was asked."""
-
-    def __init__(self) -> None:
-        self.paths: list[tuple[str, str]] = []
-        outer = self
-
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, *args: Any) -> None:
-                pass
-
-            def _reply(self, status: int, doc: dict[str, Any]) -> None:
-                data = json.dumps(doc).encode()
-                self.send_response(status)
-                self.send_header("content-type", "application/json")
-                self.send_header("content-length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-            def do_GET(self) -> None:  # noqa: N802
-                outer.paths.append(("GET", self.path))
-                if self.path == "/v1/models":
-                    self._reply(200, {"object": "list", "data": [
-                        {"id": M1, "object": "model", "owned_by": "me"}]})
-                else:
-                    self._reply(404, {"error": "Unexpected endpoint or method."})
-
-            def do_POST(self) -> None:  # noqa: N802
-                length = int(self.headers.get("content-length") or 0)
-                body = json.loads(self.rfile.read(length) or b"{}")
-                outer.paths.append(("POST", self.path))
-                if self.path == "/v1/chat/completions":
-                    self._reply(200, {"id": "x", "object": "chat.completion", "created": 0,
-                                      "model": body.get("model"), "choices": [
-                                          {"index": 0, "finish_reason": "stop", "message": {
-                                              "role": "assistant", "content": "plain"}}]})
-                else:
-                    self._reply(404, {"error": "Unexpected endpoint or method."})
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        self.port = int(self.server.server_address[1])
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.thread = threading.Thread(target=self.server.serve_forever, name="plain-upstream",
-                                       daemon=True)
-        self.thread.start()
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-        self.thread.join(5)
-
-
 def test_managed_mode_in_front_of_a_box_without_the_rest_api_says_why_and_fails_fast(
         tmp_path: Path) -> None:
-    plain = PlainUpstream()
+    plain = PlainBox([M1], content="plain")
     try:
         gate = start_lmgate(tmp_path, plain.url, "--load-mode", "managed", "--log-level", "warning")
         try:

@@ -17,13 +17,10 @@ from __future__ import annotations
 import contextlib
 import json
 import signal
-import threading
-import time
 import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +31,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from proxy.simulator import expected_reply
 from tests.e2e.hostile import Raw, error_of, sim_stats, started, stream_open, stream_text, wait_until
+from tests.e2e.plain_box import PlainBox
 from tests.servers import Process, free_port
 
 M1, M2, M3, M4 = "m1-alpha-7b", "m2-shared-8b", "m3-gamma-3b", "m4-nowhere-1b"
@@ -614,77 +612,15 @@ def test_reload_adds_and_removes_boxes_under_load_and_refuses_a_broken_file(
 
 
 # == 7: the keys of boxes never leak =====================================================
-class RecordingBox:
-    """A minimal OpenAI-compatible box in a thread of the test, on 127.0.0.1, that records
-    the Authorization header of every request (the simulator only records whether one came)."""
-
-    def __init__(self, models: list[str]) -> None:
-        self.seen: list[tuple[str, str, str | None]] = []  # method, path, authorization
-        box = self
-
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, *args: Any) -> None:
-                pass
-
-            def _answer(self, status: int, doc: dict[str, Any]) -> None:
-                data = json.dumps(doc).encode()
-                self.send_response(status)
-                self.send_header("content-type", "application/json")
-                self.send_header("content-length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-            def _record(self) -> bytes:
-                size = int(self.headers.get("content-length") or 0)
-                body = self.rfile.read(size) if size else b""
-                box.seen.append((self.command, self.path, self.headers.get("authorization")))
-                return body
-
-            def do_GET(self) -> None:  # noqa: N802 - the http.server API
-                self._record()
-                if self.path == "/v1/models":
-                    self._answer(200, {"object": "list", "data": [
-                        {"id": m, "object": "model", "owned_by": "me"} for m in models]})
-                else:
-                    self._answer(404, {"error": {"message": "not here", "type": "not_found",
-                                                 "param": None, "code": None}})
-
-            def do_POST(self) -> None:  # noqa: N802
-                doc = json.loads(self._record() or b"{}")
-                if self.path != "/v1/chat/completions":
-                    self._answer(404, {"error": {"message": "not here"}})
-                    return
-                self._answer(200, {
-                    "id": "chatcmpl-rec", "object": "chat.completion", "created": int(time.time()),
-                    "model": doc.get("model"), "choices": [{
-                        "index": 0, "finish_reason": "stop",
-                        "message": {"role": "assistant", "content": "recorded"}}],
-                    "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}})
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        self.port = int(self.server.server_address[1])
-        self.thread = threading.Thread(target=self.server.serve_forever, name="recording-box",
-                                       daemon=True)
-        self.thread.start()
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-        self.thread.join(5)
-
-
 def test_the_keys_of_boxes_appear_nowhere(tmp_path: Path) -> None:
     vault_key = "box-secret-" + uuid.uuid4().hex
     rec_key = "box-secret-" + uuid.uuid4().hex
     url_secret = "url-secret-" + uuid.uuid4().hex
     secrets = (vault_key, rec_key, url_secret)
     with contextlib.ExitStack() as stack:
-        keyed = RecordingBox([M3])
+        keyed = PlainBox([M3])
         stack.callback(keyed.close)
-        basic = RecordingBox([M4])
+        basic = PlainBox([M4])
         stack.callback(basic.close)
         procs = stack.enter_context(stopping())
         vault = start_box(tmp_path, [M1], loaded=M1)
