@@ -97,17 +97,13 @@ class BoxModels:
         if mode == JIT:
             self.mode = JIT
             return
-        try:
-            r = await self.upstream._get(LISTING)
-            doc = r.json() if r.status_code == 200 else None
-        except (httpx.HTTPError, ValueError):
-            r, doc = None, None
-        if isinstance(doc, dict) and isinstance(doc.get("models"), list):
+        status, doc = await self._listing()
+        if doc is not None:
             self.mode, self.error = MANAGED, None
             self._read(doc)
             return
-        if r is not None and r.status_code in (401, 403):
-            self.mode, self.error = ERROR, (f"{LISTING} answered {r.status_code}: the box needs its "
+        if status in (401, 403):
+            self.mode, self.error = ERROR, (f"{LISTING} answered {status}: the box needs its "
                                             "key ([[upstreams]] key or --upstream-key)")
             return
         if mode == MANAGED:
@@ -118,15 +114,23 @@ class BoxModels:
 
     async def refresh(self) -> bool:
         """Re-read the listing (managed mode). False if the box did not answer it."""
-        try:
-            r = await self.upstream._get(LISTING)
-            doc = r.json() if r.status_code == 200 else None
-        except (httpx.HTTPError, ValueError):
-            return False
-        if not isinstance(doc, dict) or not isinstance(doc.get("models"), list):
+        _, doc = await self._listing()
+        if doc is None:
             return False
         self._read(doc)
         return True
+
+    async def _listing(self) -> tuple[int | None, dict[str, Any] | None]:
+        """``GET /api/v1/models``: its status (None: no answer) and the document when it is
+        the REST API v1 listing (a ``models`` array)."""
+        try:
+            r = await self.upstream.own_get(LISTING)
+            doc = r.json() if r.status_code == 200 else None
+        except (httpx.HTTPError, ValueError):
+            return None, None
+        if isinstance(doc, dict) and isinstance(doc.get("models"), list):
+            return r.status_code, doc
+        return r.status_code, None
 
     def _read(self, doc: dict[str, Any]) -> None:
         instances: dict[str, list[str]] = {}
@@ -186,16 +190,15 @@ class BoxModels:
             await self.refresh()  # the instance's id and its parallel, before forwarding
             if model not in self.instances:  # the box did not list it: trust the load's answer
                 self.instances[model] = [model]
-        except ModelLoadFailed as err:
-            self.failed[model] = (self.clock(), err)
+        except BaseException as exc:
+            if isinstance(exc, ModelLoadFailed):
+                err = exc
+                self.failed[model] = (self.clock(), err)
+            else:  # cut short (the requester left, a bug): the waiters still get an answer
+                err = ModelLoadFailed(f"loading {model} on {self.upstream.name} failed: "
+                                      f"{type(exc).__name__}")
             future.set_exception(err)
             future.exception()  # retrieved: waiters get it through their own await
-            raise
-        except BaseException as exc:
-            err = ModelLoadFailed(f"loading {model} on {self.upstream.name} failed: "
-                                  f"{type(exc).__name__}")
-            future.set_exception(err)
-            future.exception()
             raise
         finally:
             self.loading.pop(model, None)

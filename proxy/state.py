@@ -358,20 +358,26 @@ class AppState:
                 continue
             mgr = self.managers.get(name)
             if mgr is not None and mgr.mode == MANAGED:
-                if await mgr.refresh() and self.box_idle(name) and name in self.gate.boxes:
-                    box = self.gate.boxes[name]
-                    mgr.slots(box)
-                    if self.several:
-                        self.gate.set_catalog(name, set(mgr.sizes) | set(mgr.instances))
-                    self.gate.set_loaded(mgr.resident, box=name)
+                if await mgr.refresh():
+                    self._apply_listing(name, mgr)
                 continue
-            models = await up.loaded_models()
-            if models is not None and self.box_idle(name):
+            models, catalog = await up.models_state(catalog=self.several)
+            if name not in self.gate.boxes or not self.box_idle(name):
+                continue
+            if models is not None:
                 self.gate.set_loaded(models, box=name)
             if self.several:
-                catalog = await up.catalog()
-                if name in self.gate.boxes and self.box_idle(name):
-                    self.gate.set_catalog(name, catalog)
+                self.gate.set_catalog(name, catalog)
+
+    def _apply_listing(self, name: str, mgr: BoxModels) -> None:
+        """A managed box's listing, just read, into the gate: slots, catalog, resident models."""
+        box = self.gate.boxes.get(name)
+        if box is None or not self.box_idle(name):
+            return
+        mgr.slots(box)
+        if self.several:
+            self.gate.set_catalog(name, set(mgr.sizes) | set(mgr.instances))
+        self.gate.set_loaded(mgr.resident, box=name)
 
     # -- lifecycle ---------------------------------------------------------------------
     async def startup(self) -> None:
@@ -428,7 +434,9 @@ class AppState:
     async def _check(self, name: str, up: Upstream, first: bool = False) -> None:
         ok = await up.probe()
         mgr = self.managers.get(name)
-        if ok and mgr is not None and (mgr.mode == UNKNOWN or up.down_logged or first):
+        detected = ok and mgr is not None and (mgr.mode == UNKNOWN or up.down_logged or first)
+        if detected:
+            assert mgr is not None
             await mgr.detect()
             if mgr.mode == ERROR:  # answering, but not usable as configured: say why, once
                 if not up.down_logged:
@@ -447,7 +455,11 @@ class AppState:
         elif up.down_logged:
             log.info("upstream %s is back up", self._label(up))
         up.down_logged = False
-        await self.refresh_loaded([name])  # what it lists, before anything is sent to it
+        # what it lists, before anything is sent to it (a listing just read is not read again)
+        if detected and mgr is not None and mgr.mode == MANAGED:
+            self._apply_listing(name, mgr)
+        else:
+            await self.refresh_loaded([name])
         if name in self.gate.boxes:
             self.gate.set_up(name, True)
 

@@ -91,7 +91,8 @@ class Upstream:
         self.retry_at = 0.0  # a box that is down: when to check it again
         self.down_logged = False  # its outage was logged (once per outage)
         self.backoff_s = 0.0
-        self._own: asyncio.Event | None = None  # set while lmgate's own request is in flight
+        self._own: asyncio.Event | None = None  # set while lmgate's own requests are in flight
+        self._own_count = 0
 
     async def aclose(self) -> None:
         await self.client.aclose()
@@ -144,74 +145,76 @@ class Upstream:
     def mark_failed(self) -> None:
         self.up = False
 
-    async def _get(self, path: str) -> httpx.Response:
-        """One of lmgate's own requests (a probe, a model listing). The caller makes sure no
-        request runs on the box; a request granted meanwhile waits in ``send`` until this
-        one has its answer, so the box never sees lmgate's traffic during a generation."""
-        self._own = own = asyncio.Event()
-        try:
-            headers = {"authorization": self.auth_value.decode()} if self.auth_value else {}
-            return await self.client.get(self.base + path, timeout=PROBE_TIMEOUT_S, headers=headers)
-        finally:
-            self._own = None
-            own.set()
+    async def own_get(self, path: str) -> httpx.Response:
+        """One of lmgate's own checks (a probe, a model listing), with a short timeout."""
+        return await self._own_request("GET", path, timeout=PROBE_TIMEOUT_S)
 
     async def own_post(self, path: str, body: dict[str, object], *, timeout: float) -> httpx.Response:
-        """lmgate's own POST (a model load or unload in managed mode); requests granted on the
-        box meanwhile wait in ``send`` until it has its answer."""
-        self._own = own = asyncio.Event()
+        """lmgate's own POST (a model load or unload in managed mode)."""
+        return await self._own_request("POST", path, timeout=timeout, json=body)
+
+    async def _own_request(self, method: str, path: str, *, timeout: float,
+                           json: dict[str, object] | None = None) -> httpx.Response:
+        """One of lmgate's own requests. The caller makes sure nothing of a client's runs on
+        the box (or waits for this one); a request granted meanwhile waits in ``send`` until
+        every own request in flight has its answer, so the two never overlap on the box."""
+        own = self._own
+        if own is None:
+            self._own = own = asyncio.Event()
+        self._own_count += 1
         try:
             headers = {"authorization": self.auth_value.decode()} if self.auth_value else {}
-            return await self.client.post(self.base + path, json=body, timeout=timeout, headers=headers)
+            return await self.client.request(method, self.base + path, json=json, timeout=timeout,
+                                             headers=headers)
         finally:
-            self._own = None
-            own.set()
+            self._own_count -= 1
+            if not self._own_count:
+                self._own = None
+                own.set()
 
     async def probe(self) -> bool:
         """Is the upstream answering at all? Short timeout, any HTTP answer counts."""
         try:
-            r = await self._get("/v1/models")
+            r = await self.own_get("/v1/models")
             self.up = r.status_code < 500
         except httpx.HTTPError:
             self.up = False
         self.last_probe = time.monotonic()
         return bool(self.up)
 
-    async def catalog(self) -> set[str] | None:
-        """The models this box can serve: the model keys of ``GET /api/v1/models`` (LM Studio
-        0.4+ lists every downloaded model there), else the ids of ``GET /v1/models``."""
-        for path, field_name, item_key in (("/api/v1/models", "models", "key"), ("/v1/models", "data", "id")):
-            try:
-                r = await self._get(path)
-                if r.status_code != 200:
-                    continue
-                items = r.json().get(field_name)
-            except (httpx.HTTPError, ValueError, AttributeError):
-                continue
-            if isinstance(items, list):
-                return {str(m[item_key]) for m in items if isinstance(m, dict) and item_key in m}
-        return None
+    async def models_state(self, *, catalog: bool) -> tuple[set[str] | None, set[str] | None]:
+        """What the box has loaded and (``catalog``) what it can serve, from as few of lmgate's
+        own requests as it takes: LM Studio 0.4+ answers both in ``GET /api/v1/models``
+        (loaded instances; every downloaded model's key); older ones in ``/api/v0/models``
+        (``state``) and ``/v1/models`` (ids). None where the box cannot tell."""
+        v1 = await self._own_json("/api/v1/models")
+        if isinstance(v1, dict) and isinstance(v1.get("models"), list):
+            return _loaded_v1(v1), _ids(v1["models"], "key") if catalog else None
+        loaded = _loaded_v0(await self._own_json("/api/v0/models"))
+        if not catalog:
+            return loaded, None
+        listing = await self._own_json("/v1/models")
+        data = listing.get("data") if isinstance(listing, dict) else None
+        return loaded, _ids(data, "id") if isinstance(data, list) else None
 
-    async def loaded_models(self) -> set[str] | None:
-        """Which models LM Studio reports as loaded; None if it cannot tell us."""
-        for path, parse in (("/api/v1/models", _loaded_v1), ("/api/v0/models", _loaded_v0)):
-            try:
-                r = await self._get(path)
-                if r.status_code != 200:
-                    continue
-                found = parse(r.json())
-            except (httpx.HTTPError, ValueError, TypeError, AttributeError, KeyError):
-                continue
-            if found is not None:
-                return found
-        return None
+    async def _own_json(self, path: str) -> object:
+        """The JSON of a 200 answer to one of lmgate's own GETs; None otherwise."""
+        try:
+            r = await self.own_get(path)
+            return r.json() if r.status_code == 200 else None
+        except (httpx.HTTPError, ValueError):
+            return None
+
+
+def _ids(items: list[object], key: str) -> set[str]:
+    return {str(m[key]) for m in items if isinstance(m, dict) and key in m}
 
 
 def _loaded_v0(doc: object) -> set[str] | None:
     data = doc.get("data") if isinstance(doc, dict) else None
     if not isinstance(data, list):
         return None
-    return {m["id"] for m in data if isinstance(m, dict) and m.get("state") == "loaded" and "id" in m}
+    return {str(m["id"]) for m in data if isinstance(m, dict) and m.get("state") == "loaded" and "id" in m}
 
 
 def _loaded_v1(doc: object) -> set[str] | None:
