@@ -153,12 +153,18 @@ def apply_token_cap(body: bytes, doc: dict[str, Any], changes: dict[str, int] | 
     if any(name in doc for name in changes):
         doc.update(changes)
         return json.dumps(doc).encode()
+    return insert_members(body, b", ".join(b'"%s": %d' % (name.encode(), value)
+                                            for name, value in changes.items()))
+
+
+def insert_members(body: bytes, members: bytes) -> bytes:
+    """``members`` (``"a": 1, "b": 2``) added at the start of the body's top-level object,
+    every other byte left as the client sent it."""
     start = body.index(b"{") + 1
-    inserted = b"".join(b'"%s": %d, ' % (name.encode(), value) for name, value in changes.items())
     rest = body[start:]
-    if not rest.strip().startswith(b"}"):
-        return body[:start] + inserted + rest
-    return body[:start] + inserted[:-2] + rest  # an object with no other fields
+    if rest.strip().startswith(b"}"):  # an object with no other members
+        return body[:start] + members + rest
+    return body[:start] + members + b", " + rest
 
 
 USAGE_ROUTES = frozenset({"/v1/chat/completions", "/api/v0/chat/completions", "/v1/completions",
@@ -174,11 +180,7 @@ def ask_for_usage(body: bytes, doc: dict[str, Any], route: str) -> tuple[bytes, 
         return body, False
     options = doc.get("stream_options")
     if options is None and "stream_options" not in doc:  # absent: a byte-level insert
-        start = body.index(b"{") + 1
-        inserted = b'"stream_options": {"include_usage": true}'
-        if body[start:].strip().startswith(b"}"):
-            return body[:start] + inserted + body[start:], True
-        return body[:start] + inserted + b", " + body[start:], True
+        return insert_members(body, b'"stream_options": {"include_usage": true}'), True
     if options is not None and not isinstance(options, dict):
         return body, False  # malformed: the upstream answers that
     if options is not None and options.get("include_usage") is True:
