@@ -150,8 +150,7 @@ class BoxModels:
                     self.reported_parallel[key] = parallel
         self.instances = instances
         now = self.clock()
-        for key in instances:
-            self.last_used.setdefault(key, now)
+        self.last_used = {key: self.last_used.get(key, now) for key in instances}
 
     def used(self, model: str) -> None:
         """A request for ``model`` has ended: its idle time (ttl, least recently used) starts."""
@@ -171,8 +170,8 @@ class BoxModels:
         if it was there already. Raises ModelLoadFailed (every request waiting for this load
         gets the same error); the box stays usable. ``running``: the models with running
         requests on the box now (never unloaded)."""
-        self.last_used[model] = self.clock()
         if model in self.instances:
+            self.last_used[model] = self.clock()
             return None
         failed = self.failed.get(model)
         if failed is not None and self.clock() - failed[0] < FAILED_LOAD_HOLD_S:
@@ -193,7 +192,9 @@ class BoxModels:
         except BaseException as exc:
             if isinstance(exc, ModelLoadFailed):
                 err = exc
-                self.failed[model] = (self.clock(), err)
+                now = self.clock()  # any model name a client sends can fail: keep only the held
+                self.failed = {m: f for m, f in self.failed.items() if now - f[0] < FAILED_LOAD_HOLD_S}
+                self.failed[model] = (now, err)
             else:  # cut short (the requester left, a bug): the waiters still get an answer
                 err = ModelLoadFailed(f"loading {model} on {self.upstream.name} failed: "
                                       f"{type(exc).__name__}")

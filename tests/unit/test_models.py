@@ -195,3 +195,22 @@ def test_slots_precedence() -> None:
     pinned = BoxModels(m.upstream, UpstreamSpec("x", "http://box.test:1234", parallel=5), m.settings)
     pinned.slots(box)
     assert box.slots_for("a") == box.slots_for("b") == 5
+
+
+def test_junk_model_names_cannot_fill_memory() -> None:
+    """Any name a client sends may fail to load: what is remembered about failures is only
+    what is still held back, and nothing is kept for models that are not loaded."""
+    studio = FakeStudio(fail={f"junk-{i}" for i in range(300)})
+    m = manager(studio)
+    clock = [0.0]
+    m.clock = lambda: clock[0]
+
+    async def body() -> None:
+        await m.detect()
+        for i in range(300):
+            clock[0] = i * 1.0
+            with pytest.raises(ModelLoadFailed):
+                await m.ensure(f"junk-{i}", set)
+    run(body())
+    assert len(m.failed) <= 11  # the last 10 s of failures, one a second
+    assert not any(name.startswith("junk-") for name in m.last_used)
