@@ -548,17 +548,18 @@ def log_access(rec: RequestRecord, fmt: str) -> None:
     if fmt == "json":
         access_log.info(json.dumps({
             "request_id": rec.request_id, "client": rec.client, "route": rec.route,
-            "model": rec.model, "status": rec.status, "outcome": rec.outcome,
-            "stream": rec.stream, "position": rec.position,
+            "model": rec.model, "upstream": rec.upstream, "status": rec.status,
+            "outcome": rec.outcome, "stream": rec.stream, "position": rec.position,
             "wait_ms": _r(rec.wait_ms), "ttft_ms": _r(rec.ttft_ms), "duration_ms": _r(rec.duration_ms),
             "prompt_tokens": rec.prompt_tokens, "completion_tokens": rec.completion_tokens,
             "tokens_approx": rec.tokens_approx,
         }))
         return
     access_log.info(
-        '%s %s "%s" model=%s status=%s outcome=%s pos=%s wait_ms=%s ttft_ms=%s duration_ms=%s '
-        "tokens=%s/%s%s",
-        rec.request_id, rec.client, rec.route, rec.model or "-", rec.status, rec.outcome,
+        '%s %s "%s" model=%s upstream=%s status=%s outcome=%s pos=%s wait_ms=%s ttft_ms=%s '
+        "duration_ms=%s tokens=%s/%s%s",
+        rec.request_id, rec.client, rec.route, rec.model or "-",
+        "-" if rec.upstream == "none" else rec.upstream, rec.status, rec.outcome,
         rec.position, _r(rec.wait_ms), _r(rec.ttft_ms), _r(rec.duration_ms),
         "-" if rec.prompt_tokens is None else rec.prompt_tokens,
         "-" if rec.completion_tokens is None else rec.completion_tokens,
