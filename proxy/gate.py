@@ -17,10 +17,16 @@ Service order
     between identities, FIFO within one).
 
 Priority aging
-    A ticket that has waited ``max_priority_wait`` seconds joins the band of the highest
-    priority (``top_priority``) at its arrival place there, so no later arrival of any
-    priority overtakes it from then on. Aging needs the clock, and the gate never reads it
-    on its own: the owner calls ``tick()`` at ``next_aging_at()``.
+    A ticket that has waited ``max_priority_wait`` seconds joins the aged band, above every
+    priority, in arrival order (its key becomes ``(AGED_RANK, seq, seq)``), so no later
+    arrival of any priority, under any policy, overtakes it from then on, whatever a reload
+    does to the keys' priorities. Every ticket ages (in arrival order, so an earlier one is
+    always aged first). Aging needs the clock, and the gate never reads it on its own: the
+    owner calls ``tick()`` at ``next_aging_at()``.
+
+Reconfiguring
+    Limits, groups, the skip budget and the aging bound change through ``reconfigure`` (a
+    reload), which re-applies them to the waiting line and starts whatever may start now.
 
 Swap batching
     With ``max_skips = K > 0`` a waiting request for the model that is loaded may start ahead
@@ -60,6 +66,7 @@ CANCELLED = "cancelled"
 REJECTED = "rejected"
 
 POLICIES = ("fifo", "fair")
+AGED_RANK = -(10**9)  # above every priority a key may have (|priority| <= 1000)
 
 
 class GateError(Exception):
@@ -87,7 +94,8 @@ class Ticket:
     priority: int = 0
     seq: int = 0
     tag: int = 0
-    rank: int = 0  # -priority, or -top_priority once aged
+    rank: int = 0  # -priority, or AGED_RANK once aged
+    aged: bool = False
     state: str = "new"
     arrived_at: float = 0.0
     started_at: float | None = None
@@ -96,6 +104,11 @@ class Ticket:
     depth_at_arrival: int = 0
     skipped: int = 0
     box: str | None = None  # the box it runs (or last ran) on
+    # progress of a running request, for estimates: the token limit it asked for (after a
+    # key's cap), when its first upstream byte arrived, and tokens streamed so far (approx.)
+    max_tokens: int | None = None
+    first_byte_at: float | None = None
+    streamed: int = 0
 
     @property
     def key(self) -> tuple[int, int, int]:
@@ -159,7 +172,6 @@ class Gate:
         loaded: Iterable[str] = (),
         on_start: Callable[[Ticket], None] | None = None,
         clock: Callable[[], float] = time.monotonic,
-        top_priority: int = 0,
         max_priority_wait: float = 60.0,
         boxes: Iterable[Box] | None = None,
     ) -> None:
@@ -184,12 +196,11 @@ class Gate:
         self.groups: tuple[frozenset[str], ...] = tuple(frozenset(g) for g in groups)
         self.on_start = on_start
         self.clock = clock
-        self.top_priority = top_priority
         self.max_priority_wait = max_priority_wait
         self.closed = False
         self.version = 0
         self._order: list[tuple[int, int, int]] = []
-        self._young: deque[Ticket] = deque()  # waiting below the top band, by arrival
+        self._young: deque[Ticket] = deque()  # waiting and not aged yet, by arrival
         self._waiting: dict[int, Ticket] = {}
         self._running: dict[int, Ticket] = {}
         self._seq = 0
@@ -286,10 +297,11 @@ class Gate:
             raise GateClosed("shutting down")
         if ticket.state != "new":
             raise ValueError("ticket already submitted")
-        self._age()
+        now = self.clock()
+        self._age(now)
         self._seq += 1
         ticket.seq = self._seq
-        ticket.arrived_at = self.clock()
+        ticket.arrived_at = now
         ticket.rank = -ticket.priority
         if self.policy == "fair":
             last = self._last_tag.get(ticket.identity, 0)
@@ -319,7 +331,7 @@ class Gate:
         ticket.state = DONE
         ticket.ended_at = self.clock()
         self._forget_if_idle(ticket.identity)
-        self._age()
+        self._age(ticket.ended_at)
         self._bump()
         self._notify(self._dispatch())
 
@@ -334,7 +346,7 @@ class Gate:
         self._remove_waiting(ticket)
         ticket.state = CANCELLED
         ticket.ended_at = self.clock()
-        self._age()
+        self._age(ticket.ended_at)
         self._bump()
         self._notify(self._dispatch())
         return True
@@ -428,26 +440,31 @@ class Gate:
         else:
             bisect.insort(self._order, key)
         self._per_identity[ticket.identity] = self._per_identity.get(ticket.identity, 0) + 1
-        if fresh and ticket.rank > -self.top_priority:
+        if fresh and not ticket.aged:
             self._young.append(ticket)
         self._bump()
 
-    def _age(self) -> bool:
-        """Move every ticket that has waited ``max_priority_wait`` into the top band. Tickets
-        age in arrival order (one bound for all), so ``_young`` is consumed from the front."""
+    def _age(self, now: float | None = None) -> bool:
+        """Move every ticket that has waited ``max_priority_wait`` into the aged band. Tickets
+        age in arrival order (one bound for all), so ``_young`` is consumed from the front.
+        True when the line's order changed (a ticket that keeps its place changes nothing)."""
         young, changed = self._young, False
+        while young and young[0].state != WAITING:  # started or gone: nothing to age
+            young.popleft()
         if not young:
             return False
-        now, wait = self.clock(), self.max_priority_wait
+        now = self.clock() if now is None else now
+        wait, order = self.max_priority_wait, self._order
         while young and (young[0].state != WAITING or young[0].arrived_at + wait <= now):
             ticket = young.popleft()
             if ticket.state != WAITING:
                 continue
-            i = bisect.bisect_left(self._order, ticket.key)
-            del self._order[i]
-            ticket.rank = -self.top_priority
-            bisect.insort(self._order, ticket.key)
-            changed = True
+            i = bisect.bisect_left(order, ticket.key)
+            del order[i]
+            ticket.rank, ticket.tag, ticket.aged = AGED_RANK, ticket.seq, True
+            j = bisect.bisect_left(order, ticket.key)
+            order.insert(j, ticket.key)
+            changed = changed or i != j
         if changed:
             self._bump()
         return changed
@@ -458,6 +475,29 @@ class Gate:
         while young and young[0].state != WAITING:
             young.popleft()
         return young[0].arrived_at + self.max_priority_wait if young else None
+
+    def reconfigure(self, *, max_queue: int | None = None, max_skips: int | None = None,
+                    groups: Iterable[Iterable[str]] | None = None,
+                    max_priority_wait: float | None = None) -> None:
+        """New limits from a reload. Waiting tickets keep their place (an aged one stays
+        aged); a shorter aging bound ages whoever has now waited it; then whatever may start
+        now starts. Tickets already waiting beyond a lowered ``max_queue`` stay."""
+        if max_queue is not None:
+            if max_queue < 0:
+                raise ValueError("limits must be >= 0")
+            self.max_queue = max_queue
+        if max_skips is not None:
+            if max_skips < 0:
+                raise ValueError("limits must be >= 0")
+            self.max_skips = max_skips
+        if groups is not None:
+            self.groups = tuple(frozenset(g) for g in groups)
+        if max_priority_wait is not None:
+            if max_priority_wait < 0:
+                raise ValueError("max_priority_wait must be >= 0")
+            self.max_priority_wait = max_priority_wait
+        self._age()
+        self.rebalance()
 
     def rebalance(self) -> None:
         """Limits or boxes changed from outside (a reload): start whatever may start now."""
@@ -596,7 +636,8 @@ class Gate:
         ticket.box = box.name
         self._running[ticket.seq] = ticket
         box.running[ticket.seq] = ticket
-        self._vtime = max(self._vtime, ticket.tag)
+        if not ticket.aged:  # an aged ticket's tag is its arrival number, not a fair round
+            self._vtime = max(self._vtime, ticket.tag)
         if ticket.model not in box.loaded and not self.compatible(ticket.model, box.loaded):
             box.switches += 1
         box.loaded = self._joined(ticket.model, box.loaded)

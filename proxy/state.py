@@ -53,7 +53,6 @@ class AppState:
         self.gate = Gate(max_queue=settings.max_queue,
                          max_skips=settings.max_skips, policy=settings.policy,
                          groups=settings.groups, on_start=_grant,
-                         top_priority=max([0, *(k.priority for k in settings.keys)]),
                          max_priority_wait=settings.max_priority_wait,
                          boxes=[_box(spec, settings) for spec in settings.boxes()])
         self._aging: asyncio.TimerHandle | None = None
@@ -206,11 +205,8 @@ class AppState:
         self.identities = Identities(new.trusted_proxies)
         self.waiting_bytes.limit = new.max_waiting_bytes
         self.probe_interval_s = new.probe_interval
-        gate = self.gate
-        gate.max_queue, gate.max_skips = new.max_queue, new.max_skips
-        gate.groups = tuple(frozenset(g) for g in new.groups)
-        gate.top_priority = max([0, *(k.priority for k in new.keys)])
-        gate.max_priority_wait = new.max_priority_wait
+        self.gate.reconfigure(max_queue=new.max_queue, max_skips=new.max_skips, groups=new.groups,
+                              max_priority_wait=new.max_priority_wait)
         added, removed = self._reload_boxes(new)
         log.info("configuration reloaded from %s: %d keys; boxes %s%s%s%s", new.config,
                  len(new.keys), ", ".join(s.name for s in new.boxes()),

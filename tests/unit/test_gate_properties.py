@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 from typing import Any
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -163,7 +164,7 @@ def test_positions_stay_truthful_with_priorities_and_aging(
     priority is never behind a lower one that has not aged."""
     clock = FakeClock()
     gate = Gate(parallel=parallel, max_skips=max_skips, policy=policy, max_queue=50,
-                top_priority=3, max_priority_wait=60.0, clock=clock)
+                max_priority_wait=60.0, clock=clock)
     tickets: list[Ticket] = []
     for kind, a, b, prio in ops:
         if kind == "arrive":
@@ -182,8 +183,7 @@ def test_positions_stay_truthful_with_priorities_and_aging(
         if max_skips == 0:
             line = gate.waiting()
             for ahead, behind in zip(line, line[1:]):
-                aged = behind.rank == -gate.top_priority
-                assert aged or ahead.priority >= behind.priority or ahead.rank == -gate.top_priority, \
+                assert ahead.aged or (not behind.aged and ahead.priority >= behind.priority), \
                     (ahead, behind)
 
 
@@ -193,13 +193,18 @@ def test_positions_stay_truthful_with_priorities_and_aging(
                                 st.floats(1, 40)), min_size=2, max_size=60),
     parallel=st.integers(1, 3),
     wait_bound=st.sampled_from([10.0, 60.0]),
+    policy=st.sampled_from(["fifo", "fair"]),
+    raise_at=st.integers(0, 60),
 )
 def test_nobody_is_overtaken_after_the_aging_bound(
-        arrivals: list[tuple[float, int, int, float]], parallel: int, wait_bound: float) -> None:
-    """A timed run (arrival gaps, priorities 0..2, models, service times): once a request has
-    waited the bound, no later arrival of any priority starts before it."""
+        arrivals: list[tuple[float, int, int, float]], parallel: int, wait_bound: float,
+        policy: str, raise_at: int) -> None:
+    """A timed run (arrival gaps, priorities 0..2, models, service times, identities), under
+    either policy: once a request has waited the bound, no later arrival of any priority
+    starts before it, not even when a reload (from the ``raise_at``-th arrival on) reconfigures
+    the gate and later arrivals come with a priority above every earlier one."""
     clock = FakeClock()
-    gate = Gate(parallel=parallel, max_queue=10_000, top_priority=2, max_priority_wait=wait_bound,
+    gate = Gate(parallel=parallel, max_queue=10_000, max_priority_wait=wait_bound, policy=policy,
                 clock=clock)
     ends: dict[int, float] = {}  # seq -> when it finishes
     service: dict[int, float] = {}
@@ -229,7 +234,12 @@ def test_nobody_is_overtaken_after_the_aging_bound(
         gate.tick()
         while pending and pending[0][0] <= clock.now:
             _, prio, model, duration = pending.pop(0)
-            t = Ticket(request_id=str(len(tickets)), model=MODELS[model], priority=prio)
+            if len(tickets) == raise_at:
+                gate.reconfigure(max_queue=10_000, max_priority_wait=wait_bound)
+            if len(tickets) >= raise_at:
+                prio += 10  # a priority a reload added, above everything already waiting
+            t = Ticket(request_id=str(len(tickets)), model=MODELS[model], priority=prio,
+                       identity=f"id{(len(tickets) * 7 + model) % 3}")
             service[len(tickets) + 1] = duration
             gate.submit(t)
             tickets.append(t)
@@ -244,7 +254,7 @@ def test_nobody_is_overtaken_after_the_aging_bound(
 
 def test_priorities_order_the_line_and_aging_stops_overtaking() -> None:
     clock = FakeClock()
-    gate = Gate(parallel=1, top_priority=5, max_priority_wait=60.0, clock=clock)
+    gate = Gate(parallel=1, max_priority_wait=60.0, clock=clock)
     running = Ticket(request_id="run", model="A")
     gate.submit(running)
     low = Ticket(request_id="low", model="A", priority=0)
@@ -260,11 +270,49 @@ def test_priorities_order_the_line_and_aging_stops_overtaking() -> None:
     gate.tick()
     late = Ticket(request_id="late", model="A", priority=5)
     gate.submit(late)
-    # aged: "low" joins the top band at its arrival place, ahead of everyone who came later
+    # aged: "low" joins the aged band, ahead of everyone who came later
     assert [t.request_id for t in gate.waiting()] == ["low", "high", "late"]
     assert gate.position(low) == 1 and gate.position(late) == 3
     gate.release(running)
     assert low.state == RUNNING
+
+
+@pytest.mark.parametrize("policy", ["fifo", "fair"])
+def test_an_aged_request_is_not_overtaken_after_a_reload_or_under_fair(policy: str) -> None:
+    """Regression: aging used to lift a request into the band of the highest priority known
+    when it aged; a reload that added a higher priority, or (under ``fair``) a later
+    top-priority arrival with a smaller round number, then overtook it. Aged requests now form
+    a band above every priority, in arrival order."""
+    clock = FakeClock()
+    gate = Gate(parallel=1, max_priority_wait=60.0, policy=policy, clock=clock)
+    running = Ticket(request_id="run", model="A", identity="x")
+    gate.submit(running)
+    for i in range(3):  # identity "busy" has rounds queued up, so its later tags are high
+        gate.submit(Ticket(request_id=f"busy{i}", model="A", identity="busy"))
+    low = Ticket(request_id="low", model="A", identity="busy", priority=0)
+    gate.submit(low)
+    clock.now = 61
+    gate.tick()
+    assert low.aged
+    gate.reconfigure(max_queue=100, max_skips=0, groups=(), max_priority_wait=60.0)  # a reload
+    late = Ticket(request_id="late", model="A", identity="newcomer", priority=7)
+    gate.submit(late)
+    order = [t.request_id for t in gate.waiting()]
+    assert order.index("low") < order.index("late"), order
+    assert gate.position(low) < gate.position(late)
+
+
+def test_reconfigure_applies_a_shorter_aging_bound_at_once() -> None:
+    clock = FakeClock()
+    gate = Gate(parallel=1, max_priority_wait=60.0, clock=clock)
+    gate.submit(Ticket(request_id="run", model="A"))
+    low = Ticket(request_id="low", model="A", priority=0)
+    gate.submit(low)
+    clock.now = 20
+    gate.submit(Ticket(request_id="high", model="A", priority=3))
+    assert gate.position(low) == 2
+    gate.reconfigure(max_priority_wait=10.0)
+    assert low.aged and gate.position(low) == 1
 
 
 box_op = st.one_of(
