@@ -28,7 +28,7 @@ from .inbound import ByteBudget, Scope, client_address, header_map
 from .metrics import Metrics, RequestRecord
 from .models import ERROR, MANAGED, UNKNOWN, BoxModels
 from .quota import DB_NAME, QuotaStore, QuotaStoreError, default_state_dir
-from .upstream import Upstream
+from .upstream import Upstream, upstream_timeouts
 
 if TYPE_CHECKING:
     from .auth import Principal
@@ -226,9 +226,11 @@ class AppState:
                     removed.append(name)
                     self.gate.remove_box(name)
                 continue
+            box.removed = False  # taken out by an earlier reload, still busy, and back: it stays
             box.parallel, box.models = spec.parallel or new.parallel, spec.models
             up = self.upstreams.get(name)
-            if up is not None and (up.spec != spec or up.key != (spec.key or new.upstream_key)):
+            if up is not None and (up.spec != spec or up.key != (spec.key or new.upstream_key)
+                                   or up.timeouts != upstream_timeouts(new)):
                 self._retired.append(up)  # its running requests keep their connections
                 up = self.upstreams[name] = Upstream(new, self.transport, spec)
                 self.managers[name] = self._manager(up)
@@ -252,9 +254,24 @@ class AppState:
             for box in self.gate.boxes.values():
                 box.up = True
         self.gate.rebalance()
+        self._strand_check()
         if added:
             self.refresh_loaded_soon()
         return added, removed
+
+    def _strand_check(self) -> None:
+        """Requests waiting for a model that no box serves any more (a reload took its box
+        away) get the answer a new request would get, at once, instead of waiting for the
+        queue timeout."""
+        for ticket in self.gate.waiting():
+            if self.gate.serves(ticket.model):
+                continue
+            self.gate.cancel(ticket)
+            waiter = ticket.waiter
+            if waiter is not None and not waiter.done():
+                waiter.set_exception(NotFound(f"no upstream serves the model '{ticket.model}' any "
+                                              "more (the configuration was reloaded)",
+                                              param="model", code="model_not_found"))
 
     # -- who is asking ------------------------------------------------------------------
     def client_of(self, scope: Scope, headers: dict[bytes, bytes] | None = None) -> str:
@@ -513,10 +530,19 @@ class AppState:
 
 
 MAX_BACKOFF_S = 30.0
+# What a reload applies: keys and limits in place, boxes added or removed (an upstream whose
+# address, key or timeouts changed is rebuilt; its running requests keep their connections).
+RELOADED = ("upstreams", "keys", "groups", "models", "max_queue", "queue_timeout", "max_body",
+            "parallel", "max_skips", "read_timeout", "connect_timeout", "shutdown_grace",
+            "upstream_key", "result_ttl", "stream_open_timeout", "trusted_proxies",
+            "max_waiting_bytes", "max_kept_results", "max_kept_bytes", "probe_interval",
+            "max_loaded", "max_loaded_bytes", "feedback", "max_priority_wait")
 # What a reload cannot change: the listening socket and its limits, logging, the quota file,
-# the policy (tags of waiting requests), CORS (middleware) and the metric label budget.
+# the policy (tags of waiting requests), CORS (middleware), the metric label budget and how a
+# box's load mode is found (at its first check).
 RESTART_ONLY = ("host", "port", "max_connections", "client_read_timeout", "client_write_timeout",
-                "log_level", "log_format", "policy", "cors_origins", "max_models", "state_dir")
+                "log_level", "log_format", "policy", "cors_origins", "max_models", "state_dir",
+                "load_mode")
 
 
 def _box(spec: UpstreamSpec, settings: Settings) -> Box:

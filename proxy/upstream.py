@@ -60,6 +60,12 @@ def basic_auth(url: str) -> bytes | None:
     return b"Basic " + base64.b64encode(pair)
 
 
+def upstream_timeouts(settings: Settings) -> dict[str, float | None]:
+    """The timeouts every request to a box gets (the httpx names)."""
+    return {"connect": settings.connect_timeout, "read": settings.read_timeout,
+            "write": settings.read_timeout, "pool": None}
+
+
 class Upstream:
     """One box: its own connection pool, credentials and health."""
 
@@ -75,8 +81,7 @@ class Upstream:
         self.lean: LeanTransport | None = None
         if transport is None and urlsplit(self.base).scheme == "http" and LeanTransport is not None:
             transport = self.lean = LeanTransport()
-        timeout = httpx.Timeout(connect=settings.connect_timeout, read=settings.read_timeout,
-                                write=settings.read_timeout, pool=None)
+        timeout = httpx.Timeout(**upstream_timeouts(settings))
         self.timeouts = timeout.as_dict()
         self._urls: dict[tuple[str, bytes], httpx.URL] = {}
         self.client = httpx.AsyncClient(

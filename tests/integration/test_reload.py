@@ -122,3 +122,87 @@ def test_without_a_config_file_there_is_nothing_to_reload() -> None:
             assert resp.status_code == 400 and "without --config" in resp.json()["error"]["message"]
             assert isinstance(resp, httpx.Response)
     run(body)
+
+
+def test_a_reload_that_removes_the_only_box_for_a_model_answers_its_waiters_at_once(tmp_path: Path) -> None:
+    """Requests waiting for a model whose only box a reload took away get 404 model_not_found
+    at once (the answer a new request gets), not a wait until the queue timeout; what runs
+    on the removed box finishes."""
+    path = tmp_path / "lmgate.toml"
+    one = '[[upstreams]]\nname = "one"\nurl = "http://upstream.test:1234"\nmodels = ["m1"]\n'
+    two = '[[upstreams]]\nname = "two"\nurl = "http://upstream.test:1234"\nmodels = ["m2"]\n'
+    path.write_text(one + two, encoding="utf-8")
+
+    async def body() -> None:
+        async with serve(load_settings(["--config", str(path)], env={})) as r:
+            r.state.argv, r.state.environ = ["--config", str(path)], {}
+            held = asyncio.create_task(r.client.post("/v1/chat/completions", json=chat_body("m1", act="hold")))
+            await r.upstream.wait_for_requests(1)
+            waiting = asyncio.create_task(r.client.post("/v1/chat/completions", json=chat_body("m1")))
+            stream = asyncio.create_task(r.client.post("/v1/chat/completions",
+                                                       json=chat_body("m1", stream=True)))
+            await r.wait_depth(2)
+            path.write_text(two, encoding="utf-8")
+            answer = (await r.client.post("/admin/reload")).json()
+            assert answer["removing"] == ["one"]
+            plain = await asyncio.wait_for(waiting, 5)
+            assert plain.status_code == 404 and plain.json()["error"]["code"] == "model_not_found"
+            streamed = await asyncio.wait_for(stream, 5)
+            assert streamed.status_code == 200  # its headers had left: the error comes as an event
+            assert '"code": "model_not_found"' in streamed.text
+            fresh = await r.client.post("/v1/chat/completions", json=chat_body("m1"))
+            assert fresh.status_code == 404
+            r.upstream.release(0)
+            assert (await held).status_code == 200
+            assert len(r.upstream.seen) == 1  # nothing of the stranded requests reached a box
+    run(body)
+
+
+def test_a_box_removed_and_added_back_while_busy_stays(tmp_path: Path) -> None:
+    path = tmp_path / "lmgate.toml"
+    write(path, "one", "two")
+
+    async def body() -> None:
+        async with serve(load_settings(["--config", str(path)], env={})) as r:
+            r.state.argv, r.state.environ = ["--config", str(path)], {}
+            await until(lambda: all(b.up for b in r.state.gate.boxes.values()))
+            held = asyncio.create_task(r.client.post("/v1/chat/completions", json=chat_body(act="hold")))
+            await r.upstream.wait_for_requests(1)
+            busy = next(b.name for b in r.state.gate.boxes.values() if b.running)
+            write(path, *[b for b in ("one", "two") if b != busy])
+            assert (await r.client.post("/admin/reload")).json()["removing"] == [busy]
+            write(path, "one", "two")
+            assert (await r.client.post("/admin/reload")).status_code == 200
+            r.upstream.release(0)
+            assert (await held).status_code == 200
+            await r.assert_gate_free()
+            assert busy in r.state.gate.boxes and not r.state.gate.boxes[busy].removed
+            assert busy in r.state.upstreams
+    run(body)
+
+
+def test_reload_applies_upstream_timeouts_and_names_what_needs_a_restart(tmp_path: Path) -> None:
+    path = tmp_path / "lmgate.toml"
+    write(path, "one", extra="read_timeout = 600\n")
+
+    async def body() -> None:
+        async with serve(load_settings(["--config", str(path)], env={})) as r:
+            r.state.argv, r.state.environ = ["--config", str(path)], {}
+            write(path, "one", extra="read_timeout = 7\nload_mode = \"jit\"\npolicy = \"fair\"\n")
+            answer = (await r.client.post("/admin/reload")).json()
+            assert r.state.upstreams["one"].timeouts["read"] == 7
+            assert set(answer["restart_needed"]) == {"load_mode", "policy"}
+    run(body)
+
+
+def test_every_setting_is_either_applied_by_a_reload_or_named_as_needing_a_restart() -> None:
+    """A new setting must be placed in one of the two lists, so a reload never silently
+    ignores a change."""
+    import dataclasses
+
+    from proxy.config import Settings
+    from proxy.state import RELOADED, RESTART_ONLY
+
+    fields = {f.name for f in dataclasses.fields(Settings)} - {"sources", "config", "demo", "upstream"}
+    assert not set(RELOADED) & set(RESTART_ONLY)
+    assert fields == set(RELOADED) | set(RESTART_ONLY), fields ^ (set(RELOADED) | set(RESTART_ONLY))
