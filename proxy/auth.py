@@ -58,6 +58,10 @@ class Auth:
             raise Unauthorized("invalid API key")
         return Principal(identity="key:" + found.name, key=found)
 
+    def key_named(self, name: str | None) -> ApiKey | None:
+        """The configured key called ``name`` now (a reload may have changed or dropped it)."""
+        return next((k for k in self.keys if k.name == name), None) if name else None
+
     def check_model(self, who: Principal, model: str) -> None:
         key = who.key
         if key is None or not key.models:

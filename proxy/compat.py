@@ -210,7 +210,7 @@ class LegacyQueue:
             body = json.dumps(doc).encode()
             doc = parse_request(body)
             st.auth.check_model(who, doc["model"])
-            st.check_servable(doc["model"])
+            await st.check_servable(doc["model"])
             body = apply_token_cap(body, doc, st.auth.token_cap(who, doc, "max_tokens"))
             st.auth.check_rate(who)
             job = Job(client_id, body, who)
@@ -322,6 +322,9 @@ class LegacyQueue:
         t0 = time.perf_counter()
         try:
             await self._wait_turn(ticket)
+            key = st.auth.key_named(job.key_name)
+            if key is not None and key.has_quota and ticket.position_at_arrival > 0:
+                st.check_quota(key)  # again as its turn comes, as for every gated request
             job.status, job.started_at, job.started_mono = "processing", now_iso(), time.monotonic()
             job.notify()
             rec.wait_ms = ticket.waited_s(time.monotonic()) * 1000

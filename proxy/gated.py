@@ -51,16 +51,18 @@ from .inbound import (
     parse_request,
     read_body,
     send_error,
+    token_limit,
 )
 from .metrics import RequestRecord
 from .upstream import RESPONSE_DROP, map_error, read_capped
 
 if TYPE_CHECKING:
     from .auth import Principal
+    from .config import ApiKey
     from .state import AppState
 
 log = logging.getLogger("lmgate")
-USAGE_BODY_CAP = 4 * 1024 * 1024
+LISTING_CAP = 4 * 1024 * 1024  # a box's model listing, read to merge several boxes' lists
 # The field a key's max_tokens cap is written into when a request names none.
 TOKEN_FIELD = {
     "/v1/chat/completions": "max_tokens", "/api/v0/chat/completions": "max_tokens",
@@ -130,6 +132,7 @@ class GatedRequest:
         self.stream = False
         self.reasoning = False  # tell the waiting line as reasoning_content chunks
         self.drop_usage = False  # lmgate asked for the usage chunk; the client did not
+        self.quota_key: ApiKey | None = None  # its key has a token quota
         self.eta_ms: int | None = None  # estimated wait, taken once at arrival
         self.upstream_name = ""  # the box it was sent to
         self.id_header = [(b"x-request-id", self.rid.encode())]
@@ -225,7 +228,7 @@ class GatedRequest:
             except ProxyError:
                 return None
             try:
-                body = await read_capped(response, USAGE_BODY_CAP)
+                body = await read_capped(response, LISTING_CAP)
             finally:
                 await response.aclose()
             if response.status_code != 200:
@@ -280,19 +283,22 @@ class GatedRequest:
         self.rec.model, self.stream = model, doc.get("stream") is True
         self.rec.stream = self.stream
         st.auth.check_model(who, model)
-        st.check_servable(model)
+        await st.check_servable(model)
         if self.stream and self.rec.route in FEEDBACK_ROUTES:
             self.reasoning = feedback_mode(self.headers, who, st.settings.feedback) == "reasoning"
-        self.body = apply_token_cap(self.body, doc, st.auth.token_cap(who, doc, TOKEN_FIELD.get(self.rec.route)))
+        cap = st.auth.token_cap(who, doc, TOKEN_FIELD.get(self.rec.route))
+        self.body = apply_token_cap(self.body, doc, cap)
         key = who.key
         if key is not None:
             self.rec.key = key.name
             if key.has_quota:
                 st.check_quota(key)
                 self.body, self.drop_usage = ask_for_usage(self.body, doc, self.rec.route)
+                self.quota_key = key
         st.auth.check_rate(who)
         ticket = Ticket(request_id=self.rid, uid=self.uid, model=model, identity=who.identity,
                         priority=key.priority if key is not None else 0,
+                        max_tokens=token_limit(doc, cap),
                         meta={"client": who.label, "stream": self.stream, "route": self.rec.route,
                               "admin": who.admin})
         submit_ticket(st, who, ticket)
@@ -321,6 +327,10 @@ class GatedRequest:
         self.rec.wait_ms = ticket.waited_s(time.monotonic()) * 1000
         if self.hold is not None:
             self.hold.release()
+        if self.quota_key is not None and ticket.position_at_arrival > 0:
+            # checked again as its turn comes: requests admitted together must not all spend
+            # a quota that the first of them used up
+            self.state.check_quota(self.quota_key)
         await self._forward(ticket)
 
     def _deadline(self, ticket: Ticket) -> float:
@@ -414,7 +424,7 @@ class GatedRequest:
             raise UpstreamUnavailable("no upstream accepted the connection")
         try:
             if self.ex.headers_sent:
-                await self._relay_after_wait(response, t_up)
+                await self._relay_after_wait(response, t_up, ticket)
             else:
                 await self._relay_direct(response, t_up, ticket)
         finally:
@@ -439,9 +449,9 @@ class GatedRequest:
         await self._start(response.status_code, headers)
         # a stream that did not wait still says so, the way the team's clients expect
         prefix = STARTED_AT_ONCE if ticket is not None and self.stream and is_sse and response.status_code == 200 else b""
-        await self._pump(response, t_up, is_sse, prefix)
+        await self._pump(response, t_up, is_sse, prefix, ticket)
 
-    async def _relay_after_wait(self, response: httpx.Response, t_up: float) -> None:
+    async def _relay_after_wait(self, response: httpx.Response, t_up: float, ticket: Ticket | None) -> None:
         self.rec.status = response.status_code
         started = sse.queue_position(0)
         if self.state.several:  # its headers left before a box was chosen
@@ -453,22 +463,28 @@ class GatedRequest:
                               + sse.error_event(sse.upstream_error_message(response.status_code, body)))
             await self._end()
             return
-        await self._pump(response, t_up, True, started)
+        await self._pump(response, t_up, True, started, ticket)
 
-    async def _pump(self, response: httpx.Response, t_up: float, is_sse: bool, prefix: bytes = b"") -> None:
+    async def _pump(self, response: httpx.Response, t_up: float, is_sse: bool, prefix: bytes = b"",
+                    ticket: Ticket | None = None) -> None:
         """Relay the body as it arrives. ``prefix`` (lmgate's own comments) goes out with the
-        upstream's first bytes, in the same write, so it costs the first token nothing."""
+        upstream's first bytes, in the same write, so it costs the first token nothing. What
+        the response reports of its tokens is read on the way (``UsageMeter``); a running
+        ticket's progress (first byte, tokens streamed) feeds the estimates."""
         send, boundary, rec = self.send, self.ex.boundary, self.rec
-        sniffer = sse.UsageSniffer() if is_sse else None
+        meter = sse.UsageMeter(is_sse)
         remover = sse.UsageRemover() if is_sse and self.drop_usage and rec.status == 200 else None
-        kept: list[bytes] | None = [] if not is_sse else None
-        kept_size = 0
         first = True
         try:
             async for chunk in response.aiter_raw():
                 if first:
                     first = False
                     rec.ttft_ms = (time.perf_counter() - t_up) * 1000
+                    if ticket is not None:
+                        ticket.first_byte_at = time.monotonic()
+                meter.feed(chunk)
+                if ticket is not None:
+                    ticket.streamed = meter.deltas
                 if remover is not None:
                     chunk = remover.feed(chunk)
                     if not chunk:
@@ -476,12 +492,6 @@ class GatedRequest:
                 if prefix:
                     boundary.feed(prefix)
                     chunk, prefix = prefix + chunk, b""
-                if sniffer is not None:
-                    sniffer.feed(chunk)
-                elif kept is not None:
-                    kept_size += len(chunk)
-                    if kept_size <= USAGE_BODY_CAP:
-                        kept.append(chunk)
                 boundary.feed(chunk)
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
         except httpx.HTTPError as exc:
@@ -490,14 +500,9 @@ class GatedRequest:
                 failed.mark_failed()
             raise map_error(exc) from exc
         finally:  # counted however it ended: a stream cut short still used its tokens
-            if sniffer is not None:
-                usage = sniffer.usage()
-                if remover is not None and remover.usage is not None:
-                    usage = remover.usage
-                rec.prompt_tokens, rec.completion_tokens, rec.total_tokens, rec.tokens_approx = usage
-            elif kept is not None and kept_size <= USAGE_BODY_CAP and rec.status < 400:
-                rec.prompt_tokens, rec.completion_tokens, rec.total_tokens, _ = \
-                    sse.usage_from_json(b"".join(kept))
+            if rec.status < 400 or is_sse:
+                rec.prompt_tokens, rec.completion_tokens, rec.total_tokens, rec.tokens_approx = \
+                    meter.usage()
         tail = (prefix + remover.flush()) if remover is not None else prefix
         if tail:
             await self._write(tail)

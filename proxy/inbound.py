@@ -144,6 +144,13 @@ def parse_request(body: bytes) -> dict[str, Any]:
 TOKEN_FIELDS = ("max_tokens", "max_completion_tokens", "max_output_tokens")
 
 
+def token_limit(doc: dict[str, Any], changes: dict[str, int] | None = None) -> int | None:
+    """The most tokens the request lets the model generate (after a key's cap), or None."""
+    merged = {**{name: doc.get(name) for name in TOKEN_FIELDS}, **(changes or {})}
+    values = [v for v in merged.values() if isinstance(v, int) and not isinstance(v, bool)]
+    return min(values) if values else None
+
+
 def apply_token_cap(body: bytes, doc: dict[str, Any], changes: dict[str, int] | None) -> bytes:
     """The body to forward after a key's token cap: unchanged, with the cap field inserted
     (a byte-level insert, so everything else stays byte for byte), or re-encoded when a
@@ -182,7 +189,9 @@ def ask_for_usage(body: bytes, doc: dict[str, Any], route: str) -> tuple[bytes, 
     if options is None and "stream_options" not in doc:  # absent: a byte-level insert
         return insert_members(body, b'"stream_options": {"include_usage": true}'), True
     if options is not None and not isinstance(options, dict):
-        return body, False  # malformed: the upstream answers that
+        # a quota must see the usage: a value the upstream may ignore would make the prompt free
+        raise BadRequest("'stream_options' must be an object, e.g. {\"include_usage\": true}",
+                         param="stream_options", code="invalid_stream_options")
     if options is not None and options.get("include_usage") is True:
         return body, False  # asked already
     current = json.loads(body)  # the body as it stands (a token cap may have changed it)

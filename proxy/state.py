@@ -168,18 +168,32 @@ class AppState:
     def _label(self, up: Upstream) -> str:
         return up.name if self.several else up.base
 
-    def check_servable(self, model: str) -> None:
-        """With several boxes: 404 at once for a model no box lists, 502 at once when every
-        box that lists it is down (it would only wait)."""
+    async def check_servable(self, model: str) -> None:
+        """404 at once for a model no box lists (one box or several; a box whose listing is
+        not known lists everything), 502 at once when every box that lists it is down (it
+        would only wait). A managed box that does not list the model and is idle reads its
+        listing again first (at most every ``RELIST_S``), so a model downloaded a moment ago
+        is found; a busy box is not asked."""
+        gate = self.gate
+        boxes = [b for b in gate.boxes.values() if not b.removed and b.lists(model)]
+        if not boxes:
+            for name, mgr in list(self.managers.items()):
+                box = gate.boxes.get(name)
+                if (box is None or box.removed or mgr.mode != MANAGED or not self.box_idle(name)
+                        or (box.models and not box.lists_glob(model))):
+                    continue
+                if mgr.listed_at is None or mgr.clock() - mgr.listed_at >= RELIST_S:
+                    if await mgr.refresh():
+                        self._apply_listing(name, mgr)
+            boxes = [b for b in gate.boxes.values() if not b.removed and b.lists(model)]
+        if not boxes:
+            raise NotFound(f"no upstream serves the model '{model}'", param="model",
+                           code="model_not_found")
         if not self.several:
             mgr = next(iter(self.managers.values()), None)
             if mgr is not None and mgr.mode == ERROR:
                 raise UpstreamUnavailable(f"upstream {mgr.upstream.name}: {mgr.error}")
             return
-        boxes = [b for b in self.gate.boxes.values() if not b.removed and b.lists(model)]
-        if not boxes:
-            raise NotFound(f"no upstream serves the model '{model}'", param="model",
-                           code="model_not_found")
         if not any(b.up for b in boxes):
             raise UpstreamUnavailable(f"every upstream that serves '{model}' is down "
                                       f"({', '.join(b.name for b in boxes)}); try again shortly")
@@ -321,6 +335,10 @@ class AppState:
 
     # -- bookkeeping -------------------------------------------------------------------
     def observe(self, rec: RequestRecord) -> None:
+        if rec.total_tokens is None and (rec.prompt_tokens or rec.completion_tokens):
+            # cut short before a report: what is known, as a lower bound
+            rec.total_tokens = (rec.prompt_tokens or 0) + (rec.completion_tokens or 0)
+            rec.tokens_approx = True
         self.metrics.observe(rec)
         if rec.key and rec.total_tokens and rec.total_tokens > 0:
             self.quotas.add(rec.key, rec.total_tokens)
@@ -388,8 +406,7 @@ class AppState:
         if box is None or not self.box_idle(name):
             return
         mgr.slots(box)
-        if self.several:
-            self.gate.set_catalog(name, set(mgr.sizes) | set(mgr.instances))
+        self.gate.set_catalog(name, mgr.catalog)  # one box or several: a load needs a listed model
         self.gate.set_loaded(mgr.resident, box=name)
 
     # -- lifecycle ---------------------------------------------------------------------
@@ -530,6 +547,7 @@ class AppState:
 
 
 MAX_BACKOFF_S = 30.0
+RELIST_S = 2.0  # an idle managed box is asked again for a model it did not list, at most this often
 # What a reload applies: keys and limits in place, boxes added or removed (an upstream whose
 # address, key or timeouts changed is rebuilt; its running requests keep their connections).
 RELOADED = ("upstreams", "keys", "groups", "models", "max_queue", "queue_timeout", "max_body",

@@ -56,50 +56,6 @@ class Boundary:
         return t.endswith(b"\n\n") or t.endswith(b"\r\n\r\n") or t.endswith(b"\r\r")
 
 
-class UsageSniffer:
-    """Counts content deltas cheaply and keeps the last chunks to read ``usage``.
-
-    Parsing every chunk as JSON would cost more CPU than the relay itself, so completion
-    tokens are approximated by counting non-empty ``content``/``arguments`` deltas (one
-    token each, as LM Studio streams them) unless the upstream reports a usage object
-    (LM Studio does with ``stream_options.include_usage``).
-    """
-
-    __slots__ = ("deltas", "last")
-    KEEP = 4
-
-    def __init__(self) -> None:
-        self.deltas = 0
-        self.last: list[bytes] = []
-
-    def feed(self, chunk: bytes) -> None:
-        if b'nt"' in chunk or b'ts"' in chunk:
-            self.deltas += (chunk.count(b'"content":"') + chunk.count(b'"content": "')
-                            + chunk.count(b'"arguments":"') + chunk.count(b'"arguments": "')
-                            - chunk.count(b'"content":""') - chunk.count(b'"content": ""')
-                            - chunk.count(b'"arguments":""') - chunk.count(b'"arguments": ""'))
-        last = self.last
-        last.append(chunk)
-        if len(last) > self.KEEP:
-            del last[0]
-
-    def usage(self) -> Usage:
-        tail = b"".join(self.last)
-        idx = tail.rfind(b'"usage"')
-        if idx != -1:
-            start = tail.rfind(b"data:", 0, idx)
-            end = tail.find(b"\n", idx)
-            if start != -1:
-                try:
-                    found = read_usage(json.loads(tail[start + 5: end if end != -1 else None]))
-                except ValueError:
-                    found = None
-                if found is not None:
-                    return found
-        completion = max(0, self.deltas)
-        return Usage(None, completion, completion, True)
-
-
 class Usage(NamedTuple):
     """``total`` is the upstream's ``total_tokens``, or the sum of what is known: a lower
     bound when the upstream reported nothing (``approx``)."""
@@ -110,30 +66,202 @@ class Usage(NamedTuple):
     approx: bool = False
 
 
-def read_usage(doc: Any) -> Usage | None:
-    """The usage object of a chat/completions/embeddings answer or chunk, or of a Responses
-    API ``response.completed`` event (``{"response": {"usage": ...}}``)."""
+USAGE_MARKERS = (b'"usage"', b'"stats"')
+EVENT_CAP = 4 * 1024 * 1024  # an event with a usage report is read whole up to this size
+BODY_CAP = 4 * 1024 * 1024  # a JSON body is parsed whole up to this size, else its tail is read
+TAIL_KEEP = 256 * 1024
+
+
+class UsageMeter:
+    """What a response says it used, in whatever shape the route reports it, while the relay
+    passes every byte on untouched: ``usage`` (OpenAI chat, completions, embeddings, Anthropic
+    messages, the Responses API's ``response.usage``) or LM Studio's ``stats``
+    (``/api/v1/chat``: ``input_tokens``, ``total_output_tokens``, also in ``chat.end``).
+
+    Streams: content deltas are counted cheaply as they pass (one token each, as LM Studio
+    streams them), and only the events that carry a usage marker are parsed, once whole (an
+    upstream write may cut an event anywhere). What several events report is merged (Anthropic
+    sends the prompt in ``message_start`` and the output in ``message_delta``). Where nothing
+    is reported, the count is what was streamed: a lower bound, marked ``approx``.
+
+    JSON bodies: parsed whole up to ``BODY_CAP``; a larger one (an embeddings batch) is read
+    from its tail, where the usage object sits, so its size never makes it free."""
+
+    __slots__ = ("sse", "deltas", "partial", "prompt", "completion", "total", "found",
+                 "body", "size", "tail")
+
+    def __init__(self, sse: bool) -> None:
+        self.sse = sse
+        self.deltas = 0
+        self.partial = b""  # the unfinished event at the end of what was fed
+        self.prompt: int | None = None
+        self.completion: int | None = None
+        self.total: int | None = None
+        self.found = False
+        self.body: list[bytes] = []
+        self.size = 0
+        self.tail = b""
+
+    def feed(self, chunk: bytes) -> None:
+        if not self.sse:
+            self._keep(chunk)
+            return
+        if b'nt"' in chunk or b'ts"' in chunk:
+            self.deltas += (chunk.count(b'"content":"') + chunk.count(b'"content": "')
+                            + chunk.count(b'"arguments":"') + chunk.count(b'"arguments": "')
+                            - chunk.count(b'"content":""') - chunk.count(b'"content": ""')
+                            - chunk.count(b'"arguments":""') - chunk.count(b'"arguments": ""'))
+        data = self.partial + chunk if self.partial else chunk
+        if not self.partial and b'"usage"' not in chunk and b'"stats"' not in chunk:
+            if data.endswith((b"\n\n", b"\r\n\r\n")):
+                return  # the common case: whole events, none with a report
+        cut = _last_boundary(data)
+        ready, self.partial = data[:cut], data[cut:]
+        if len(self.partial) > EVENT_CAP:
+            self.partial = b""  # an event this large is not read for usage
+        if ready and (b'"usage"' in ready or b'"stats"' in ready):
+            for event in _events(ready):
+                if b'"usage"' in event or b'"stats"' in event:
+                    self._read_event(event)
+
+    def _keep(self, chunk: bytes) -> None:
+        self.size += len(chunk)
+        if self.size <= BODY_CAP:
+            self.body.append(chunk)
+            return
+        if self.body:  # over the cap: from now on only the tail is kept
+            self.tail = b"".join(self.body)[-TAIL_KEEP:]
+            self.body = []
+        self.tail = (self.tail + chunk)[-TAIL_KEEP:]
+
+    def _read_event(self, event: bytes) -> None:
+        for line in event.splitlines():
+            if line.startswith(b"data:"):
+                try:
+                    self._merge(json.loads(line[5:]))
+                except ValueError:
+                    continue
+
+    def _merge(self, doc: Any) -> None:
+        found = _reported(doc)
+        if found is None:
+            return
+        prompt, completion, total = found
+        self.found = True
+        if prompt is not None:
+            self.prompt = prompt
+        if completion is not None:
+            self.completion = completion
+        if total is not None:
+            self.total = total
+
+    def usage(self) -> Usage:
+        if not self.sse:
+            self._read_body()
+        if not self.found:
+            if not self.sse:
+                return Usage(None, None, None)
+            completion = max(0, self.deltas)
+            return Usage(None, completion, completion, True)
+        total = self.total
+        if total is None:
+            total = (self.prompt or 0) + (self.completion or 0)
+        return Usage(self.prompt, self.completion, total)
+
+    def _read_body(self) -> None:
+        if self.body:
+            try:
+                self._merge(json.loads(b"".join(self.body)))
+            except (ValueError, RecursionError):
+                pass
+            self.body = []
+        elif self.tail:
+            self._merge(_tail_report(self.tail))
+            self.tail = b""
+
+
+def _last_boundary(data: bytes) -> int:
+    nn, crlf = data.rfind(b"\n\n"), data.rfind(b"\r\n\r\n")
+    return max(nn + 2 if nn != -1 else 0, crlf + 4 if crlf != -1 else 0)
+
+
+def _events(data: bytes) -> list[bytes]:
+    """``data`` (ending on an event boundary) cut into its events, each with its blank line."""
+    out: list[bytes] = []
+    start = 0
+    while start < len(data):
+        nn, crlf = data.find(b"\n\n", start), data.find(b"\r\n\r\n", start)
+        if crlf != -1 and (nn == -1 or crlf < nn):
+            end = crlf + 4
+        elif nn != -1:
+            end = nn + 2
+        else:
+            end = len(data)
+        out.append(data[start:end])
+        start = end
+    return out
+
+
+def _tail_report(tail: bytes) -> dict[str, Any] | None:
+    """The last ``"usage": {...}`` or ``"stats": {...}`` member in the tail of a JSON body, as
+    a document ``_reported`` understands (the body itself is too large to parse whole)."""
+    decoder = json.JSONDecoder()
+    best: tuple[int, str, Any] | None = None
+    for marker, name in ((b'"usage"', "usage"), (b'"stats"', "stats")):
+        at = tail.rfind(marker)
+        while at != -1:
+            colon = tail.find(b":", at + len(marker))
+            try:
+                value, _ = decoder.raw_decode(tail[colon + 1:].decode("utf-8", "replace").lstrip())
+            except ValueError:
+                at = tail.rfind(marker, 0, at)
+                continue
+            if isinstance(value, dict) and (best is None or at > best[0]):
+                best = (at, name, value)
+            break
+    return None if best is None else {best[1]: best[2]}
+
+
+def _reported(doc: Any) -> tuple[int | None, int | None, int | None] | None:
+    """(prompt, completion, total) as the document reports them (None where it does not), or
+    None when it carries no report at all."""
     if not isinstance(doc, dict):
         return None
     u = doc.get("usage")
-    if not isinstance(u, dict) and isinstance(doc.get("response"), dict):
-        u = doc["response"].get("usage")
     if not isinstance(u, dict):
+        for outer in ("response", "message"):  # Responses API; Anthropic's message_start
+            inner = doc.get(outer)
+            if isinstance(inner, dict) and isinstance(inner.get("usage"), dict):
+                u = inner["usage"]
+                break
+    if isinstance(u, dict):
+        prompt = _int(u.get("prompt_tokens", u.get("input_tokens")))
+        completion = _int(u.get("completion_tokens", u.get("output_tokens")))
+        total = _int(u.get("total_tokens"))
+    else:
+        stats = doc.get("stats")
+        if not isinstance(stats, dict) and isinstance(doc.get("result"), dict):
+            stats = doc["result"].get("stats")  # LM Studio's chat.end event
+        if not isinstance(stats, dict):
+            return None
+        prompt = _int(stats.get("input_tokens"))
+        completion = _int(stats.get("total_output_tokens"))
+        total = None
+    if prompt is None and completion is None and total is None:
         return None
-    prompt = _int(u.get("prompt_tokens", u.get("input_tokens")))
-    completion = _int(u.get("completion_tokens", u.get("output_tokens")))
-    total = _int(u.get("total_tokens"))
-    if total is None and (prompt is not None or completion is not None):
+    return prompt, completion, total
+
+
+def read_usage(doc: Any) -> Usage | None:
+    """The usage a chat/completions/embeddings answer or chunk reports, in any of the shapes
+    ``UsageMeter`` knows; None when it reports none."""
+    found = _reported(doc)
+    if found is None:
+        return None
+    prompt, completion, total = found
+    if total is None:
         total = (prompt or 0) + (completion or 0)
     return Usage(prompt, completion, total)
-
-
-def usage_from_json(body: bytes) -> Usage:
-    try:
-        found = read_usage(json.loads(body))
-    except ValueError:
-        found = None
-    return found if found is not None else Usage(None, None, None)
 
 
 class UsageRemover:
