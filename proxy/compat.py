@@ -384,7 +384,7 @@ class LegacyQueue:
         upstream = st.upstream_for(job.ticket)
         rec.upstream = upstream.name
         req = upstream.build("POST", "/v1/chat/completions", b"",
-                             [(b"content-type", b"application/json")], job.body)
+                             [(b"content-type", b"application/json")], job.body, job.id)
         self._drop_body(job)  # handed on: a running job holds no request body
         t_up = time.perf_counter()
         response = await upstream.send(req)

@@ -222,7 +222,8 @@ class GatedRequest:
         field_name, id_key = MERGED_LISTINGS[self.rec.route]
 
         async def one(up: Any) -> list[Any] | None:
-            request = up.build("GET", scope["path"], scope.get("query_string", b""), scope["headers"], b"")
+            request = up.build("GET", scope["path"], scope.get("query_string", b""), scope["headers"], b"",
+                               self.uid)
             try:
                 response = await up.send(request)
             except ProxyError:
@@ -406,7 +407,7 @@ class GatedRequest:
                 await st.prepare(ticket, self._loading)
             upstream = st.upstream_for(ticket)
             request = upstream.build(scope["method"], scope["path"], scope.get("query_string", b""),
-                                     scope["headers"], self.body)
+                                     scope["headers"], self.body, self.uid)
             t_up = time.perf_counter()
             self.forwarded = True
             self.upstream_name = self.rec.upstream = upstream.name

@@ -26,9 +26,15 @@ HOP_BY_HOP = frozenset({
     b"connection", b"keep-alive", b"proxy-authenticate", b"proxy-authorization", b"te",
     b"trailer", b"trailers", b"transfer-encoding", b"upgrade", b"proxy-connection",
 })
-REQUEST_DROP = HOP_BY_HOP | {b"host", b"content-length", b"expect"}
+# The client's X-Request-ID stays with lmgate (some servers refuse an id that is not a UUID):
+# the box gets lmgate's own internal id instead.
+REQUEST_DROP = HOP_BY_HOP | {b"host", b"content-length", b"expect", b"x-request-id"}
 CLIENT_CREDENTIALS = frozenset({b"authorization", b"x-api-key"})
-RESPONSE_DROP = HOP_BY_HOP | {b"server", b"date", b"x-request-id"}  # lmgate sets its own id
+# lmgate sets its own id and queue headers; a box behind it (or another lmgate) must not
+# put a second, different value beside them
+LMGATE_HEADERS = frozenset({b"x-request-id", b"x-upstream", b"x-queue-position", b"x-queue-depth",
+                            b"x-queue-wait-ms", b"x-queue-eta-ms"})
+RESPONSE_DROP = HOP_BY_HOP | {b"server", b"date"} | LMGATE_HEADERS
 PROBE_TIMEOUT_S = 2.0
 URL_CACHE_SIZE = 256
 ERROR_BODY_CAP = 64 * 1024
@@ -103,7 +109,10 @@ class Upstream:
         await self.client.aclose()
 
     def build(self, method: str, path: str, query: bytes, headers: Iterable[tuple[bytes, bytes]],
-              body: bytes) -> httpx.Request:
+              body: bytes, request_id: str | None = None) -> httpx.Request:
+        """The request for the box: the client's headers without hop-by-hop ones, its
+        credentials (when lmgate has keys or the box its own) and its request id; lmgate's
+        internal id (a UUID) as ``X-Request-ID`` when given."""
         out: list[tuple[bytes, bytes]] = []
         for name, value in headers:
             lname = name.lower()
@@ -114,6 +123,8 @@ class Upstream:
             out.append((name, value))
         if self.auth_value is not None:
             out.append((b"authorization", self.auth_value))
+        if request_id is not None:
+            out.append((b"x-request-id", request_id.encode()))
         return httpx.Request(method, self._url(path, query), headers=out, content=body)
 
     def _url(self, path: str, query: bytes) -> httpx.URL:

@@ -74,6 +74,7 @@ class Upstream:
         self.seen: list[Seen] = []
         self.listings: list[Seen] = []
         self.events: list[bytes] = sse_events(5)
+        self.extra_headers: dict[str, str] = {}  # added to every answer
         self._gates: dict[int, asyncio.Event] = {}
         self.arrived = asyncio.Condition()
 
@@ -118,10 +119,11 @@ class Upstream:
         if act == "hold":
             await gate.wait()
         if act in ("ok", "hold"):
-            return httpx.Response(200, json={"object": "chat.completion", "choices": [
-                {"index": 0, "message": {"role": "assistant", "content": "hello"}, "finish_reason": "stop"}],
+            return httpx.Response(200, headers=self.extra_headers, json={
+                "object": "chat.completion", "choices": [
+                    {"index": 0, "message": {"role": "assistant", "content": "hello"}, "finish_reason": "stop"}],
                 "usage": {"prompt_tokens": 3, "completion_tokens": 1, "total_tokens": 4}})
-        return httpx.Response(200, headers=SSE, stream=_Stream(self, seen, gate, act))
+        return httpx.Response(200, headers={**SSE, **self.extra_headers}, stream=_Stream(self, seen, gate, act))
 
 
 class _Stream(httpx.AsyncByteStream):

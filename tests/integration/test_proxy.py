@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import uuid
 
 import httpx
 import pytest
@@ -49,9 +50,37 @@ def test_body_and_headers_pass_through_byte_for_byte() -> None:
             assert seen.headers["host"] == "upstream.test:1234"
             assert "keep-alive" not in seen.headers
             assert seen.headers["authorization"] == "Bearer sk-x"  # open mode: client's own header
-            assert seen.headers["x-request-id"] == "my-id-1"
+            # the client's id stays with lmgate: the box gets lmgate's own id, a UUID (llama.cpp's
+            # server answers 400 with an empty body to any id that is not one)
+            sent = seen.headers.get_list("x-request-id")
+            assert len(sent) == 1 and uuid.UUID(sent[0]).version == 4, sent
             assert resp.headers["x-request-id"] == "my-id-1"
             assert resp.json()["choices"][0]["message"]["content"] == "hello"
+            mine = (await r.client.get("/queue/my-id-1")).json()
+            assert mine["id"] == sent[0]  # the id the box saw is the request's own id on /queue
+    run(body)
+
+
+def test_the_boxs_own_id_and_queue_headers_do_not_pass_beside_lmgates() -> None:
+    """Regression: a box behind lmgate (another lmgate, or a server that sets them) had its
+    X-Upstream / X-Queue-* / X-Request-ID relayed next to lmgate's, so a client saw two
+    different values."""
+    async def body() -> None:
+        async with serve() as r:
+            r.upstream.extra_headers = {"x-upstream": "inner", "x-queue-position": "7",
+                                        "x-queue-depth": "9", "x-queue-wait-ms": "5",
+                                        "x-queue-eta-ms": "1", "x-request-id": "inner-id"}
+            for stream in (False, True):
+                async with r.client.stream("POST", "/v1/chat/completions",
+                                           json=chat_body(stream=stream, act="stream" if stream else "ok"),
+                                           headers={"x-request-id": "outer"}) as resp:
+                    await resp.aread()
+                    assert resp.status_code == 200
+                    assert resp.headers.get_list("x-request-id") == ["outer"]
+                    assert resp.headers.get_list("x-queue-position") == ["0"]
+                    assert resp.headers.get_list("x-queue-depth") == ["0"]
+                    assert resp.headers.get_list("x-upstream") == ["upstream.test:1234"]
+                    assert "x-queue-eta-ms" not in resp.headers
     run(body)
 
 
