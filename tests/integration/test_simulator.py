@@ -188,6 +188,65 @@ def test_tool_call_stream_and_non_stream(oai: openai.OpenAI) -> None:
     assert plain.choices[0].message.content == expected_reply(body)
 
 
+WEATHER_TOOLS = [{"type": "function", "function": {
+    "name": "get_weather", "parameters": {"type": "object",
+                                          "properties": {"location": {"type": "string"}}}}}]
+
+
+def ask(oai: openai.OpenAI, body: dict, *, stream: bool) -> tuple[str | None, list[dict], str]:
+    """One chat completion through the SDK: (content, tool calls, finish_reason); a stream's
+    deltas are put together the way a chat UI does."""
+    if not stream:
+        choice = oai.chat.completions.create(**body).choices[0]
+        calls = [{"id": c.id, "type": "function",
+                  "function": {"name": c.function.name, "arguments": c.function.arguments}}
+                 for c in choice.message.tool_calls or []]
+        return choice.message.content, calls, choice.finish_reason
+    content: list[str] = []
+    calls = []
+    finish = ""
+    for chunk in oai.chat.completions.create(**body, stream=True):
+        delta = chunk.choices[0].delta
+        content.append(delta.content or "")
+        for tc in delta.tool_calls or []:
+            if tc.id:
+                calls.append({"id": tc.id, "type": "function",
+                              "function": {"name": tc.function.name, "arguments": ""}})
+            calls[-1]["function"]["arguments"] += tc.function.arguments or ""
+        finish = chunk.choices[0].finish_reason or finish
+    return ("".join(content) if not calls else None), calls, finish
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
+def test_tool_result_is_answered_with_text(oai: openai.OpenAI, stream: bool) -> None:
+    """Regression: the simulator called a tool on every request that offered tools, even when
+    the last message was the tool's result, so a chat UI with native function calling (Open
+    WebUI's default) called the tool forever and never showed an answer. Now a turn that
+    carries a tool result is answered with text (``finish_reason: stop``) that echoes the
+    result. Reproduce: offer a tool, send its call back with a ``tool`` message, ask again."""
+    body = chat_body(MODEL_A, "Paris, France", tools=WEATHER_TOOLS)
+    content, calls, finish = ask(oai, body, stream=stream)
+    assert (content, finish) == (None, "tool_calls") and len(calls) == 1
+    assert calls[0]["function"] == expected_tool_call(body)
+
+    result = json.dumps({"temperature_c": 21, "sky": "clear"})
+    followup = {**body, "messages": [
+        *body["messages"], {"role": "assistant", "content": None, "tool_calls": calls},
+        {"role": "tool", "tool_call_id": calls[0]["id"], "content": result}]}
+    content, calls, finish = ask(oai, followup, stream=stream)
+    assert (calls, finish) == ([], "stop")
+    assert content == expected_reply(followup)
+    assert content.startswith(f"[{MODEL_A}] {result}")
+
+    # a new question after the answer: the model reaches for the tool again
+    again = {**followup, "messages": [*followup["messages"],
+                                      {"role": "assistant", "content": content},
+                                      {"role": "user", "content": "and Oslo?"}]}
+    content, calls, finish = ask(oai, again, stream=stream)
+    assert (content, finish) == (None, "tool_calls")
+    assert calls[0]["function"] == expected_tool_call(again)
+
+
 def test_embeddings(client: httpx.Client, oai: openai.OpenAI) -> None:
     one = oai.embeddings.create(model=EMBED, input="hello world")
     many = oai.embeddings.create(model=EMBED, input=["hello world", "other text"])
