@@ -138,9 +138,13 @@ class Box:
         return self.slots.get(model, self.parallel)
 
     def lists(self, model: str) -> bool:
-        if self.models and not any(fnmatch.fnmatchcase(model, g) for g in self.models):
+        if not self.lists_glob(model):
             return False
         return self.catalog is None or model in self.catalog
+
+    def lists_glob(self, model: str) -> bool:
+        """Is ``model`` among the models this box may serve (its configured globs)?"""
+        return not self.models or any(fnmatch.fnmatchcase(model, g) for g in self.models)
 
     @property
     def usable(self) -> bool:

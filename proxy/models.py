@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 import httpx
 
 from .config import ModelSpec, Settings, UpstreamSpec
-from .errors import ModelLoadFailed
+from .errors import ModelLoadFailed, NotFound
 
 if TYPE_CHECKING:
     from .gate import Box
@@ -54,6 +54,8 @@ class BoxModels:
         self.mode = UNKNOWN
         self.error: str | None = None
         self.instances: dict[str, list[str]] = {}  # model -> instance ids
+        self.catalog: frozenset[str] = frozenset()  # every model key the listing names
+        self.listed_at: float | None = None  # when the listing was last read (clock)
         self.sizes: dict[str, int] = {}
         self.reported_parallel: dict[str, int] = {}
         self.last_used: dict[str, float] = {}
@@ -134,10 +136,12 @@ class BoxModels:
 
     def _read(self, doc: dict[str, Any]) -> None:
         instances: dict[str, list[str]] = {}
+        catalog: set[str] = set()
         for m in doc["models"]:
             if not isinstance(m, dict) or not isinstance(m.get("key"), str):
                 continue
             key = m["key"]
+            catalog.add(key)
             if isinstance(m.get("size_bytes"), int):
                 self.sizes[key] = m["size_bytes"]
             for inst in m.get("loaded_instances") or []:
@@ -149,7 +153,8 @@ class BoxModels:
                 if isinstance(parallel, int) and not isinstance(parallel, bool) and parallel >= 1:
                     self.reported_parallel[key] = parallel
         self.instances = instances
-        now = self.clock()
+        self.catalog = frozenset(catalog) | frozenset(instances)
+        now = self.listed_at = self.clock()
         self.last_used = {key: self.last_used.get(key, now) for key in instances}
 
     def used(self, model: str) -> None:
@@ -165,6 +170,11 @@ class BoxModels:
     def needs_load(self, model: str) -> bool:
         return self.mode == MANAGED and model not in self.instances
 
+    def lists(self, model: str) -> bool:
+        """Does the box's listing name ``model`` (downloaded or loaded)? Only such a model is
+        ever loaded, and only its load may unload another."""
+        return model in self.catalog or model in self.instances
+
     async def ensure(self, model: str, running: Callable[[], set[str]]) -> float | None:
         """Make sure ``model`` has an instance on the box; the seconds a load took, or None
         if it was there already. Raises ModelLoadFailed (every request waiting for this load
@@ -173,6 +183,9 @@ class BoxModels:
         if model in self.instances:
             self.last_used[model] = self.clock()
             return None
+        if not self.lists(model):  # never unload a model for a load that cannot succeed
+            raise NotFound(f"the model '{model}' is not on {self.upstream.name} (its "
+                           f"{LISTING} does not list it)", param="model", code="model_not_found")
         failed = self.failed.get(model)
         if failed is not None and self.clock() - failed[0] < FAILED_LOAD_HOLD_S:
             raise ModelLoadFailed(failed[1].message)

@@ -12,7 +12,7 @@ import httpx
 import pytest
 
 from proxy.config import ModelSpec, Settings, UpstreamSpec
-from proxy.errors import ModelLoadFailed
+from proxy.errors import ModelLoadFailed, NotFound
 from proxy.gate import Box
 from proxy.models import ERROR, JIT, MANAGED, BoxModels
 from proxy.upstream import Upstream
@@ -214,3 +214,20 @@ def test_junk_model_names_cannot_fill_memory() -> None:
     run(body())
     assert len(m.failed) <= 11  # the last 10 s of failures, one a second
     assert not any(name.startswith("junk-") for name in m.last_used)
+
+
+def test_a_model_the_listing_does_not_name_unloads_nothing() -> None:
+    """Regression: a made-up name made room (unloading the model in use), then its load
+    failed. Only a model the box lists may be loaded, and so evict another."""
+    studio = FakeStudio()
+    studio.loaded["a"] = {"parallel": 1}
+    m = manager(studio)
+
+    async def body() -> None:
+        await m.detect()
+        assert m.lists("b") and not m.lists("made-up")
+        with pytest.raises(NotFound):
+            await m.ensure("made-up", set)
+    run(body())
+    assert studio.loads() == [] and studio.unloads() == []
+    assert m.resident == {"a"}

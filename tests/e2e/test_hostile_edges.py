@@ -1,0 +1,103 @@
+"""The edges a hostile key holder, a newcomer and real chat UIs found (DESIGN.md section 12),
+attacked end to end: real simulator and lmgate processes, real sockets, the real ``openai``
+SDK where a client library is what users run. After every attack: the gate is free, nothing
+unintended reached the box, and memory stayed bounded."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+from tests.e2e.hostile import (
+    KEYS,
+    assert_gate_free,
+    auth,
+    chat,
+    error_of,
+    keys_config,
+    rss,
+    sim_requests,
+    sim_stats,
+)
+from tests.servers import Process, running_stack, start_lmgate, start_simulator
+
+pytestmark = pytest.mark.timeout(90)
+
+MODEL = "qwen2.5-7b-instruct"
+OTHER = "llama-3.2-3b-instruct"
+MODELS = f"{MODEL},{OTHER}"
+
+
+@contextlib.contextmanager
+def managed_stack(tmp: Path, *args: str, sim: tuple[str, ...] = ()) -> Iterator[tuple[Process, Process]]:
+    with running_stack(tmp, "--load-mode", "managed", *args, tokens_per_s=200, load_s=0.1,
+                       extra=["--models", MODELS, "--preload", MODEL, *sim]) as pair:
+        yield pair
+
+
+def loaded(sim: Process) -> list[str]:
+    return sorted(i["model"] for i in sim_stats(sim)["instances"] if i["state"] == "loaded")
+
+
+def model_calls(sim: Process) -> list[str]:
+    """Every load or unload the box was asked for."""
+    return [r["path"] for r in sim_requests(sim) if r["path"].startswith(("/api/v1/models/load",
+                                                                         "/api/v1/models/unload"))]
+
+
+# -- 1: a made-up model name never evicts the model everyone uses ---------------------------
+
+def test_a_made_up_model_name_evicts_nothing_and_gets_404(tmp_path: Path) -> None:
+    """Regression: in managed mode (what ``auto`` picks for LM Studio 0.4), any key could
+    send a name the box does not have; lmgate unloaded the loaded model to make room, then
+    the load failed (502). Now a name the box's catalog does not list is a 404
+    ``model_not_found`` before anything is unloaded or loaded, as often as it is tried."""
+    config = keys_config(tmp_path)
+    with managed_stack(tmp_path, "--config", config) as (sim, gate):
+        assert loaded(sim) == [MODEL]
+        before = rss(gate)
+        with httpx.Client(timeout=10) as c:
+            for i in range(40):
+                for stream in (False, True):
+                    resp = c.post(gate.url + "/v1/chat/completions", headers=auth("bob"),
+                                  json=chat("evict?", model=f"no-such-model-{i}", stream=stream))
+                    assert resp.status_code == 404, resp.text
+                    assert error_of(resp)["code"] == "model_not_found"
+            old_api = c.post(gate.url + "/queue/add", headers=auth("bob"),
+                             json={"client_id": "x", **chat("evict?", model="no-such-model")})
+            assert old_api.status_code == 404 and error_of(old_api)["code"] == "model_not_found"
+        assert model_calls(sim) == []
+        assert loaded(sim) == [MODEL]
+        assert_gate_free(gate, "bob")
+        assert rss(gate) - before < 20 * 1024 * 1024
+        # a model the box does list still loads when its turn comes
+        with openai.OpenAI(base_url=gate.url + "/v1", api_key=KEYS["bob"],
+                           max_retries=0, timeout=30) as client:
+            reply = client.chat.completions.create(**chat("swap", model=OTHER, max_tokens=3))
+        assert reply.choices[0].message.content
+        assert loaded(sim) == [OTHER]
+
+
+def test_with_several_boxes_a_made_up_name_touches_no_box(tmp_path: Path) -> None:
+    sims = [start_simulator(tmp_path, tokens_per_s=200, load_s=0.1,
+                            extra=["--models", MODELS, "--preload", MODEL]) for _ in range(2)]
+    try:
+        gate = start_lmgate(tmp_path, sims[0].url, "--upstream", sims[1].url, "--load-mode", "managed")
+        try:
+            with httpx.Client(timeout=10) as c:
+                for i in range(10):
+                    resp = c.post(gate.url + "/v1/chat/completions", json=chat(model=f"junk-{i}"))
+                    assert resp.status_code == 404 and error_of(resp)["code"] == "model_not_found"
+            for sim in sims:
+                assert model_calls(sim) == [] and loaded(sim) == [MODEL]
+            assert_gate_free(gate)
+        finally:
+            gate.stop()
+    finally:
+        for sim in sims:
+            sim.stop()
