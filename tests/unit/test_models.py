@@ -25,6 +25,7 @@ class FakeStudio:
 
     def __init__(self, *, v1: bool = True, status: int = 200, fail: set[str] | None = None) -> None:
         self.v1, self.status, self.fail = v1, status, fail or set()
+        self.sizes = dict(SIZES)  # what the listing names (downloaded models)
         self.loaded: dict[str, dict[str, Any]] = {}
         self.calls: list[tuple[str, dict[str, Any] | None]] = []
         self.release = asyncio.Event()
@@ -42,7 +43,7 @@ class FakeStudio:
             return httpx.Response(200, json={"models": [
                 {"type": "llm", "key": k, "size_bytes": size,
                  "loaded_instances": [{"id": k, "config": self.loaded[k]}] if k in self.loaded else []}
-                for k, size in SIZES.items()]})
+                for k, size in self.sizes.items()]})
         if path == "/api/v1/models/load":
             await self.release.wait()
             assert body is not None
@@ -201,6 +202,7 @@ def test_junk_model_names_cannot_fill_memory() -> None:
     """Any name a client sends may fail to load: what is remembered about failures is only
     what is still held back, and nothing is kept for models that are not loaded."""
     studio = FakeStudio(fail={f"junk-{i}" for i in range(300)})
+    studio.sizes.update({f"junk-{i}": 1 for i in range(300)})  # listed, and every load fails
     m = manager(studio)
     clock = [0.0]
     m.clock = lambda: clock[0]
