@@ -29,6 +29,10 @@ class Principal:
         return self.key is not None and self.key.admin
 
     @property
+    def reads_metrics(self) -> bool:
+        return self.key is not None and (self.key.admin or self.key.scraper)
+
+    @property
     def label(self) -> str:
         return self.key.name if self.key else self.identity
 
@@ -64,6 +68,9 @@ class Auth:
 
     def check_model(self, who: Principal, model: str) -> None:
         key = who.key
+        if key is not None and key.scraper:
+            raise Forbidden(f"key '{key.name}' has role 'metrics': it reads /metrics and sends no "
+                            "requests to a model", code="metrics_only")
         if key is None or not key.models:
             return
         if not any(fnmatch.fnmatchcase(model, pattern) for pattern in key.models):

@@ -26,6 +26,7 @@ else:  # pragma: no cover
 
 MIB = 1024 * 1024
 FEEDBACK_MODES = ("comments", "reasoning")
+ROLES = ("user", "admin", "metrics")
 UTF8_BOM = b"\xef\xbb\xbf"
 
 
@@ -141,6 +142,11 @@ class ApiKey:
     @property
     def admin(self) -> bool:
         return self.role == "admin"
+
+    @property
+    def scraper(self) -> bool:
+        """A key for a metrics scraper: reads /metrics, sends no requests to a model."""
+        return self.role == "metrics"
 
     @property
     def has_quota(self) -> bool:
@@ -334,8 +340,9 @@ def _parse_keys(raw: Any) -> tuple[ApiKey, ...]:
         limits = {lim: _positive_int(entry, where, lim)
                   for lim in ("max_queued", "rpm", "max_tokens", "tokens_per_day", "tokens_per_month")}
         role = entry.get("role", "user")
-        if role not in ("user", "admin"):
-            raise ConfigError(f"{where}.role", "must be 'user' or 'admin'")
+        if role not in ROLES:
+            raise ConfigError(f"{where}.role", "must be 'user', 'admin' or 'metrics' (reads /metrics "
+                              "only, for a Prometheus scraper)")
         clamp = entry.get("clamp_max_tokens", False)
         if not isinstance(clamp, bool):
             raise ConfigError(f"{where}.clamp_max_tokens", "must be true or false")
@@ -573,7 +580,7 @@ def validate(settings: Settings) -> None:
 # -- checks that need more than one value, or knowledge of lmgate's own documentation --------
 # Secrets printed in README.md and deploy/lmgate.example.toml: everyone has read them, so a
 # key that uses one is no key at all (tests/unit/test_cli_polish.py keeps this list complete).
-EXAMPLE_SECRETS = ("sk-alice-change-me", "sk-ops-change-me-too")
+EXAMPLE_SECRETS = ("sk-alice-change-me", "sk-ops-change-me-too", "sk-metrics-change-me")
 _EXAMPLE_DIGESTS = {hashlib.sha256(s.encode()).hexdigest(): s for s in EXAMPLE_SECRETS}
 
 

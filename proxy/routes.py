@@ -232,7 +232,11 @@ async def readyz(request: Request) -> Response:
 
 
 async def metrics(request: Request) -> Response:
+    """Prometheus exposition. It names every key and its token counts, so with keys it needs
+    an admin key or a key with ``role = "metrics"``; with open access it stays open."""
     state: AppState = request.app.state.lmgate
+    if not state.auth.open and not caller(state, request).reads_metrics:
+        raise Unauthorized("reading /metrics needs an admin key or a key with role = \"metrics\"")
     return Response(generate_latest(state.registry), media_type=CONTENT_TYPE_LATEST)
 
 

@@ -520,7 +520,7 @@ def test_refused_models_do_not_claim_metric_labels(tmp_path: Path) -> None:
                 resp = c.post(gate.url + "/v1/chat/completions", headers=auth("narrow"),
                               json=chat("real", max_tokens=1))
                 assert resp.status_code == 200, resp.text
-            text = c.get(gate.url + "/metrics").text
+            text = c.get(gate.url + "/metrics", headers=auth("ops")).text
         lines = [line for line in text.splitlines() if line.startswith("lmgate_requests_total{")]
         assert any(f'model="{MODEL}"' in line and 'outcome="ok"' in line for line in lines), lines
         assert "junk-model" not in text

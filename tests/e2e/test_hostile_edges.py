@@ -15,6 +15,7 @@ import pytest
 
 from tests.e2e.hostile import (
     KEYS,
+    KEYS_TOML,
     assert_gate_free,
     auth,
     chat,
@@ -101,3 +102,41 @@ def test_with_several_boxes_a_made_up_name_touches_no_box(tmp_path: Path) -> Non
     finally:
         for sim in sims:
             sim.stop()
+
+
+# -- 4: metrics name every key and its token count: not to anyone ---------------------------
+
+METRICS_KEY = "sk-metrics-test-0007"
+
+
+def test_metrics_need_an_admin_or_a_metrics_key(tmp_path: Path) -> None:
+    """Regression: ``/metrics`` listed every key's name and token count to anyone who could
+    reach lmgate. With keys, it needs an admin key or a key with ``role = "metrics"``; such a
+    key reads metrics and nothing else."""
+    config = tmp_path / "keys.toml"
+    config.write_text(KEYS_TOML + f'\n[[keys]]\nname = "scraper"\nkey = "{METRICS_KEY}"\nrole = "metrics"\n')
+    with running_stack(tmp_path, "--config", str(config), tokens_per_s=0, load_s=0) as (sim, gate):
+        with httpx.Client(timeout=10) as c:
+            assert c.post(gate.url + "/v1/chat/completions", headers=auth("bob"),
+                          json=chat("count me", max_tokens=2)).status_code == 200
+            scraper = {"authorization": f"Bearer {METRICS_KEY}"}
+            for headers in ({}, auth("bob"), {"authorization": "Bearer sk-wrong-key-000"}):
+                resp = c.get(gate.url + "/metrics", headers=headers)
+                assert resp.status_code == 401, resp.text
+                assert error_of(resp)["type"] == "authentication_error"
+                assert "lmgate_" not in resp.text and "bob" not in resp.text
+            for headers in (scraper, auth("ops")):
+                resp = c.get(gate.url + "/metrics", headers=headers)
+                assert resp.status_code == 200
+                assert 'lmgate_tokens_total{key="bob"}' in resp.text
+            seen = len(sim_requests(sim))
+            for path in ("/v1/chat/completions", "/queue/add"):
+                resp = c.post(gate.url + path, headers=scraper, json={"client_id": "x", **chat("no")})
+                assert resp.status_code == 403 and error_of(resp)["code"] == "metrics_only"
+            assert len(sim_requests(sim)) == seen
+        assert_gate_free(gate, "bob")
+
+
+def test_without_keys_metrics_stay_open(tmp_path: Path) -> None:
+    with running_stack(tmp_path, tokens_per_s=0, load_s=0) as (_, gate):
+        assert httpx.get(gate.url + "/metrics", timeout=5).status_code == 200

@@ -206,8 +206,9 @@ def generations(sim: Process, tag: str) -> list[dict[str, Any]]:
 
 
 def metric(gate: Process, sample: str, **labels: str) -> float | None:
-    text = httpx.get(gate.url + "/metrics", timeout=5).text
-    for family in text_string_to_metric_families(text):
+    resp = httpx.get(gate.url + "/metrics", headers=bearer("admin"), timeout=5)
+    assert resp.status_code == 200, resp.text
+    for family in text_string_to_metric_families(resp.text):
         for s in family.samples:
             if s.name == sample and all(s.labels.get(k) == v for k, v in labels.items()):
                 return float(s.value)

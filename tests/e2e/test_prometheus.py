@@ -27,6 +27,8 @@ from tests.dashboard_exprs import dashboard_exprs
 from tests.servers import Process, free_port, require_program, start_lmgate, start_simulator
 
 MODEL_A, MODEL_B, EMBED = DEFAULT_MODELS
+USER_KEY = "sk-team-prom-0001"
+METRICS_KEY = "sk-scraper-prom-0002"  # lmgate's /metrics needs it once keys are configured
 MIN_SCRAPES = 2  # scrapes (1 s apart) that must see the traffic before its last wave
 TRAFFIC_MAX_S = 20.0
 CORE_METRICS = ("lmgate_queue_depth", "lmgate_queue_wait_seconds", "lmgate_time_to_first_token_seconds",
@@ -46,7 +48,8 @@ class Prometheus:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         config = tmp / "prometheus.yml"
-        config.write_text(
+        (tmp / "lmgate-metrics.key").write_text(METRICS_KEY + "\n", encoding="utf-8")
+        config.write_text(  # the scrape is authorised as deploy/prometheus/prometheus.yml does it
             "global:\n"
             "  scrape_interval: 1s\n"
             "  scrape_timeout: 1s\n"
@@ -54,6 +57,9 @@ class Prometheus:
             "scrape_configs:\n"
             "  - job_name: lmgate\n"
             "    metrics_path: /metrics\n"
+            "    authorization:\n"
+            "      type: Bearer\n"
+            "      credentials_file: lmgate-metrics.key\n"
             "    static_configs:\n"
             f"      - targets: ['{scrape_target}']\n",
             encoding="utf-8")
@@ -121,7 +127,10 @@ def stack(tmp_path: Path) -> Iterator[tuple[Process, Process, Prometheus]]:
     try:
         sim = start_simulator(tmp_path, tokens_per_s=200.0, load_s=0.05)
         started.append(sim)
-        lmgate = start_lmgate(tmp_path, sim.url)
+        keys = tmp_path / "keys.toml"
+        keys.write_text(f'[[keys]]\nname = "team"\nkey = "{USER_KEY}"\n'
+                        f'[[keys]]\nname = "prometheus"\nkey = "{METRICS_KEY}"\nrole = "metrics"\n')
+        lmgate = start_lmgate(tmp_path, sim.url, "--config", str(keys))
         started.append(lmgate)
         prom = Prometheus(binary, tmp_path, f"127.0.0.1:{lmgate.port}")
         started.append(prom)
@@ -153,10 +162,12 @@ def one_wave(client: openai.OpenAI, base_url: str, wave: int) -> None:
         assert len(resp.data) == 1 and resp.data[0].embedding
 
     def bad() -> None:
+        key = {"authorization": f"Bearer {USER_KEY}"}
         r = httpx.post(base_url + "/v1/chat/completions", content=b"{oops",
-                       headers={"content-type": "application/json"}, trust_env=False)
+                       headers={"content-type": "application/json", **key}, trust_env=False)
         assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_json"
-        r = httpx.post(base_url + "/v1/chat/completions", json={"messages": []}, trust_env=False)
+        r = httpx.post(base_url + "/v1/chat/completions", json={"messages": []}, headers=key,
+                       trust_env=False)
         assert r.status_code == 400 and r.json()["error"]["code"] == "missing_model"
 
     jobs: list[Callable[[], None]] = []
@@ -172,7 +183,9 @@ def one_wave(client: openai.OpenAI, base_url: str, wave: int) -> None:
 def lmgate_metric(url: str, name: str) -> float:
     """The sum of one metric's samples, read straight from lmgate's /metrics."""
     total = 0.0
-    for line in httpx.get(url + "/metrics", trust_env=False).text.splitlines():
+    resp = httpx.get(url + "/metrics", headers={"authorization": f"Bearer {METRICS_KEY}"}, trust_env=False)
+    assert resp.status_code == 200, resp.text
+    for line in resp.text.splitlines():
         if line.startswith(name + "{") or line.startswith(name + " "):
             total += float(line.rsplit(" ", 1)[1])
     return total
@@ -185,7 +198,7 @@ def test_dashboard_exprs_against_real_prometheus(stack):
     # it is ready (its discovery manager batches target updates), so the waves overlap that
     # wait and go on until several scrapes saw the traffic moving, plus one more wave: every
     # rate(...[1m]) window then holds 2+ samples with increases between them.
-    client = openai.OpenAI(base_url=lmgate.url + "/v1", api_key="x", max_retries=0, timeout=30)
+    client = openai.OpenAI(base_url=lmgate.url + "/v1", api_key=USER_KEY, max_retries=0, timeout=30)
     started = time.monotonic()
     saw_queue = threading.Event()
     stop_watch = threading.Event()

@@ -218,6 +218,14 @@ def test_prometheus_config_scrapes_lmgate():
     job = jobs[0]
     assert job.get("scrape_interval") == "5s"
     assert job.get("metrics_path", "/metrics") == "/metrics"
+    # with [[keys]], /metrics needs a key: the scrape carries one, from a file beside the config
+    assert job["authorization"] == {"type": "Bearer", "credentials_file": "lmgate-metrics.key"}
+    assert (PROM_CONFIG.parent / "lmgate-metrics.key").read_text().strip()
+
+
+def test_compose_gives_prometheus_its_metrics_key(compose):
+    mounts = [v.split(":") for v in compose["services"]["prometheus"]["volumes"]]
+    assert ["./prometheus/lmgate-metrics.key", "/etc/prometheus/lmgate-metrics.key", "ro"] in mounts
 
 
 def test_promtool_check_config():

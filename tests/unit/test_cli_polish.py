@@ -72,8 +72,12 @@ def published_secrets() -> set[str]:
     """Every client secret printed in the README or the deploy files."""
     found: set[str] = set()
     for path in [ROOT / "README.md", *sorted((ROOT / "deploy").rglob("*.toml")),
-                 *sorted((ROOT / "deploy").rglob("*.md")), *sorted((ROOT / "examples").rglob("*.md"))]:
+                 *sorted((ROOT / "deploy").rglob("*.md")), *sorted((ROOT / "examples").rglob("*.md")),
+                 *sorted((ROOT / "deploy").rglob("*.key"))]:
         text = path.read_text(encoding="utf-8")
+        if path.suffix == ".key":  # a scraper's bearer key file: the secret alone
+            found.add(text.strip())
+            continue
         found.update(re.findall(r'(?<![\w])key\s*=\s*"([^"<]+)"', text))
         found.update(re.findall(r'api_key="(sk-[^"]+)"', text))
     return found
