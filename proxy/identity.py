@@ -14,6 +14,7 @@ from collections.abc import Iterable, Mapping
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 MAX_HOPS = 32
+LOOPBACK = ("127.0.0.1", "::1")
 
 
 def parse_networks(values: Iterable[str]) -> tuple[Network, ...]:
@@ -33,6 +34,15 @@ class Identities:
 
     def __init__(self, trusted: Iterable[str]) -> None:
         self.trusted = parse_networks(trusted)
+
+    def direct_local(self, peer: str, headers: Mapping[bytes, bytes]) -> bool:
+        """Is the caller a program on this machine talking to lmgate directly? Not when the
+        peer is a trusted proxy, nor when the request carries forwarded-for headers (a
+        reverse proxy on this machine, declared or not, forwards other people's requests)."""
+        if peer not in LOOPBACK or self._is_trusted(peer):
+            return False
+        return not (headers.get(b"x-forwarded-for") or headers.get(b"forwarded")
+                    or headers.get(b"x-real-ip"))
 
     def _is_trusted(self, address: str) -> bool:
         try:

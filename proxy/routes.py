@@ -28,7 +28,6 @@ if TYPE_CHECKING:
     from .state import AppState
 
 DEFAULT_LIST_LIMIT = 500
-LOOPBACK = ("127.0.0.1", "::1")
 log = logging.getLogger("lmgate")
 
 
@@ -182,8 +181,9 @@ async def admin_reload(request: Request) -> Response:
     for admins; with open access, only from this machine."""
     state: AppState = request.app.state.lmgate
     if state.auth.open:
-        if client_address(request.scope) not in LOOPBACK:
-            raise Forbidden("without keys, reloading is allowed only from this machine",
+        if not state.identities.direct_local(client_address(request.scope), header_map(request.scope)):
+            raise Forbidden("without keys, reloading is allowed only from a program on this machine "
+                            "talking to lmgate directly (not through a reverse proxy)",
                             code="admin_only")
     else:
         who = caller(state, request)

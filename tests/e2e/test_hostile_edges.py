@@ -140,3 +140,29 @@ def test_metrics_need_an_admin_or_a_metrics_key(tmp_path: Path) -> None:
 def test_without_keys_metrics_stay_open(tmp_path: Path) -> None:
     with running_stack(tmp_path, tokens_per_s=0, load_s=0) as (_, gate):
         assert httpx.get(gate.url + "/metrics", timeout=5).status_code == 200
+
+
+# -- 5: admin routes behind the README's own reverse proxy ----------------------------------
+
+def test_reload_without_keys_is_refused_through_a_reverse_proxy(tmp_path: Path) -> None:
+    """Regression: without keys, ``POST /admin/reload`` trusted the socket peer 127.0.0.1,
+    which is the reverse proxy the README puts in front of lmgate: every remote client could
+    reload. Admin routes need a key, or a direct local peer that is not a trusted proxy."""
+    config = tmp_path / "open.toml"
+    config.write_text("max_queue = 50\n")
+    with running_stack(tmp_path, "--config", str(config), "--trusted-proxies", "127.0.0.1",
+                       tokens_per_s=0, load_s=0) as (_, proxied):
+        with httpx.Client(timeout=10) as c:
+            resp = c.post(proxied.url + "/admin/reload", headers={"x-forwarded-for": "203.0.113.9"})
+            assert resp.status_code == 403 and error_of(resp)["code"] == "admin_only"
+            resp = c.post(proxied.url + "/admin/reload")  # the trusted proxy itself, no header
+            assert resp.status_code == 403
+    with running_stack(tmp_path, "--config", str(config), tokens_per_s=0, load_s=0) as (_, direct):
+        with httpx.Client(timeout=10) as c:
+            for header in ("x-forwarded-for", "forwarded", "x-real-ip"):
+                value = "for=203.0.113.9" if header == "forwarded" else "203.0.113.9"
+                resp = c.post(direct.url + "/admin/reload", headers={header: value})
+                assert resp.status_code == 403, (header, resp.text)
+            resp = c.post(direct.url + "/admin/reload")  # a program on this machine, directly
+            assert resp.status_code == 200 and resp.json()["reloaded"] is True
+        assert_gate_free(direct)
