@@ -41,6 +41,7 @@ log = logging.getLogger("lmgate")
 DB_NAME = "lmgate.sqlite3"
 SCHEMA_VERSION = 1
 KEEP_DAYS = 400  # older periods are deleted at start; a year's months stay for reference
+MEMORY_DAYS = 40  # periods kept in memory behind the latest day seen (clock steps, month)
 BUSY_TIMEOUT_S = 5.0  # how long a statement waits for a lock held by someone else
 
 _DAY_S = 86400  # Unix time has no leap seconds: every UTC day is exactly this long
@@ -136,9 +137,10 @@ class QuotaStore:
         everything in memory only (no persistence)."""
         self.path = path
         self.clock = clock
-        # period name -> key -> tokens; only the current day and month (see _current)
+        # period name -> key -> tokens, for the periods of the last MEMORY_DAYS (see _current)
         self._counts: dict[str, dict[str, int]] = {}
         self._day_index: int | None = None
+        self._latest_day: int | None = None
         self._names = ("", "")
         # shared with the writer thread, under _lock: increments not yet handed to SQLite
         self._lock = threading.Lock()
@@ -164,15 +166,15 @@ class QuotaStore:
             return
         self._started = True  # once, even if it fails: a second _open would close the first's file
         now = self.clock()
-        periods = self._current(now)
+        self._current(now)
+        window = _periods(now - MEMORY_DAYS * _DAY_S)
         cutoff = _periods(now - KEEP_DAYS * _DAY_S)
         loop = asyncio.get_running_loop()
-        rows = await loop.run_in_executor(self._executor, self._open, periods, cutoff)
+        rows = await loop.run_in_executor(self._executor, self._open, window, cutoff)
         for key, period, tokens in rows:
             # added to what is already counted: increments made before start are not in the file
-            counts = self._counts.get(period)
-            if counts is not None:
-                counts[key] = counts.get(key, 0) + tokens
+            counts = self._counts.setdefault(period, {})
+            counts[key] = counts.get(key, 0) + tokens
 
     def add(self, key: str, tokens: int) -> None:
         """Count ``tokens`` for ``key`` now. Memory is updated at once; the write is queued to
@@ -252,17 +254,26 @@ class QuotaStore:
         return self._counts[day].get(key, 0), self._counts[month].get(key, 0)
 
     def _current(self, now: float) -> tuple[str, str]:
-        """The period names at ``now``; at a new day the counters of periods that ended are
-        dropped (they are in the file), so a day or a month rolls over without a restart."""
+        """The period names at ``now``. A day or a month rolls over without a restart. The
+        counters of the last ``MEMORY_DAYS`` stay in memory, counted from the latest day seen,
+        so a clock stepped forward past midnight and back again finds its day's usage; older
+        ones are dropped (they are in the file)."""
         index = math.floor(now / _DAY_S)
         if index != self._day_index:
             self._day_index = index
             self._names = _periods(now)
-            self._counts = {name: self._counts.get(name, {}) for name in self._names}
+            for name in self._names:
+                self._counts.setdefault(name, {})
+            if self._latest_day is None or index > self._latest_day:
+                self._latest_day = index
+                day, month = _periods((index - MEMORY_DAYS) * _DAY_S)
+                for name in [n for n in self._counts if n < (day if n.startswith("d:") else month)]:
+                    if name not in self._names:
+                        del self._counts[name]
         return self._names
 
     # -- the writer thread -----------------------------------------------------------------
-    def _open(self, periods: tuple[str, str], cutoff: tuple[str, str]) -> list[tuple[str, str, int]]:
+    def _open(self, window: tuple[str, str], cutoff: tuple[str, str]) -> list[tuple[str, str, int]]:
         assert self.path is not None
         path = self.path
         try:
@@ -282,8 +293,9 @@ class QuotaStore:
             db.execute(_CREATE)
             db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
             db.execute(_PRUNE, cutoff)
-            rows = db.execute("SELECT key, period, tokens FROM usage WHERE period IN (?, ?)",
-                              periods).fetchall()
+            rows = db.execute("SELECT key, period, tokens FROM usage WHERE (period >= 'd:' AND "
+                              "period < 'd;' AND period >= ?) OR (period >= 'm:' AND period >= ?)",
+                              window).fetchall()
             db.execute("COMMIT")
         except QuotaStoreError:
             self._close()

@@ -176,6 +176,42 @@ def test_days_roll_over_at_utc_midnight_and_months_at_the_month_start() -> None:
     assert store.used("alice") == (5, 35)
 
 
+def test_a_clock_stepped_past_midnight_and_back_keeps_the_days_usage(tmp_path: Path) -> None:
+    """Regression: stepping the clock forward past midnight dropped the day's counters from
+    memory (they were "in the file"); stepping it back found the day empty, and a key over
+    its daily quota could use it again. Memory now keeps recent periods, and a restart
+    reads them back from the file."""
+    path = tmp_path / DB_NAME
+    clock = Clock(ts("2026-11-22T23:00:00"))
+
+    async def body() -> None:
+        store = await opened(path, clock)
+        store.add("alice", 100)
+        clock.now = ts("2026-11-23T00:30:00")  # NTP steps the clock forward...
+        assert store.used("alice") == (0, 100)
+        store.add("alice", 5)
+        clock.now = ts("2026-11-22T23:10:00")  # ...and back
+        assert store.used("alice") == (100, 105)
+        assert store.refusal("alice", 100, None) is not None
+        await store.aclose()
+        again = await opened(path, clock)  # the same, after a restart at the stepped-back time
+        assert again.used("alice") == (100, 105)
+        clock.now = ts("2026-11-23T00:40:00")
+        assert again.used("alice") == (5, 105)
+        await again.aclose()
+
+    run(body())
+
+
+def test_memory_keeps_only_recent_periods() -> None:
+    clock = Clock(ts("2026-01-01T12:00:00"))
+    store = QuotaStore(None, clock=clock)
+    for day in range(120):
+        clock.now += DAY
+        store.add("alice", 1)
+    assert len(store._counts) <= 41 + 3  # the last 40 days and the months they touch
+
+
 def test_report_shape() -> None:
     store = QuotaStore(None, clock=Clock())
     store.add("alice", 1200)
