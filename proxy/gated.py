@@ -133,6 +133,7 @@ class GatedRequest:
         self.reasoning = False  # tell the waiting line as reasoning_content chunks
         self.drop_usage = False  # lmgate asked for the usage chunk; the client did not
         self.quota_key: ApiKey | None = None  # its key has a token quota
+        self.told_loading = False  # the stream was told its model is being loaded
         self.eta_ms: int | None = None  # estimated wait, taken once at arrival
         self.upstream_name = ""  # the box it was sent to
         self.id_header = [(b"x-request-id", self.rid.encode())]
@@ -363,7 +364,6 @@ class GatedRequest:
         await self._write(opening)
         deadline = self._deadline(ticket)
         last_write = time.monotonic()
-        told_loading = False
         while not ticket.waiter.done():
             now = time.monotonic()
             if now >= deadline:
@@ -381,19 +381,33 @@ class GatedRequest:
                     update += self._waiting_chunk(pos, self.state.eta.eta_ms(gate, ticket, pos))
                 await self._write(update)
                 last_write = now
-            elif not told_loading and self.state.model_loading(ticket.model):
-                told_loading = True
-                await self._write(sse.comment(f"model_loading={ticket.model}"))
+            elif not self.told_loading and self.state.model_loading(ticket.model):
+                await self._write(self._loading_note(ticket.model))
                 last_write = now
             elif now - last_write >= sse.KEEPALIVE_S:
                 await self._write(sse.keepalive())
                 last_write = now
         self._check_turn(ticket)
 
-    async def _loading(self, model: str) -> None:
-        """Its model is about to be loaded: a stream that already answered says so."""
-        if self.ex.headers_sent and not self.ex.finished:
-            await self._write(sse.comment(f"model_loading={model}"))
+    async def _loading(self, ticket: Ticket) -> None:
+        """Its model is about to be loaded (tens of seconds with real LM Studio): a stream
+        says so at once, before the load starts. One that has not answered yet (it did not
+        wait) gets its headers now, as a waiting stream does; a plain request can only wait."""
+        if self.ex.finished or not self.stream or self.told_loading:
+            return
+        opening = b""
+        if not self.ex.headers_sent:
+            await self._start(200, sse.SSE_HEADERS + self._queue_headers(ticket)
+                              + [(b"x-upstream", (ticket.box or "").encode())])
+            opening = sse.queue_entered(0)
+        await self._write(opening + self._loading_note(ticket.model))
+
+    def _loading_note(self, model: str) -> bytes:
+        self.told_loading = True
+        note = sse.comment(f"model_loading={model}")
+        if self.reasoning:
+            note += sse.reasoning_chunk("lmgate-queue-" + self.uid, self.rec.model, f"Loading {model}…\n")
+        return note
 
     def _waiting_chunk(self, position: int, eta_ms: int | None) -> bytes:
         return sse.reasoning_chunk("lmgate-queue-" + self.uid, self.rec.model,
@@ -404,7 +418,7 @@ class GatedRequest:
         st, scope = self.state, self.scope
         for _ in range(len(st.upstreams) + 1):
             if ticket is not None:
-                await st.prepare(ticket, self._loading)
+                await st.prepare(ticket, lambda _model: self._loading(ticket))
             upstream = st.upstream_for(ticket)
             request = upstream.build(scope["method"], scope["path"], scope.get("query_string", b""),
                                      scope["headers"], self.body, self.uid)

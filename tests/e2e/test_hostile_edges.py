@@ -166,3 +166,38 @@ def test_reload_without_keys_is_refused_through_a_reverse_proxy(tmp_path: Path) 
             resp = c.post(direct.url + "/admin/reload")  # a program on this machine, directly
             assert resp.status_code == 200 and resp.json()["reloaded"] is True
         assert_gate_free(direct)
+
+
+# -- 9: a load is never silent ---------------------------------------------------------------
+
+@pytest.mark.parametrize("feedback", ["comments", "reasoning"])
+def test_a_stream_whose_model_must_load_gets_its_headers_before_the_load(tmp_path: Path,
+                                                                        feedback: str) -> None:
+    """Regression: a stream that did not wait, but whose model had to be loaded first, got
+    nothing (not even headers) until the load ended, tens of seconds with real LM Studio;
+    clients timed out. Headers and ``: model_loading=`` (with reasoning feedback also a
+    ``Loading <model>…`` chunk) go out before the load starts."""
+    from tests.e2e.hostile import sse_data, stream_open, stream_text
+
+    with running_stack(tmp_path, "--load-mode", "managed", "--feedback", feedback,
+                       tokens_per_s=200, load_s=4,
+                       extra=["--models", MODELS, "--preload", MODEL]) as (sim, gate):
+        conn = stream_open(gate, chat("load me", model=OTHER, max_tokens=4))
+        try:
+            assert conn.status == 200 and conn.headers["x-queue-position"] == "0"
+            assert conn.read_until(lambda b: b"model_loading=" in b and (
+                feedback == "comments" or b"Loading " in b), timeout=20)
+            assert OTHER not in loaded(sim)  # the load has not ended: the client already knows
+            assert conn.read_all(timeout=30)
+        finally:
+            conn.close()
+        text = conn.body.decode()
+        assert text.startswith(f": queue_entered=0\n\n: model_loading={OTHER}\n\n"), text[:200]
+        assert text.index(": queue_position=0") > text.index("model_loading")
+        events = [e for e in sse_data(conn.lines()) if isinstance(e, dict)]
+        reasoning = [e for e in events
+                     if e["choices"][0]["delta"].get("reasoning_content", "").startswith("Loading ")]
+        assert len(reasoning) == (1 if feedback == "reasoning" else 0)
+        assert stream_text(conn).startswith(f"[{OTHER}] load me")
+        assert loaded(sim) == [OTHER]
+        assert_gate_free(gate)
