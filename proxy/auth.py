@@ -66,14 +66,22 @@ class Auth:
         """The configured key called ``name`` now (a reload may have changed or dropped it)."""
         return next((k for k in self.keys if k.name == name), None) if name else None
 
+    def allowed_models(self, who: Principal) -> tuple[str, ...] | None:
+        """The globs of the models ``who`` may use; None: any model."""
+        key = who.key
+        return key.models if key is not None and key.models else None
+
+    def may_use(self, who: Principal, model: str) -> bool:
+        globs = self.allowed_models(who)
+        return globs is None or any(fnmatch.fnmatchcase(model, pattern) for pattern in globs)
+
     def check_model(self, who: Principal, model: str) -> None:
         key = who.key
         if key is not None and key.scraper:
             raise Forbidden(f"key '{key.name}' has role 'metrics': it reads /metrics and sends no "
                             "requests to a model", code="metrics_only")
-        if key is None or not key.models:
-            return
-        if not any(fnmatch.fnmatchcase(model, pattern) for pattern in key.models):
+        if not self.may_use(who, model):
+            assert key is not None
             raise Forbidden(f"key '{key.name}' may not use model '{model}'", param="model",
                             code="model_not_allowed")
 

@@ -21,6 +21,7 @@ import json
 import logging
 import time
 from typing import TYPE_CHECKING, Any
+from urllib.parse import unquote
 
 import httpx
 
@@ -29,6 +30,7 @@ from .config import FEEDBACK_MODES
 from .errors import (
     BadRequest,
     Forbidden,
+    NotFound,
     ProxyError,
     QueueFullError,
     QueueTimeout,
@@ -76,6 +78,7 @@ STARTED_AT_ONCE = sse.queue_entered(0) + sse.queue_position(0)
 # Model listings answered with every box's models when there are several boxes.
 MERGED_LISTINGS = {"/v1/models": ("data", "id"), "/api/v0/models": ("data", "id"),
                    "/api/v1/models": ("models", "key")}
+MODEL_DETAIL_ROUTES = frozenset({"/v1/models/{id}", "/api/v0/models/{id}"})
 # Streams that may carry lmgate's waiting line as reasoning_content (chat UIs show it).
 FEEDBACK_ROUTES = frozenset({"/v1/chat/completions", "/api/v0/chat/completions"})
 
@@ -198,8 +201,15 @@ class GatedRequest:
                 await send_error(self.send, err, self.id_header)
                 return
             watcher = asyncio.create_task(watch_disconnect(self.receive, self.ex))
-            if self.scope["method"] == "GET" and self.rec.route in MERGED_LISTINGS and st.several:
-                await self._merged_listing()
+            allowed = None if who.admin else st.auth.allowed_models(who)
+            if self.rec.route in MODEL_DETAIL_ROUTES and allowed is not None:
+                model = unquote(self.scope["path"].rsplit("/", 1)[-1])
+                if not st.auth.may_use(who, model):
+                    raise NotFound(f"The model '{model}' does not exist or this key may not use it",
+                                   param="model", code="model_not_found")
+            if self.scope["method"] == "GET" and self.rec.route in MERGED_LISTINGS and (
+                    st.several or allowed is not None):
+                await self._merged_listing(who)
             else:
                 await self._forward(None)
         except ClientGone:
@@ -216,11 +226,14 @@ class GatedRequest:
                 watcher.cancel()
             self._finish()
 
-    async def _merged_listing(self) -> None:
+    async def _merged_listing(self, who: Principal) -> None:
         """With several boxes a model listing is every box's, merged (first box wins for a
-        model that several list), so a chat UI offers every model any box serves."""
+        model that several list), so a chat UI offers every model any box serves; a key with
+        an allowlist sees only the models it may use (a chat UI would offer the others, then
+        get 403)."""
         st, scope = self.state, self.scope
         field_name, id_key = MERGED_LISTINGS[self.rec.route]
+        limited = not who.admin and st.auth.allowed_models(who) is not None
 
         async def one(up: Any) -> list[Any] | None:
             request = up.build("GET", scope["path"], scope.get("query_string", b""), scope["headers"], b"",
@@ -251,6 +264,8 @@ class GatedRequest:
             for item in items or []:
                 key = item.get(id_key) if isinstance(item, dict) else None
                 if isinstance(key, str) and key in seen:
+                    continue
+                if limited and not (isinstance(key, str) and st.auth.may_use(who, key)):
                     continue
                 if isinstance(key, str):
                     seen.add(key)

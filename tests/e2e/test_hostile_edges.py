@@ -201,3 +201,31 @@ def test_a_stream_whose_model_must_load_gets_its_headers_before_the_load(tmp_pat
         assert stream_text(conn).startswith(f"[{OTHER}] load me")
         assert loaded(sim) == [OTHER]
         assert_gate_free(gate)
+
+
+# -- 12: model lists follow the key ------------------------------------------------------------
+
+def test_model_lists_show_only_the_models_a_key_may_use(tmp_path: Path) -> None:
+    """Regression: ``/v1/models`` (and the LM Studio lists) showed every model to a key
+    limited to ``qwen*``; a chat UI offered them all, then got 403."""
+    with running_stack(tmp_path, "--config", keys_config(tmp_path), tokens_per_s=0, load_s=0,
+                       extra=["--models", f"{MODEL},{OTHER},qwen2.5-coder-1.5b"]) as (sim, gate):
+        with httpx.Client(timeout=10) as c:
+            def listed(who: str, path: str, field: str, ident: str) -> set[str]:
+                resp = c.get(gate.url + path, headers=auth(who))
+                assert resp.status_code == 200, resp.text
+                return {m[ident] for m in resp.json()[field]}
+
+            for path, field, ident in (("/v1/models", "data", "id"), ("/api/v0/models", "data", "id"),
+                                       ("/api/v1/models", "models", "key")):
+                everything = listed("ops", path, field, ident)
+                assert {MODEL, OTHER} <= everything
+                assert listed("bob", path, field, ident) == everything
+                narrow = listed("narrow", path, field, ident)
+                assert narrow == {m for m in everything if m.startswith("qwen")} and MODEL in narrow
+            with openai.OpenAI(base_url=gate.url + "/v1", api_key=KEYS["narrow"], max_retries=0) as sdk:
+                assert {m.id for m in sdk.models.list()} == {MODEL, "qwen2.5-coder-1.5b"}
+                with pytest.raises(openai.NotFoundError):
+                    sdk.models.retrieve(OTHER)
+                assert sdk.models.retrieve(MODEL).id == MODEL
+        assert_gate_free(gate, "narrow")
