@@ -442,11 +442,18 @@ class GatedRequest:
             self.upstream_name = self.rec.upstream = upstream.name
             try:
                 response = await upstream.send(request)
-                break
             except ProxyError as err:
                 upstream.mark_failed()
                 if ticket is None or not err.refused or not st.reroute(ticket):
                     raise
+            else:
+                if self.ex.gone or self.ex.abort is not None:
+                    # interrupted while connecting, and the cancel did not reach us (asyncio's
+                    # wait_for can swallow one on Python 3.10/3.11): nobody is waiting for this
+                    # answer; close it, so the box stops generating, and leave as cancelled
+                    await response.aclose()
+                    raise asyncio.CancelledError
+                break
             # refused before anything was sent: back in line, for another box
             self.forwarded = False
             await self._wait_plain(ticket)
@@ -578,7 +585,8 @@ class GatedRequest:
         task = asyncio.current_task()
         if not (self.ex.gone or self.ex.abort) or task is None:
             return False
-        task.uncancel()
+        if hasattr(task, "uncancel"):  # Python 3.11+ counts cancel requests; 3.10 does not
+            task.uncancel()
         return True
 
     async def _interrupted(self) -> None:

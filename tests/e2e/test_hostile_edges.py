@@ -229,3 +229,34 @@ def test_model_lists_show_only_the_models_a_key_may_use(tmp_path: Path) -> None:
                     sdk.models.retrieve(OTHER)
                 assert sdk.models.retrieve(MODEL).id == MODEL
         assert_gate_free(gate, "narrow")
+
+
+# -- 3: a client that hangs up as lmgate connects to the box ---------------------------------
+
+def test_clients_hanging_up_while_lmgate_connects_free_their_slots(tmp_path: Path) -> None:
+    """Regression: on Python 3.10/3.11 (the Docker image's) ``asyncio.wait_for`` in the
+    upstream transport could swallow the cancel of a client that hung up while lmgate was
+    connecting to the box; the generation then ran to its end for nobody and held its slot
+    (3-6 of 20 streams in one run). Every hang-up, at whatever moment, frees the slot and
+    closes the upstream."""
+    from tests.e2e.hostile import Raw, wait_gate_idle
+
+    tag = "hangup-" + str(tmp_path.name)[-6:]
+    with running_stack(tmp_path, "--parallel", "24", "--log-level", "warning", tokens_per_s=100,
+                       load_s=0, max_concurrent=24) as (sim, gate):
+        for wave in range(3):
+            conns = []
+            for i in range(24):
+                conn = Raw(gate.port)
+                conn.request("POST", "/v1/chat/completions",
+                             {**chat(f"{tag} {wave} {i}", max_tokens=3000), "stream": True})
+                conns.append(conn)
+                if i % 3 == 0:
+                    conn.close()  # at once: often while lmgate is still connecting upstream
+            for conn in conns:
+                conn.close()
+            wait_gate_idle(gate, timeout=15)  # a generation of 3000 tokens takes 30 s
+        gens = [g for g in sim_stats(sim)["log"] if tag in (g["user"] or "")]
+        assert not [g for g in gens if g["outcome"] == "ok"], "a generation ran to its end for nobody"
+        assert not [g for g in gens if g["ended"] is None], "a generation is still running"
+        assert_gate_free(gate)
