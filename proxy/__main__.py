@@ -20,7 +20,7 @@ from uvicorn.server import HANDLED_SIGNALS
 
 from . import __version__, logs
 from .app import create_app
-from .config import ConfigError, Settings, UpstreamSpec, load_settings
+from .config import ConfigError, Settings, UpstreamSpec, fit_connections, load_settings
 from .listen import ListenError, bind_listeners
 from .protocol import HEAD_LIMIT, ClientLimits, protocol_class, raise_fd_limit
 from .quota import QuotaStore, QuotaStoreError
@@ -170,6 +170,7 @@ def run(args: list[str]) -> None:
         settings = load_settings(args)
     except ConfigError as exc:
         refuse(f"configuration error: {exc}")
+    settings, raised = fit_connections(settings)
     try:
         sockets = bind_listeners(settings.host, settings.port)
     except ListenError as exc:
@@ -180,6 +181,8 @@ def run(args: list[str]) -> None:
     except QuotaStoreError as exc:
         refuse(str(exc))
     configure_logging(settings.log_level, settings.log_format)
+    if raised:
+        log.info("%s", raised)
     if settings.demo:
         boxes = start_demo_upstreams()
         settings = settings.with_(upstream=boxes[0].url, upstreams=boxes)

@@ -44,6 +44,7 @@ class Option:
     help: str
     choices: tuple[str, ...] = ()
     minimum: float | None = None
+    maximum: float | None = None
 
     @property
     def flag(self) -> str:
@@ -58,7 +59,7 @@ OPTIONS: tuple[Option, ...] = (
     Option("upstream", str, "http://localhost:1234", "LM Studio (or any OpenAI-compatible) base URL; "
            "repeat the flag (or separate with commas) for several boxes behind one line"),
     Option("host", str, "127.0.0.1", "address to listen on (0.0.0.0 for the whole network)"),
-    Option("port", int, 1235, "port to listen on", minimum=0),
+    Option("port", int, 1235, "port to listen on", minimum=0, maximum=65535),
     Option("max_queue", int, 100, "requests that may wait at once; more get 429", minimum=0),
     Option("queue_timeout", float, 600.0, "seconds a request may wait for its turn; then 503", minimum=0),
     Option("max_body", int, 32 * MIB, "largest request body in bytes; larger gets 413", minimum=1),
@@ -282,6 +283,8 @@ def _convert(opt: Option, value: Any, source: str) -> Any:
         raise ConfigError(key, f"must be one of {', '.join(opt.choices)}, got {out!r} (from {source})")
     if opt.minimum is not None and out < opt.minimum:
         raise ConfigError(key, f"must be >= {opt.minimum:g}, got {out!r} (from {source})")
+    if opt.maximum is not None and out > opt.maximum:
+        raise ConfigError(key, f"must be <= {opt.maximum:g}, got {out!r} (from {source})")
     return out
 
 
@@ -566,8 +569,7 @@ def validate(settings: Settings) -> None:
         check_upstream_url(box.url)
     check_demo(settings)
     check_example_secrets(settings.keys)
-    if settings.port > 65535:
-        raise ConfigError("port", "must be <= 65535")
+    check_connection_room(settings)
     for origin in settings.cors_origins:
         if origin != "*" and not origin.startswith(("http://", "https://")):
             raise ConfigError("cors_origins", f"{origin!r} is not an origin like http://host:port")
@@ -582,6 +584,31 @@ def validate(settings: Settings) -> None:
 # key that uses one is no key at all (tests/unit/test_cli_polish.py keeps this list complete).
 EXAMPLE_SECRETS = ("sk-alice-change-me", "sk-ops-change-me-too", "sk-metrics-change-me")
 _EXAMPLE_DIGESTS = {hashlib.sha256(s.encode()).hexdigest(): s for s in EXAMPLE_SECRETS}
+
+
+CONNECTION_HEADROOM = 200  # connections beyond the waiting line: running requests, pages, probes
+
+
+def check_connection_room(settings: Settings) -> None:
+    """Every waiting request holds a connection: a ``--max-queue`` that ``--max-connections``
+    cannot hold is refused when both were chosen (``fit_connections`` raises the cap when only
+    the queue was)."""
+    if "max_connections" in settings.sources and settings.max_queue > settings.max_connections:
+        raise ConfigError("max_queue", f"{settings.max_queue} requests may wait, but max_connections "
+                          f"{settings.max_connections} lets only that many clients connect at all; "
+                          f"raise max_connections to at least {settings.max_queue + CONNECTION_HEADROOM} "
+                          "or leave it out")
+
+
+def fit_connections(settings: Settings) -> tuple[Settings, str | None]:
+    """A ``--max-queue`` beyond the default connection cap raises the cap to
+    ``max_queue + 200``; the line to log says so (None when nothing changed)."""
+    if "max_connections" in settings.sources or settings.max_queue <= settings.max_connections:
+        return settings, None
+    wanted = settings.max_queue + CONNECTION_HEADROOM
+    return settings.with_(max_connections=wanted), (
+        f"max_connections raised from {settings.max_connections} to {wanted} so that "
+        f"max_queue {settings.max_queue} waiting requests fit")
 
 
 def check_upstream_url(upstream: str) -> None:

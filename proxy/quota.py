@@ -65,12 +65,16 @@ class QuotaStoreError(Exception):
 
 
 def default_state_dir() -> Path:
-    """Per-user data directory of the OS + 'lmgate': Linux/BSD $XDG_DATA_HOME/lmgate or
+    """systemd's ``$STATE_DIRECTORY`` (set by ``StateDirectory=``, e.g. /var/lib/lmgate) when
+    present; otherwise the per-user data directory of the OS + 'lmgate': Linux/BSD $XDG_DATA_HOME/lmgate or
     ~/.local/share/lmgate; macOS ~/Library/Application Support/lmgate; Windows
     %LOCALAPPDATA%\\lmgate (fallback ~/AppData/Local/lmgate).
 
     Not the working directory: lmgate started from another directory (or by a service
     manager) must find the same counts."""
+    state = os.environ.get("STATE_DIRECTORY", "")  # systemd's StateDirectory= (may list several)
+    if state and sys.platform != "win32" and os.path.isabs(state.split(":")[0]):
+        return Path(state.split(":")[0])
     if sys.platform == "win32":
         local = os.environ.get("LOCALAPPDATA")
         return (Path(local) if local else Path.home() / "AppData" / "Local") / "lmgate"

@@ -210,7 +210,12 @@ class AppState:
         old = self.settings
         if old.demo:  # the simulated boxes stay
             new = new.with_(upstream=old.upstream, upstreams=old.upstreams)
-        later = [name for name in RESTART_ONLY if getattr(new, name) != getattr(old, name)]
+        if new.max_queue > old.max_connections:
+            raise ConfigError("max_queue", f"{new.max_queue} requests may wait, but this process "
+                              f"accepts {old.max_connections} connections (max_connections needs a "
+                              "restart)")
+        later = [name for name in RESTART_ONLY if getattr(new, name) != getattr(old, name)
+                 and not (name == "max_connections" and "max_connections" not in new.sources)]
         if quota_path(new) != quota_path(old):
             later.append("state_dir (quotas)")
         kept = {name: getattr(old, name) for name in RESTART_ONLY}

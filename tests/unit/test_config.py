@@ -169,3 +169,40 @@ def test_example_config_loads_and_documents_every_option() -> None:
     assert "# [[keys]]" in text and '# key = "sk-alice-change-me"' in text
     for opt in OPTIONS:
         assert f"{opt.name} =" in text, f"{opt.name} is not documented in the example config"
+
+
+def test_a_port_out_of_range_in_the_file_is_refused_even_when_a_flag_overrides_it(tmp_path) -> None:
+    """Regression: ``port = 99999`` in the file passed whenever --port overrode it."""
+    path = tmp_path / "lmgate.toml"
+    path.write_text("port = 99999\n")
+    with pytest.raises(ConfigError) as info:
+        load_settings(["--config", str(path), "--port", "8080"], env={})
+    assert info.value.key == "port" and "65535" in str(info.value)
+
+
+def test_a_long_queue_raises_the_connection_cap_unless_both_were_chosen() -> None:
+    from proxy.config import fit_connections
+
+    s, note = fit_connections(load_settings(["--max-queue", "1500"], env={}))
+    assert s.max_connections == 1700 and note is not None and "1700" in note
+    s, note = fit_connections(load_settings(["--max-queue", "900"], env={}))
+    assert s.max_connections == 1000 and note is None
+    with pytest.raises(ConfigError) as info:
+        load_settings(["--max-queue", "1500", "--max-connections", "1000"], env={})
+    assert info.value.key == "max_queue" and "max_connections" in str(info.value)
+    assert load_settings(["--max-queue", "1500", "--max-connections", "2000"], env={}).max_connections == 2000
+
+
+def test_systemd_state_directory_is_the_default_state_dir(monkeypatch, tmp_path) -> None:
+    """Regression: the shipped unit (DynamicUser, ProtectHome) gives lmgate /var/lib/lmgate
+    through $STATE_DIRECTORY; lmgate looked in a home directory it may not write."""
+    import sys
+
+    from proxy.quota import default_state_dir
+
+    monkeypatch.setenv("STATE_DIRECTORY", f"{tmp_path}/lmgate:{tmp_path}/other")
+    if sys.platform == "win32":
+        pytest.skip("systemd only")
+    assert default_state_dir() == tmp_path / "lmgate"
+    monkeypatch.setenv("STATE_DIRECTORY", "relative/dir")
+    assert default_state_dir() != tmp_path / "lmgate" and default_state_dir().is_absolute()
