@@ -3,16 +3,32 @@
 httpx stays the client API; this replaces its connection layer (httpcore + anyio + h11) on
 the hot path. Responses are parsed by httptools (C), and body bytes that arrive in one socket
 read reach the relay as one chunk, so a burst of small SSE events costs one write downstream
-instead of one per event. Connections are kept alive and reused; a reused connection that
-turns out to be closed before any response byte arrives is retried once on a fresh one.
+instead of one per event. Connections are kept alive and reused.
 
-Timeouts come from each request's httpx timeout (connect, read, write) and map to httpx's own
-exceptions, so the rest of lmgate cannot tell this transport from the default one.
+What makes it a correct client, and not only a fast one:
+
+- A request goes out at most once. A pooled connection is checked before it is used (closed,
+  readable, idle too long); a dead one is replaced before anything is written to it. Once the
+  request is written, any failure is the caller's (a 502): the box may have read the request
+  and started on it, so sending it again could run it twice. The one retry left is for a write
+  the socket refused at once, which put no byte on the wire.
+- Interim responses (``100 Continue``, ``103 Early Hints``) are skipped; a ``101`` is an
+  error, since lmgate never asks to switch protocols.
+- A response head (status line and headers, interim ones included) is bounded to 64 KiB; so
+  are trailers, which are otherwise ignored. Reading stops at the bound and the connection is
+  closed: httptools keeps a header in memory until it ends.
+- Timeouts (connect, write, read) come from each request's httpx timeout and map to httpx's own
+  exceptions, so the rest of lmgate cannot tell this transport from the default one. They are
+  timers on futures, never ``asyncio.wait_for``: before Python 3.12 that returns a result
+  instead of raising when the cancel and the result arrive together, and a cancelled request
+  then carries on.
 """
 
 from __future__ import annotations
 
 import asyncio
+import select
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -21,6 +37,18 @@ import httpx
 
 READ_SIZE_HIGH_WATER = 1024 * 1024
 MAX_IDLE_PER_HOST = 64
+HEAD_LIMIT = 64 * 1024
+SMALL_BODY = 64 * 1024  # sent with the request head in one write
+# Servers close idle keep-alive connections after a few seconds (Node and uvicorn: 5 s). A
+# request written just as the server closes is lost and, written once, not retried: so a
+# connection is not reused once it has been idle for close to that long. A new one costs a
+# connect on the LAN, next to requests that take seconds.
+IDLE_EXPIRY_S = 4.0
+_SWITCHED = "the upstream switched protocols (101); lmgate never asks it to"
+
+
+class _NotSent(Exception):
+    """The socket refused the request at once: no byte of it left this machine."""
 
 
 class _Connection(asyncio.Protocol):
@@ -33,6 +61,9 @@ class _Connection(asyncio.Protocol):
         self.waiter: asyncio.Future[None] | None = None
         self.closed = False
         self.reused = False
+        self.idle_since = 0.0
+        self._fd = -1
+        self._poll: Any = None
         self._write_ready: asyncio.Future[None] | None = None
         self.reset()
 
@@ -42,32 +73,92 @@ class _Connection(asyncio.Protocol):
         self.headers: list[tuple[bytes, bytes]] = []
         self.body: list[bytes] = []
         self.buffered = 0
+        self.body_events = 0
+        self.head_bytes = 0  # fed while the final head was not complete
+        self.stalled_bytes = 0  # fed after the head without a body byte (chunk framing, trailers)
         self.headers_done = False
+        self.interim = False
         self.keep_alive = False
         self.complete = False
-        self.got_bytes = False
+        self.sent = False
         self.error: Exception | None = None
         self.paused = False
 
     # -- asyncio.Protocol ----------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]  # uvloop's is not an asyncio.Transport
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            self._fd = sock.fileno()
+            if hasattr(select, "poll"):
+                self._poll = select.poll()
+                self._poll.register(self._fd, select.POLLIN)
 
     def data_received(self, data: bytes) -> None:
-        self.got_bytes = True
-        try:
-            self.parser.feed_data(data)
-        except httptools.HttpParserError as exc:
-            self.error = httpx.RemoteProtocolError(f"invalid HTTP response from upstream: {exc}")
+        if self.complete or self.closed:  # bytes nobody asked for: the connection is spoiled
+            self.keep_alive = False
             self.close()
-        if self.buffered > READ_SIZE_HIGH_WATER and not self.paused and self.transport is not None:
+            return
+        rest: bytes | memoryview = self._feed_head(data) if not self.headers_done else data
+        if rest and self.error is None:
+            if self.complete:
+                self.keep_alive = False  # more after the response, in the same read
+            else:
+                self._feed_body(rest)
+        if self.error is not None:
+            self.close()
+        elif self.buffered > READ_SIZE_HIGH_WATER and not self.paused:
+            assert self.transport is not None
             self.transport.pause_reading()
             self.paused = True
         self._wake()
 
+    def _feed_head(self, data: bytes) -> bytes | memoryview:
+        """Feed no more than the head limit allows; returns what is left once the head is
+        complete (body bytes). Over the limit, the request fails without reading further."""
+        room = HEAD_LIMIT - self.head_bytes
+        rest: bytes | memoryview = b""
+        if len(data) <= room:
+            self.head_bytes += len(data)
+            self._feed(data)
+        else:
+            view = memoryview(data)
+            self.head_bytes = HEAD_LIMIT
+            self._feed(view[:room])
+            rest = view[room:]
+        if not self.headers_done and self.head_bytes >= HEAD_LIMIT:
+            self._fail(f"the upstream's response head is over {HEAD_LIMIT // 1024} KiB")
+        return rest
+
+    def _feed_body(self, data: bytes | memoryview) -> None:
+        """Feed the body. Reads that bring no body byte (chunk framing, trailers) are counted:
+        httptools keeps each trailer field in memory until it ends, so they get the head's
+        bound."""
+        events = self.body_events
+        self._feed(data)
+        if self.body_events != events or self.complete:
+            self.stalled_bytes = 0
+            return
+        self.stalled_bytes += len(data)
+        if self.stalled_bytes > HEAD_LIMIT:
+            self._fail(f"the upstream sent over {HEAD_LIMIT // 1024} KiB of chunk framing or trailers")
+
+    def _feed(self, data: bytes | memoryview) -> None:
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            self._fail(_SWITCHED)  # on_headers_complete saw the 101; the rest is another protocol
+        except httptools.HttpParserError as exc:
+            self._fail(f"invalid HTTP response from upstream: {exc}")
+
+    def _fail(self, message: str) -> None:
+        if self.error is None:
+            self.error = httpx.RemoteProtocolError(message)
+        self.close()
+
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
-        if self.headers_done and not self.complete and self._delimited_by_close():
+        if self.headers_done and not self.complete and self.error is None and self._delimited_by_close():
             self.complete = True  # no length, not chunked: the body ends with the connection
         if not self.complete and self.error is None:
             if self.headers_done:
@@ -91,20 +182,40 @@ class _Connection(asyncio.Protocol):
         self._write_ready = None
 
     # -- httptools callbacks -------------------------------------------------------------
+    def on_message_begin(self) -> None:
+        if self.complete:  # a second response in the same read, to a request never sent
+            self.keep_alive = False
+
     def on_header(self, name: bytes, value: bytes) -> None:
-        self.headers.append((name, value))
+        if not self.headers_done:  # afterwards: trailers, which are ignored
+            self.headers.append((name, value))
 
     def on_headers_complete(self) -> None:
-        self.status = self.parser.get_status_code()
-        self.keep_alive = self.parser.should_keep_alive()  # only meaningful here, not later
-        self.headers_done = True
+        if self.headers_done:
+            return
+        status = self.parser.get_status_code()
+        if status == 101:
+            self.error = httpx.RemoteProtocolError(_SWITCHED)
+        elif 100 <= status < 200:
+            self.interim = True  # 100 Continue, 103 Early Hints: the answer is still to come
+            self.headers.clear()
+        else:
+            self.status = status
+            self.keep_alive = self.parser.should_keep_alive()  # only meaningful here, not later
+            self.headers_done = True
 
     def on_body(self, body: bytes) -> None:
+        if self.complete:
+            return
         self.body.append(body)
         self.buffered += len(body)
+        self.body_events += 1
 
     def on_message_complete(self) -> None:
-        self.complete = True
+        if self.interim:
+            self.interim = False  # httptools goes on with the next response in the same bytes
+        elif self.headers_done:
+            self.complete = True
 
     # -- use -----------------------------------------------------------------------------
     def _wake(self) -> None:
@@ -113,7 +224,10 @@ class _Connection(asyncio.Protocol):
             waiter.set_result(None)
 
     async def wait(self, timeout: float | None, request: httpx.Request) -> None:
-        """Until something arrives (or the connection ends); ReadTimeout after ``timeout``."""
+        """Until something arrives (or the connection ends); ReadTimeout after ``timeout``.
+
+        The timer fails the waiter rather than cancelling this task, so a cancel from outside
+        always arrives here as CancelledError, even when it coincides with data or the timer."""
         waiter = self.waiter = self.loop.create_future()
         handle = None
         if timeout is not None:
@@ -129,14 +243,20 @@ class _Connection(asyncio.Protocol):
                 handle.cancel()
 
     async def drain(self, timeout: float | None, request: httpx.Request) -> None:
+        """Until the socket takes more (the request body is flowing); WriteTimeout after
+        ``timeout``. A timer that fails the future, as in ``wait``."""
         ready = self._write_ready
-        if ready is None:
+        if ready is None or ready.done():
             return
+        handle = self.loop.call_later(timeout, _expire, ready) if timeout is not None else None
         try:
-            await asyncio.wait_for(asyncio.shield(ready), timeout)
+            await ready
         except asyncio.TimeoutError:
             self.close()
             raise httpx.WriteTimeout("upstream did not accept the request body in time", request=request) from None
+        finally:
+            if handle is not None:
+                handle.cancel()
 
     def take_body(self) -> bytes:
         body = self.body
@@ -158,10 +278,45 @@ class _Connection(asyncio.Protocol):
         return (self.complete and not self.closed and self.keep_alive
                 and self.transport is not None and not self.transport.is_closing())
 
+    def usable(self, now: float) -> bool:
+        """May an idle connection carry a request? Only if nothing says it is closing: the
+        loop has not seen it close, it is not too old, and its socket is not readable (an idle
+        socket is readable when a FIN or a reset has arrived that the loop has not yet read,
+        or bytes nobody asked for)."""
+        if self.closed or self.transport is None or self.transport.is_closing():
+            return False
+        if now - self.idle_since > IDLE_EXPIRY_S or self._fd < 0:
+            return False
+        if self._poll is not None:
+            return not self._poll.poll(0)
+        readable, _, _ = select.select([self._fd], [], [], 0)  # no poll() (Windows)
+        return not readable
 
-def _expire(waiter: asyncio.Future[None]) -> None:
-    if not waiter.done():
-        waiter.set_exception(asyncio.TimeoutError())
+
+def _expire(fut: asyncio.Future[None]) -> None:
+    if not fut.done():
+        fut.set_exception(asyncio.TimeoutError())
+
+
+def _settle(fut: asyncio.Future[None]) -> None:
+    if not fut.done():
+        fut.set_result(None)
+
+
+def _abandon(attempt: asyncio.Task[Any]) -> None:
+    """Give up a connect: cancel it, and close whatever connection it made or still makes."""
+    if attempt.done():
+        _close_connected(attempt)
+    else:
+        attempt.cancel()
+        attempt.add_done_callback(_close_connected)
+
+
+def _close_connected(attempt: asyncio.Task[Any]) -> None:
+    if attempt.cancelled():
+        return
+    if attempt.exception() is None:  # retrieving it also keeps asyncio from logging it
+        attempt.result()[0].close()
 
 
 class _Body(httpx.AsyncByteStream):
@@ -219,20 +374,35 @@ class LeanTransport(httpx.AsyncBaseTransport):
             conn = await self._acquire(key, timeouts.get("connect"), request, fresh=attempt == 1)
             try:
                 return await self._exchange(key, conn, request, head, body, timeouts)
-            except httpx.RemoteProtocolError:
+            except _NotSent:
                 conn.close()
-                if attempt == 0 and conn.reused and not conn.got_bytes:
-                    continue  # an idle keep-alive connection the upstream had closed
-                raise
+                if attempt == 0 and conn.reused:
+                    continue  # a pooled connection that died unseen; nothing of the request went out
+                raise httpx.ConnectError("upstream closed the connection before the request was sent",
+                                         request=request) from None
             except BaseException:
-                conn.close()  # cancelled or failed before the body: never reuse it
+                conn.close()  # failed or cancelled with the request (maybe) sent: never again
                 raise
         raise AssertionError("unreachable")
 
     async def _exchange(self, key: tuple[str, int], conn: _Connection, request: httpx.Request, head: bytes,
                         body: bytes, timeouts: dict[str, float | None]) -> httpx.Response:
-        assert conn.transport is not None
-        conn.transport.writelines([head, body] if body else [head])
+        transport = conn.transport
+        assert transport is not None
+        conn.sent = True
+        # write(), not writelines(): asyncio's writelines in Python 3.12 (3.12.1 here) never
+        # pauses the protocol, so a large body would not wait for the socket, nor time out.
+        # A small body goes with the head in one send; a large one is not copied for that.
+        if len(body) <= SMALL_BODY:
+            transport.write(head + body)
+        else:
+            transport.write(head)
+        if transport.is_closing():
+            # The transport tries the socket once, at once; it closes itself only if that send
+            # failed, and a failed send wrote nothing.
+            raise _NotSent
+        if len(body) > SMALL_BODY:
+            transport.write(body)
         await conn.drain(timeouts.get("write"), request)
         while not conn.headers_done:
             if conn.error is not None:
@@ -246,20 +416,43 @@ class LeanTransport(httpx.AsyncBaseTransport):
     async def _acquire(self, key: tuple[str, int], connect_timeout: float | None, request: httpx.Request,
                        *, fresh: bool) -> _Connection:
         idle = self._idle.get(key)
-        while idle and not fresh:
-            conn = idle.pop()
-            if conn.transport is not None and not conn.transport.is_closing() and not conn.closed:
-                conn.reset()
-                conn.reused = True
-                return conn
+        if idle and not fresh:
+            now = time.monotonic()
+            while idle:
+                conn = idle.pop()
+                if conn.usable(now):
+                    conn.reset()
+                    conn.reused = True
+                    return conn
+                conn.close()
+        return await self._connect(key, connect_timeout, request)
+
+    async def _connect(self, key: tuple[str, int], timeout: float | None, request: httpx.Request) -> _Connection:
+        """A new connection within ``timeout``. The connect runs as its own task and this one
+        waits on a future that either the connect or a timer settles, so a cancel always
+        reaches the caller as CancelledError; a connect given up (cancelled, timed out) is
+        cancelled and any socket it opened is closed."""
         loop = asyncio.get_running_loop()
+        host, port = key
+        attempt = loop.create_task(loop.create_connection(lambda: _Connection(loop), host, port))
+        settled: asyncio.Future[None] = loop.create_future()
+        attempt.add_done_callback(lambda _: _settle(settled))
+        timer = loop.call_later(timeout, _settle, settled) if timeout is not None else None
         try:
-            _, conn = await asyncio.wait_for(
-                loop.create_connection(lambda: _Connection(loop), key[0], key[1]), connect_timeout)
-        except asyncio.TimeoutError:
-            raise httpx.ConnectTimeout(f"connecting to {key[0]}:{key[1]} timed out", request=request) from None
+            await settled
+        except BaseException:
+            _abandon(attempt)
+            raise
+        finally:
+            if timer is not None:
+                timer.cancel()
+        if not attempt.done():
+            _abandon(attempt)
+            raise httpx.ConnectTimeout(f"connecting to {host}:{port} timed out", request=request)
+        try:
+            _, conn = attempt.result()
         except OSError as exc:
-            raise httpx.ConnectError(f"cannot connect to {key[0]}:{key[1]}: {exc.strerror or exc}",
+            raise httpx.ConnectError(f"cannot connect to {host}:{port}: {exc.strerror or exc}",
                                      request=request) from None
         return conn
 
@@ -267,7 +460,10 @@ class LeanTransport(httpx.AsyncBaseTransport):
         if not conn.reusable:
             conn.close()
             return
+        conn.idle_since = time.monotonic()
         idle = self._idle.setdefault(key, [])
+        while idle and (idle[0].closed or conn.idle_since - idle[0].idle_since > IDLE_EXPIRY_S):
+            idle.pop(0).close()  # the oldest, never picked again: reused is the newest one
         if len(idle) >= MAX_IDLE_PER_HOST:
             conn.close()
             return

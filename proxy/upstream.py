@@ -253,6 +253,8 @@ def map_error(exc: BaseException) -> ProxyError:
                                "be loading or the prompt is very long: raise --read-timeout")
     if isinstance(exc, (httpx.ConnectError, httpx.ConnectTimeout)):
         return UpstreamUnavailable("cannot connect to the upstream LM Studio server; is it running?")
+    if isinstance(exc, httpx.RemoteProtocolError) and "closed the connection" not in str(exc):
+        return UpstreamUnavailable(f"the upstream sent a response lmgate cannot relay: {exc}")
     if isinstance(exc, (httpx.RemoteProtocolError, httpx.ReadError)):
         return UpstreamUnavailable("the upstream closed the connection before the response was "
                                    "complete (did LM Studio stop or crash?)")

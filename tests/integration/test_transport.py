@@ -1,15 +1,30 @@
 """The lean upstream transport against a raw socket server that writes exact bytes:
-framing, keep-alive reuse, a stale connection, timeouts and early closes."""
+framing, keep-alive reuse, a stale connection, timeouts and early closes.
+
+The helpers here (``RawServer``, ``send``, ``run``, ``LOOPS``) are shared with the other
+``test_transport_*`` modules. lmgate runs on uvloop where it is installed and on asyncio's own
+loop elsewhere, and the two differ in when they call a protocol back, so the tests that depend
+on that order run on both.
+"""
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
+import select
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any
 
 import httpx
 import pytest
 
-from proxy.transport import LeanTransport
+from proxy.transport import LeanTransport, _Connection
+
+try:
+    import uvloop
+except ImportError:  # pragma: no cover - Windows, PyPy
+    uvloop = None  # type: ignore[assignment]
+
+LOOPS = ["asyncio", "uvloop"] if uvloop is not None else ["asyncio"]
 
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter, int], Awaitable[None]]
 
@@ -24,21 +39,35 @@ async def read_request(reader: asyncio.StreamReader) -> bytes:
 
 
 class RawServer:
+    """An asyncio server on 127.0.0.1 running ``handler(reader, writer, n)`` for its n-th
+    connection (from 1), then closing it; ``ended[n]`` is set once that connection is closed."""
+
     def __init__(self, handler: Handler) -> None:
         self.handler = handler
         self.connections = 0
+        self.open = 0
         self.requests: list[bytes] = []
+        self.ended: dict[int, asyncio.Event] = {}
+        self.all_closed = asyncio.Event()
         self.server: asyncio.AbstractServer | None = None
 
     async def __aenter__(self) -> str:
         async def on_conn(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
             self.connections += 1
+            self.open += 1
+            self.all_closed.clear()
+            n = self.connections
+            ended = self.ended.setdefault(n, asyncio.Event())
             try:
-                await self.handler(reader, writer, self.connections)
+                await self.handler(reader, writer, n)
             except (asyncio.IncompleteReadError, ConnectionError):
                 pass
             finally:
                 writer.close()
+                self.open -= 1
+                if not self.open:
+                    self.all_closed.set()
+                ended.set()
         self.server = await asyncio.start_server(on_conn, "127.0.0.1", 0)
         port = self.server.sockets[0].getsockname()[1]
         return f"http://127.0.0.1:{port}"
@@ -48,10 +77,34 @@ class RawServer:
         self.server.close()
 
 
-def run(coro: Awaitable[None]) -> None:
+def run(coro: Coroutine[Any, Any, None], loop_kind: str = "asyncio", limit_s: float = 30.0) -> None:
+    """Run one test body on a fresh loop of the given kind, bounded by ``limit_s``."""
     async def main() -> None:
-        await asyncio.wait_for(coro, 20)
-    asyncio.run(main())
+        await asyncio.wait_for(coro, limit_s)
+
+    loop = uvloop.new_event_loop() if loop_kind == "uvloop" else asyncio.new_event_loop()
+    try:
+        loop.run_until_complete(main())
+    finally:
+        leftover = [t for t in asyncio.all_tasks(loop) if not t.done()]
+        for task in leftover:
+            task.cancel()
+        if leftover:
+            loop.run_until_complete(asyncio.gather(*leftover, return_exceptions=True))
+        loop.run_until_complete(loop.shutdown_asyncgens())
+        loop.run_until_complete(loop.shutdown_default_executor())
+        loop.close()
+
+
+def idle_connection(t: LeanTransport) -> _Connection:
+    """The one pooled connection (a look inside the transport)."""
+    [conn] = [c for idle in t._idle.values() for c in idle]
+    return conn
+
+
+def socket_fd(conn: _Connection) -> int:
+    assert conn.transport is not None
+    return int(conn.transport.get_extra_info("socket").fileno())
 
 
 async def send(t: LeanTransport, url: str, *, method: str = "POST", body: bytes = b"{}",
@@ -63,7 +116,8 @@ async def send(t: LeanTransport, url: str, *, method: str = "POST", body: bytes 
     return resp, b"".join(chunks), chunks
 
 
-def test_content_length_and_chunked_bodies_with_keep_alive_reuse() -> None:
+@pytest.mark.parametrize("loop_kind", LOOPS)
+def test_content_length_and_chunked_bodies_with_keep_alive_reuse(loop_kind: str) -> None:
     async def body() -> None:
         async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int) -> None:
             while True:
@@ -93,10 +147,13 @@ def test_content_length_and_chunked_bodies_with_keep_alive_reuse() -> None:
             await send(t, url + "/plain")
             assert server.connections == 1  # one kept-alive connection for all three
             await t.aclose()
-    run(body())
+    run(body(), loop_kind)
 
 
-def test_stale_keep_alive_connection_is_retried_once() -> None:
+@pytest.mark.parametrize("loop_kind", LOOPS)
+def test_keep_alive_connection_closed_by_the_server_is_replaced(loop_kind: str) -> None:
+    """The server closed its idle connection (as servers do after their keep-alive timeout):
+    the next request goes out on a new one, whether or not the loop has seen the close yet."""
     async def body() -> None:
         async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int) -> None:
             await read_request(reader)
@@ -108,14 +165,18 @@ def test_stale_keep_alive_connection_is_retried_once() -> None:
         async with server as url:
             t = LeanTransport()
             await send(t, url)
-            await asyncio.sleep(0.05)  # let the close reach us; the transport must cope either way
-            resp, data, _ = await send(t, url)
+            conn = idle_connection(t)
+            await server.ended.setdefault(1, asyncio.Event()).wait()
+            if not conn.closed:  # the loop has not seen the close yet: let the FIN land, unseen
+                assert select.select([socket_fd(conn)], [], [], 10)[0], "no FIN reached the client"
+            _, data, _ = await send(t, url)
             assert data == b"ok" and server.connections == 2
             await t.aclose()
-    run(body())
+    run(body(), loop_kind)
 
 
-def test_body_delimited_by_connection_close_and_head() -> None:
+@pytest.mark.parametrize("loop_kind", LOOPS)
+def test_body_delimited_by_connection_close_and_head(loop_kind: str) -> None:
     async def body() -> None:
         async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int) -> None:
             req = await read_request(reader)
@@ -134,10 +195,11 @@ def test_body_delimited_by_connection_close_and_head() -> None:
             resp, data, _ = await send(t, url, method="HEAD")
             assert resp.status_code == 200 and data == b""
             await t.aclose()
-    run(body())
+    run(body(), loop_kind)
 
 
-def test_timeouts_and_failures_map_to_httpx_errors() -> None:
+@pytest.mark.parametrize("loop_kind", LOOPS)
+def test_timeouts_and_failures_map_to_httpx_errors(loop_kind: str) -> None:
     async def body() -> None:
         async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int) -> None:
             req = await read_request(reader)
@@ -163,10 +225,11 @@ def test_timeouts_and_failures_map_to_httpx_errors() -> None:
             await send(LeanTransport(), url)  # the server is gone now
         with pytest.raises(httpx.UnsupportedProtocol):
             await LeanTransport().handle_async_request(httpx.Request("GET", "https://example.invalid/"))
-    run(body())
+    run(body(), loop_kind)
 
 
-def test_abandoned_body_closes_the_connection_at_once() -> None:
+@pytest.mark.parametrize("loop_kind", LOOPS)
+def test_abandoned_body_closes_the_connection_at_once(loop_kind: str) -> None:
     async def body() -> None:
         closed = asyncio.Event()
 
@@ -187,4 +250,4 @@ def test_abandoned_body_closes_the_connection_at_once() -> None:
             await resp.aclose()
             await asyncio.wait_for(closed.wait(), 1.0)
             await t.aclose()
-    run(body())
+    run(body(), loop_kind)
