@@ -343,7 +343,8 @@ class LegacyQueue:
             rec.status = err.status
             rec.outcome = "timeout" if isinstance(err, QueueTimeout) or err.status == 504 else "upstream_error"
             if isinstance(err, ShuttingDown):
-                rec.outcome, rec.reason = "rejected", err.code
+                rec.outcome = "shutting_down"
+                rec.reason = err.code if job.started_mono is None else None
             self.stats["total_errors"] += 1
         except Exception as exc:  # a bug must still end the job and free the gate
             log.exception("legacy job %s failed", job.id)

@@ -548,6 +548,7 @@ class GatedRequest:
     # -- writing -------------------------------------------------------------------------
     async def _start(self, status: int, headers: list[tuple[bytes, bytes]]) -> None:
         self.ex.headers_sent = True
+        self.rec.status = status  # what the client got, whatever happens after
         await self.send({"type": "http.response.start", "status": status, "headers": headers})
 
     async def _write(self, data: bytes) -> None:
@@ -564,9 +565,10 @@ class GatedRequest:
         if rec.outcome == "ok":
             rec.outcome = "timeout" if err.status in (503, 504) else "upstream_error"
         if isinstance(err, ShuttingDown):
-            # refused while waiting; a request already running was cut off when the grace ran out
-            rec.outcome = "timeout" if self.forwarded else "rejected"
-            rec.reason = err.code
+            # refused while waiting (a rejection, counted as one), or cut off when the grace
+            # ran out; the log says which status the client got
+            rec.outcome = "shutting_down"
+            rec.reason = None if self.forwarded else err.code
         if not self.ex.headers_sent:
             rec.status = err.status
             self.ex.finished = True  # before the last write: a disconnect now changes nothing

@@ -130,7 +130,7 @@ class Metrics:
         Gauge("lmgate_build_info", "lmgate version.", ["version"], registry=registry).labels(
             __version__).set(1)
         self.requests = Counter("lmgate_requests", "Requests by route, model and outcome (ok, "
-                                "upstream_error, client_gone, rejected, timeout).",
+                                "upstream_error, client_gone, rejected, timeout, shutting_down).",
                                 ["route", "model", "outcome", "upstream"], registry=registry)
         self.rejections = Counter("lmgate_rejections", "Requests refused by lmgate, by reason.",
                                   ["reason"], registry=registry)
@@ -164,12 +164,12 @@ class Metrics:
         # ones into "other"
         if not rec.model:
             model = "none"
-        elif rec.outcome == "rejected":
+        elif rec.outcome == "rejected" or (rec.outcome == "shutting_down" and rec.reason):
             model = self.label.peek(rec.model)
         else:
             model = self.label(rec.model)
         self.requests.labels(rec.route, model, rec.outcome, rec.upstream).inc()
-        if rec.outcome == "rejected" and rec.reason:
+        if rec.outcome in ("rejected", "shutting_down") and rec.reason:
             self.rejections.labels(rec.reason).inc()
         if rec.wait_ms is not None:
             self.queue_wait.labels(model).observe(rec.wait_ms / 1000)

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sys
 from dataclasses import dataclass
 from typing import Any
 
@@ -120,6 +121,8 @@ if HttpToolsProtocol is not None:
             self._phase = "body"
             self._arm(self._body_timed_out)
             super().on_headers_complete()
+            if self.scope.get("http_version") == "1.0" and self.cycle is not None:
+                _close_delimited(self.cycle)
 
         def on_message_complete(self) -> None:
             self._disarm()
@@ -204,6 +207,30 @@ if HttpToolsProtocol is not None:
                 return
             self.transport.write(raw_response(err))
             self.transport.close()
+
+
+def _close_delimited(cycle: Any) -> None:
+    """An HTTP/1.0 client cannot read ``Transfer-Encoding: chunked``, which uvicorn uses for
+    every response without a ``Content-Length`` (a stream). For such a client the body is
+    written as it comes and ended by closing the connection, as HTTP/1.0 has it. The cycle's
+    task has not started yet, so its ``send`` can still be wrapped."""
+    send = cycle.send
+    delimited = False
+
+    async def send_10(message: Any) -> None:
+        nonlocal delimited
+        if message["type"] == "http.response.start":
+            names = {name.lower() for name, _ in message.get("headers", [])}
+            if b"content-length" not in names and cycle.scope["method"] != "HEAD":
+                delimited = True
+                cycle.chunked_encoding = False
+                cycle.keep_alive = False
+                cycle.expected_content_length = sys.maxsize
+        elif delimited and message["type"] == "http.response.body" and not message.get("more_body", False):
+            cycle.expected_content_length = len(message.get("body", b""))  # the end: nothing is owed
+        await send(message)
+
+    cycle.send = send_10
 
 
 class HeadTooLarge(Exception):

@@ -507,8 +507,9 @@ class AppState:
         for ticket in dropped:
             if ticket.waiter is not None and not ticket.waiter.done():
                 ticket.waiter.set_exception(ShuttingDown("lmgate is shutting down; try again shortly"))
-        log.info("shutting down: %d waiting requests refused, %d running get %g s to finish",
-                 len(dropped), self.gate.active, self.settings.shutdown_grace)
+        log.info("shutting down: %s refused, %s %g s to finish", _count(len(dropped), "waiting request"),
+                 _count(self.gate.active, "running request") + (" gets" if self.gate.active == 1 else " get"),
+                 self.settings.shutdown_grace)
         if self.gate.active:
             self._grace = asyncio.get_running_loop().create_task(self._end_grace())
 
@@ -610,6 +611,11 @@ def log_access(rec: RequestRecord, fmt: str) -> None:
         "-" if rec.completion_tokens is None else rec.completion_tokens,
         "~" if rec.tokens_approx else "",
     )
+
+
+def _count(n: int, noun: str) -> str:
+    """``1 waiting request``, ``2 waiting requests``."""
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
 
 
 def _r(v: float | None) -> float | None:

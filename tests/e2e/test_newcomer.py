@@ -89,3 +89,55 @@ def test_the_quota_database_goes_to_the_systemd_state_directory(tmp_path: Path) 
         assert not (tmp_path / "no-home").exists()
     finally:
         sim.stop()
+
+
+# -- 20: what the log says, and HTTP/1.0 clients -----------------------------------------------
+
+def test_shutdown_logs_what_each_client_got(tmp_path: Path) -> None:
+    """Regression: a waiting stream refused at shutdown was logged ``status=0
+    outcome=rejected``, one cut off by it ``outcome=timeout``, and the drain said "1 requests
+    waiting". Each line now says the status the client got and ``outcome=shutting_down``."""
+    import signal
+
+    with running_stack(tmp_path, "--shutdown-grace", "1", tokens_per_s=50, load_s=0) as (_, gate):
+        running = stream_open(gate, chat("run", max_tokens=3000), headers={"x-request-id": "cut-off"})
+        waiting = stream_open(gate, chat("wait", max_tokens=2), headers={"x-request-id": "refused"})
+        try:
+            assert started(running)
+            assert waiting.headers["x-queue-position"] == "1"
+            gate.signal(signal.SIGTERM)
+            assert waiting.read_all(timeout=20) is not None and running.read_all(timeout=20) is not None
+            assert gate.proc.wait(20) == 0
+        finally:
+            running.close()
+            waiting.close()
+        log = gate.output()
+    assert "shutting down: 1 waiting request refused, 1 running request gets 1 s to finish" in log, log
+    for rid in ("cut-off", "refused"):
+        (line,) = [line for line in log.splitlines() if f"{rid} 127.0.0.1 " in line]
+        assert "status=200 outcome=shutting_down" in line, line
+    assert '"code": "shutting_down"' in waiting.body.decode()
+
+
+def test_http_1_0_clients_get_a_stream_ended_by_close(tmp_path: Path) -> None:
+    """Regression: an HTTP/1.0 client got ``Transfer-Encoding: chunked``, which HTTP/1.0 does
+    not have; it read chunk sizes as text. Its stream is now delimited by closing."""
+    import json
+
+    with running_stack(tmp_path, tokens_per_s=0, load_s=0) as (_, gate):
+        conn = Raw(gate.port)
+        try:
+            body = json.dumps({**chat("old client", max_tokens=3), "stream": True}).encode()
+            conn.send(b"POST /v1/chat/completions HTTP/1.0\r\nhost: x\r\ncontent-type: application/json\r\n"
+                      b"content-length: %d\r\n\r\n%s" % (len(body), body))
+            assert conn.read_head() == 200
+            assert "transfer-encoding" not in conn.headers and "content-length" not in conn.headers
+            assert conn.wait_closed(timeout=20)
+            conn.read_all(timeout=1)
+        finally:
+            conn.close()
+        text = conn.body.decode()
+        assert text.startswith(": queue_entered=0") and text.rstrip().endswith("data: [DONE]"), text
+        assert "\r\n0\r\n" not in text
+        plain = httpx.post(gate.url + "/v1/chat/completions", json=chat("new client", max_tokens=2), timeout=20)
+        assert plain.status_code == 200

@@ -433,7 +433,7 @@ def test_shutdown_refuses_waiting_requests(make_gate):
         g.upstream.release.set()
         assert first.result(5).status_code == 200  # the running one finishes
     assert refused.status_code == 503 and refused.json()["error"]["code"] == "shutting_down"
-    assert g.value("lmgate_requests_total", route=CHAT, model=MODEL_A, outcome="rejected") == 1
+    assert g.value("lmgate_requests_total", route=CHAT, model=MODEL_A, outcome="shutting_down") == 1
     assert g.value("lmgate_requests_total", route=CHAT, model=MODEL_A, outcome="ok") == 1
     assert g.samples("lmgate_queue_depth") == {(("model", "none"),): 0.0}
     # refused while it waited, it counts as a rejection like one refused on arrival
