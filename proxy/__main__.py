@@ -166,11 +166,15 @@ def run(args: list[str]) -> None:
     if "--version" in args:
         print(f"lmgate {__version__}")
         return
+    check_only = "--check" in args
     try:
-        settings = load_settings(args)
+        settings = load_settings([a for a in args if a != "--check"])
     except ConfigError as exc:
         refuse(f"configuration error: {exc}")
     settings, raised = fit_connections(settings)
+    if check_only:
+        print(describe(settings))
+        return
     try:
         sockets = bind_listeners(settings.host, settings.port)
     except ListenError as exc:
@@ -199,6 +203,20 @@ def run(args: list[str]) -> None:
     gc.freeze()
     gc.set_threshold(GC_GEN0_THRESHOLD, 20, 50)
     server.run(sockets=sockets)
+
+
+def describe(settings: Settings) -> str:
+    """``lmgate --check``: one line saying the configuration is valid and what it sets up.
+    Nothing is contacted and nothing is opened."""
+    boxes = settings.boxes()
+    quota = quota_path(settings)
+    return (f"lmgate {__version__}: configuration OK ({settings.config or 'no file'}): "
+            f"{len(boxes)} upstream {'box' if len(boxes) == 1 else 'boxes'} "
+            f"({', '.join(redact(b.url) for b in boxes)}), "
+            f"{len(settings.keys) or 'no'} {'key' if len(settings.keys) == 1 else 'keys'}"
+            f"{'' if settings.keys else ' (open access)'}, listening on "
+            f"{listen_url(settings.host, settings.port)}, max queue {settings.max_queue}"
+            + (f", quotas in {quota}" if quota is not None else ""))
 
 
 async def open_state(settings: Settings) -> QuotaStore:

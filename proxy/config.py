@@ -77,8 +77,9 @@ OPTIONS: tuple[Option, ...] = (
     Option("max_models", int, 50, "distinct model names tracked in metrics; the rest are 'other'",
            minimum=1),
     Option("result_ttl", float, 600.0, "seconds finished /queue/add results are kept", minimum=0),
-    Option("stream_open_timeout", float, 120.0, "seconds a /queue/add request waits for its "
-           "/stream to be opened before it is cancelled", minimum=0.001),
+    Option("stream_open_timeout", float, 120.0, "seconds a started /queue/add job may generate "
+           "with no sign of its owner (no /stream open, no /request poll) before it is cancelled",
+           minimum=0.001),
     Option("trusted_proxies", list, (), "comma-separated IPs/CIDRs of reverse proxies whose "
            "X-Forwarded-For / Forwarded headers name the client (default: none, headers ignored)"),
     Option("client_write_timeout", float, 30.0, "seconds a client may leave lmgate's writes "
@@ -111,7 +112,8 @@ OPTIONS: tuple[Option, ...] = (
            "the OS's per-user data directory + lmgate"),
     Option("log_level", str, "info", "debug, info, warning or error",
            choices=("debug", "info", "warning", "error", "critical")),
-    Option("log_format", str, "text", "access log format: text or json", choices=("text", "json")),
+    Option("log_format", str, "text", "every log line as text, or json (one object per line)",
+           choices=("text", "json")),
     Option("demo", bool, False, "run two built-in LM Studio simulators as the upstream boxes (no LM Studio needed)"),
 )
 OPTION_BY_NAME = {o.name: o for o in OPTIONS}
@@ -500,6 +502,9 @@ def build_parser() -> argparse.ArgumentParser:
             parser.add_argument(opt.flag, metavar=opt.name.upper(), default=None,
                                 help=f"{opt.help}{default}; env {opt.env}")
     parser.add_argument("--version", action="store_true", help="print the version and exit")
+    parser.add_argument("--check", action="store_true", help="check the configuration (flags, "
+                        "environment, file) and exit: 0 and one line when it is valid, 2 and the "
+                        "error otherwise; nothing is contacted or started")
     return parser
 
 
@@ -524,6 +529,7 @@ def load_settings(
     args = vars(build_parser().parse_args(argv))
     config_path = args.pop("config") or env.get("LMGATE_CONFIG") or None
     args.pop("version", None)
+    args.pop("check", None)
     if isinstance(args.get("upstream"), list):
         args["upstream"] = ",".join(args["upstream"])
     file_values: dict[str, Any] = read_file(config_path) if config_path else {}

@@ -225,7 +225,8 @@ async def readyz(request: Request) -> Response:
     up = any(bool(u.up) and not (state.managers.get(n) and state.managers[n].error)
              for n, u in state.upstreams.items())
     body = {"status": "ready" if up and not state.draining else "not ready",
-            "upstream": state.upstream.base, "upstream_up": up, "draining": state.draining,
+            "upstream": ", ".join(u.base for u in state.upstreams.values()),
+            "upstream_up": up, "draining": state.draining,
             "upstreams": {name: bool(u.up) for name, u in state.upstreams.items()},
             "errors": {name: m.error for name, m in state.managers.items() if m.error}}
     return JSONResponse(body, status_code=200 if up and not state.draining else 503)

@@ -141,3 +141,34 @@ def test_http_1_0_clients_get_a_stream_ended_by_close(tmp_path: Path) -> None:
         assert "\r\n0\r\n" not in text
         plain = httpx.post(gate.url + "/v1/chat/completions", json=chat("new client", max_tokens=2), timeout=20)
         assert plain.status_code == 200
+
+
+def test_check_validates_the_configuration_and_exits(tmp_path: Path) -> None:
+    good = tmp_path / "good.toml"
+    good.write_text('upstream = "http://192.0.2.10:1234"\nmax_queue = 30\n'
+                    '[[keys]]\nname = "a"\nkey = "sk-check-test-001"\ntokens_per_day = 10\n')
+    result = lmgate("--check", "--config", str(good), env=clean_env(STATE_DIRECTORY=str(tmp_path / "s")))
+    assert result.returncode == 0, result.stderr
+    (line,) = result.stdout.splitlines()
+    assert "configuration OK" in line and "192.0.2.10:1234" in line and "1 key" in line
+    assert not (tmp_path / "s").exists()  # nothing opened or created
+    bad = tmp_path / "bad.toml"
+    bad.write_text("max_queue = -1\n")
+    result = lmgate("--check", "--config", str(bad))
+    assert result.returncode == 2 and result.stdout == ""
+    (line,) = result.stderr.splitlines()
+    assert "max_queue" in line
+
+
+def test_readyz_names_every_box(tmp_path: Path) -> None:
+    sims = [start_simulator(tmp_path, tokens_per_s=0, load_s=0) for _ in range(2)]
+    try:
+        gate = start_lmgate(tmp_path, sims[0].url, "--upstream", sims[1].url)
+        try:
+            doc = httpx.get(gate.url + "/readyz", timeout=5).json()
+            assert all(f"127.0.0.1:{s.port}" in doc["upstream"] for s in sims), doc
+        finally:
+            gate.stop()
+    finally:
+        for sim in sims:
+            sim.stop()

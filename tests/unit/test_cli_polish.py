@@ -219,3 +219,26 @@ def test_every_simulator_flag_has_a_help_text() -> None:
                           "--max-concurrent", "--loaded"}
     # ArgumentDefaultsHelpFormatter adds "(default: ...)" only to options that have a help text
     assert result.stdout.count("(default:") == len(flags)
+
+
+def test_the_readme_table_lists_every_flag_with_its_env_and_default() -> None:
+    """``--help`` and the README's configuration table come from different places; every
+    option must be in the table, with its variable and the same default."""
+    from proxy.config import OPTIONS
+
+    rows: dict[str, list[str]] = {}
+    for line in (ROOT / "README.md").read_text(encoding="utf-8").splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) >= 4 and cells[0].startswith("`--"):
+            rows[cells[0].strip("`")] = cells
+    for opt in OPTIONS:
+        assert opt.flag in rows, f"{opt.flag} is missing from the README's configuration table"
+        _, env, default, _meaning = rows[opt.flag][:4]
+        assert env == f"`{opt.env}`", (opt.flag, env)
+        if isinstance(opt.default, (int, float)) and not isinstance(opt.default, bool):
+            number = default.strip("`").split("`")[0]
+            assert float(number) == float(opt.default), (opt.flag, default, opt.default)
+        elif opt.default in (None, (), False):
+            assert default.split()[0] in ("none", "off", "the", "`$STATE_DIRECTORY`"), (opt.flag, default)
+        else:
+            assert default.startswith(f"`{opt.default}`"), (opt.flag, default, opt.default)
