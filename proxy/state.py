@@ -424,6 +424,11 @@ class AppState:
             raise SystemExit(2) from None
         for name, up in self.upstreams.items():
             await self._check(name, up, first=True)
+            if not self.auth.open and up.up and await up.open_to_anyone():
+                log.warning("upstream %s answers without a token, so anyone who can reach it goes "
+                            "around lmgate's keys: turn on Require Authentication in LM Studio's "
+                            "server settings and give lmgate the token (--upstream-key or the box's "
+                            "key)", self._label(up))
         for spec in self.settings.boxes():
             room = spec.max_loaded or self.settings.max_loaded
             for group in self.settings.groups:

@@ -188,6 +188,18 @@ class Upstream:
                 self._own = None
                 own.set()
 
+    async def open_to_anyone(self) -> bool:
+        """Does this box, on an address other machines can reach, answer a model listing
+        without a token? (Asked once, at start, before anything else is sent to it.)"""
+        host = urlsplit(self.base).hostname or ""
+        if host in ("localhost", "127.0.0.1", "::1") or host.startswith("127."):
+            return False
+        try:
+            r = await self.client.get(self.base + "/v1/models", timeout=PROBE_TIMEOUT_S)
+        except httpx.HTTPError:
+            return False
+        return r.status_code == 200
+
     async def probe(self) -> bool:
         """Is the upstream answering at all? Short timeout, any HTTP answer counts."""
         try:

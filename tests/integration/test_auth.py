@@ -292,3 +292,29 @@ def test_admin_cancels_an_old_api_job() -> None:
             r.upstream.release(0)
             await holder
     run(body)
+
+
+def test_a_box_anyone_can_reach_without_a_token_is_warned_about(caplog) -> None:
+    """lmgate with keys in front of a box on another machine that answers without a token:
+    anyone on the network can go around lmgate. One warning line at start says so, and what
+    to do (LM Studio's Require Authentication, and the token for lmgate)."""
+    import logging
+
+    from proxy.config import ApiKey
+
+    key = ApiKey(name="a", sha256=hashlib.sha256(b"sk-warn-test-0001").hexdigest())
+
+    async def body() -> None:
+        async with serve(keys=(key,)):
+            pass
+        async with serve():  # open access: nothing to go around
+            pass
+        async with serve(keys=(key,), upstream_key="sk-box-token"):
+            pass
+
+    with caplog.at_level(logging.WARNING, logger="lmgate"):
+        run(body)
+    warnings = [r.getMessage() for r in caplog.records if "answers without a token" in r.getMessage()]
+    # the scripted box answers everyone: warned with keys, with or without lmgate's own token
+    assert len(warnings) == 2, warnings
+    assert "Require Authentication" in warnings[0] and "upstream.test" in warnings[0]
