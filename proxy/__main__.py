@@ -191,11 +191,13 @@ def run(args: list[str]) -> None:
         boxes = start_demo_upstreams()
         settings = settings.with_(upstream=boxes[0].url, upstreams=boxes)
     boxes = settings.boxes()
-    log.info("lmgate %s listening on %s, %s %s, parallel %d, max queue %d",
+    given = "parallel" in settings.sources or settings.parallel != 1
+    log.info("lmgate %s listening on %s, %s %s, %s, max queue %d",
              __version__, listen_url(settings.host, settings.port),
              "upstream" if len(boxes) == 1 else "upstreams",
              ", ".join(redact(b.url) if len(boxes) == 1 else f"{b.name}={redact(b.url)}" for b in boxes),
-             settings.parallel, settings.max_queue)
+             f"parallel {settings.parallel}" if given else "slots per model as each box reports them",
+             settings.max_queue)
     server = build_server(settings, quotas)
     server.lmgate.argv, server.lmgate.environ = args, dict(os.environ)
     # Everything built so far lives as long as the process: keep it out of the collector's

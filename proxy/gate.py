@@ -137,6 +137,13 @@ class Box:
     def slots_for(self, model: str) -> int:
         return self.slots.get(model, self.parallel)
 
+    @property
+    def slots_in_force(self) -> int:
+        """The slots of what runs on the box now (or, idle, of what it has loaded): what a
+        person reads as its ``parallel``."""
+        models = {t.model for t in self.running.values()} or self.loaded
+        return max((self.slots_for(m) for m in models), default=self.parallel)
+
     def lists(self, model: str) -> bool:
         if not self.lists_glob(model):
             return False
@@ -231,9 +238,9 @@ class Gate:
 
     @property
     def parallel(self) -> int:
-        """Slots on the boxes that can take requests (all boxes if none can)."""
-        usable = [b.parallel for b in self.boxes.values() if b.usable]
-        return sum(usable) if usable else sum(b.parallel for b in self.boxes.values())
+        """Slots in force on the boxes that can take requests (all boxes if none can)."""
+        usable = [b.slots_in_force for b in self.boxes.values() if b.usable]
+        return sum(usable) if usable else sum(b.slots_in_force for b in self.boxes.values())
 
     @property
     def switches(self) -> int:

@@ -111,7 +111,7 @@ class GateCollector(Collector):
                                   "unless configured).", labels=["upstream", "model"])
         for box in gate.boxes.values():
             switches.add_metric([box.name], box.switches)
-            parallel.add_metric([box.name], box.parallel)
+            parallel.add_metric([box.name], box.slots_in_force)
             for model in sorted(box.loaded):
                 slots.add_metric([box.name, model], box.slots_for(model))
         up = GaugeMetricFamily("lmgate_upstream_up", "1 if the last check of or request to the box "

@@ -116,7 +116,7 @@ def upstream_views(state: AppState) -> list[dict[str, Any]]:
             "name": box.name, "url": up.base if up is not None else None,
             "up": bool(up.up) if up is not None else False, "removed": box.removed,
             "loaded_models": sorted(box.loaded), "running": len(box.running),
-            "parallel": box.parallel, "models": list(box.models),
+            "parallel": box.slots_in_force, "models": list(box.models),
             "catalog": None if box.catalog is None else len(box.catalog),
             "switches": box.switches,
             "load_mode": mgr.mode if mgr is not None else None,

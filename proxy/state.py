@@ -490,10 +490,7 @@ class AppState:
             self._mark_down(name)
             return
         up.backoff_s = 0.0
-        if first:
-            log.info("upstream %s is up", self._label(up))
-        elif up.down_logged:
-            log.info("upstream %s is back up", self._label(up))
+        was_down = up.down_logged
         up.down_logged = False
         # what it lists, before anything is sent to it (a listing just read is not read again)
         if detected and mgr is not None and mgr.mode == MANAGED:
@@ -502,6 +499,19 @@ class AppState:
             await self.refresh_loaded([name])
         if name in self.gate.boxes:
             self.gate.set_up(name, True)
+        if first or was_down:
+            log.info("upstream %s is %s (%s)", self._label(up), "up" if first else "back up",
+                     self._box_summary(name))
+
+    def _box_summary(self, name: str) -> str:
+        """How a box will be used, for its "is up" line: load mode and the slots in force."""
+        box, mgr = self.gate.boxes.get(name), self.managers.get(name)
+        if box is None:
+            return "removed"
+        mode = mgr.mode if mgr is not None else "jit"
+        slots = ", ".join(f"{m}: {box.slots_for(m)}" for m in sorted(box.loaded)) if box.loaded else ""
+        return f"{mode}, " + (f"slots {slots}" if slots else f"{box.parallel} slot"
+                              + ("s" if box.parallel != 1 else "") + " per model")
 
     def begin_shutdown(self) -> None:
         """Stop admitting; fail waiting requests now; give running ones the grace period."""

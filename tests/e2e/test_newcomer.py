@@ -8,6 +8,7 @@ import os
 import resource
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import httpx
@@ -172,3 +173,60 @@ def test_readyz_names_every_box(tmp_path: Path) -> None:
     finally:
         for sim in sims:
             sim.stop()
+
+
+# -- 15: the demo shows the slots in force, and the README's first experiment shows a line -------
+
+def test_the_demo_shows_the_slots_in_force_and_a_line_forms(tmp_path: Path) -> None:
+    """Regression: each demo box ran 4 requests at once while the log said ``parallel 1``,
+    the page ``parallel 2`` and the box panels ``running 4 / 1``; and the README's "a few
+    requests from two terminals" never showed a line. The README's experiment (eight streams
+    for the model only one box has) now shows one, and every number is the slots in force."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "proxy", "--demo", "--port", str(port)], cwd=ROOT,
+                            env=clean_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_until(lambda: _ok(url + "/readyz"), 30, "the demo to be ready", interval=0.1)
+        body = {"model": "llama-3.2-3b-instruct", "stream": True, "max_tokens": 60,
+                "messages": [{"role": "user", "content": "Tell me about queues"}]}
+        # the first request loads the model; LM Studio then reports its slots
+        assert httpx.post(url + "/v1/chat/completions", json={**body, "max_tokens": 2}, timeout=60).status_code == 200
+        views: list[dict] = []
+        done = threading.Event()
+
+        def watch() -> None:
+            while not done.wait(0.05):
+                views.append(next(b for b in httpx.get(url + "/queue", timeout=5).json()["upstreams"]
+                                  if b["name"] == "demo-b"))
+
+        def one(_: int) -> int:
+            with httpx.Client(timeout=60) as c, c.stream("POST", url + "/v1/chat/completions", json=body) as r:
+                r.read()
+                return int(r.headers["x-queue-position"])
+
+        with ThreadPoolExecutor(9) as pool:
+            watcher = pool.submit(watch)
+            positions = list(pool.map(one, range(8)))
+            done.set()
+            watcher.result()
+        assert max(positions) >= 1 and positions.count(0) == 4, positions  # a line formed
+        busy = [(v["running"], v["parallel"]) for v in views if v["running"]]
+        assert busy and all(running <= parallel == 4 for running, parallel in busy), busy
+        assert (4, 4) in busy
+        queue = httpx.get(url + "/queue", timeout=5).json()
+        assert queue["parallel"] == sum(b["parallel"] for b in queue["upstreams"])
+    finally:
+        proc.send_signal(__import__("signal").SIGTERM)
+        output = proc.communicate(timeout=30)[0]
+    assert "parallel 1" not in output and "slots per model as each box reports them" in output
+    assert "upstream demo-b is up (managed" in output
+
+
+def _ok(url: str) -> bool:
+    try:
+        return httpx.get(url, timeout=1).status_code == 200
+    except httpx.HTTPError:
+        return False
