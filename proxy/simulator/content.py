@@ -46,6 +46,18 @@ def last_user_text(body: dict) -> str:
     return prompt_text(body.get("prompt"))
 
 
+def as_chat(native: dict) -> dict:
+    """A body of LM Studio's native ``POST /api/v1/chat`` (``input``: a string or a list of
+    messages, ``max_output_tokens``) as the chat body the rest of this module reads."""
+    raw = native.get("input")
+    if isinstance(raw, list):
+        messages = [m for m in raw if isinstance(m, dict)]
+    else:
+        messages = [{"role": "user", "content": raw if isinstance(raw, str) else ""}]
+    return {"model": native.get("model"), "messages": messages,
+            "max_tokens": native.get("max_output_tokens")}
+
+
 def tool_results(body: dict) -> list[str] | None:
     """Texts of the ``tool`` messages after the last user message, in order: the tool results
     this turn answers. None when there are none (the turn answers the user)."""

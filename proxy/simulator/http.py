@@ -16,7 +16,7 @@ from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
 from .catalog import DEFAULT_MODELS, native_entry, v0_entry, v1_entry
-from .content import last_user_text, prompt_text
+from .content import as_chat, last_user_text, prompt_text
 from .engine import DEFAULT_JIT_TTL_S, SimError, SimState
 from .responses import GenerationResponse
 
@@ -178,7 +178,10 @@ def _routes(state: SimState) -> list[Route]:
             state.bind_loop()
             stream = bool(body.get("stream")) and kind != "embeddings"
             inp = body.get("input")
-            user = prompt_text(inp) if kind == "embeddings" else last_user_text(body)
+            if kind == "embeddings":
+                user = prompt_text(inp)
+            else:
+                user = last_user_text(as_chat(body) if kind == "native" else body)
             gen = state.new_generation(model, stream, request.url.path, user)
             return GenerationResponse(state, gen, body, kind)
         return endpoint
@@ -197,7 +200,8 @@ def _routes(state: SimState) -> list[Route]:
               Route("/sim/requests", requests),
               Route("/api/v1/models", native_models),
               Route("/api/v1/models/load", load, methods=["POST"]),
-              Route("/api/v1/models/unload", unload, methods=["POST"])]
+              Route("/api/v1/models/unload", unload, methods=["POST"]),
+              Route("/api/v1/chat", generation("native"), methods=["POST"])]
     for prefix in ("/v1", "/api/v0"):
         routes += [
             Route(f"{prefix}/models", list_models),

@@ -13,6 +13,7 @@ from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
 from .content import (
+    as_chat,
     chosen_tool,
     embedding,
     expected_tool_call,
@@ -46,6 +47,12 @@ class Sender:
         await self.start()
         await self.send({"type": "http.response.body", "more_body": True,
                          "body": f"data: {payload}\n\n".encode()})
+
+    async def named(self, event: str, data: dict) -> None:
+        """An event with a name (LM Studio's native chat stream: ``event: <type>``)."""
+        await self.start()
+        await self.send({"type": "http.response.body", "more_body": True,
+                         "body": f"event: {event}\ndata: {json.dumps(data)}\n\n".encode()})
 
     async def end(self) -> None:
         await self.start()
@@ -137,6 +144,9 @@ class GenerationResponse(Response):
         if self.kind == "embeddings":
             await out.json(200, self._embeddings())
             return
+        if self.kind == "native":
+            await self._native(out)
+            return
         base = {"id": f"{'chatcmpl' if self.kind == 'chat' else 'cmpl'}-sim{self.gen.seq}",
                 "created": int(time.time()), "model": self.gen.model,
                 "system_fingerprint": self.gen.model}
@@ -170,6 +180,35 @@ class GenerationResponse(Response):
         if isinstance(options, dict) and options.get("include_usage"):
             await out.event({**chunk, "choices": [], "usage": usage})
         await out.event("[DONE]")
+        await out.end()
+
+    async def _native(self, out: Sender) -> None:
+        """LM Studio's own ``/api/v1/chat``: ``output`` and ``stats`` (``input_tokens``,
+        ``total_output_tokens``), never ``usage``; streamed as named events ending with
+        ``chat.end``, which carries the whole result."""
+        chat = as_chat(self.body)
+        words, _ = reply_words(chat)
+        pieces = [w if i == 0 else " " + w for i, w in enumerate(words)]
+        started = time.monotonic()
+        if out.stream:
+            await out.named("chat.start", {"type": "chat.start", "model_instance_id": self.gen.model})
+            await out.named("message.start", {"type": "message.start"})
+        for piece in pieces:
+            await self._pace()
+            if out.stream:
+                await out.named("message.delta", {"type": "message.delta", "content": piece})
+        took = max(time.monotonic() - started, 1e-6)
+        result = {"model_instance_id": self.gen.model,
+                  "output": [{"type": "message", "content": "".join(pieces)}],
+                  "stats": {"input_tokens": prompt_tokens(chat), "total_output_tokens": len(pieces),
+                            "reasoning_output_tokens": 0,
+                            "tokens_per_second": round(len(pieces) / took, 2),
+                            "time_to_first_token_seconds": 0.0}}
+        if not out.stream:
+            await out.json(200, result)
+            return
+        await out.named("message.end", {"type": "message.end"})
+        await out.named("chat.end", {"type": "chat.end", "result": result})
         await out.end()
 
     def _choice(self, delta: dict, finish: str | None = None) -> dict:

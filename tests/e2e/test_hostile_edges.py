@@ -24,6 +24,8 @@ from tests.e2e.hostile import (
     rss,
     sim_requests,
     sim_stats,
+    wait_gate_idle,
+    wait_until,
 )
 from tests.servers import Process, running_stack, start_lmgate, start_simulator
 
@@ -260,3 +262,94 @@ def test_clients_hanging_up_while_lmgate_connects_free_their_slots(tmp_path: Pat
         assert not [g for g in gens if g["outcome"] == "ok"], "a generation ran to its end for nobody"
         assert not [g for g in gens if g["ended"] is None], "a generation is still running"
         assert_gate_free(gate)
+
+
+# -- 2: quotas count every route, in every shape, at every size -----------------------------
+
+QUOTA_KEY = "sk-quota-edge-0008"
+
+
+def quota_config(tmp: Path, per_day: int) -> str:
+    path = tmp / f"quota-{per_day}.toml"
+    path.write_text(f'[[keys]]\nname = "q"\nkey = "{QUOTA_KEY}"\ntokens_per_day = {per_day}\n'
+                    '[[keys]]\nname = "root"\nkey = "sk-root-edge-0009"\nrole = "admin"\n')
+    return str(path)
+
+
+def used_today(gate: Process) -> int:
+    resp = httpx.get(gate.url + "/usage", headers={"authorization": f"Bearer {QUOTA_KEY}"}, timeout=10)
+    return int(resp.json()["day"]["used"])
+
+
+def test_quotas_count_every_route_in_every_shape(tmp_path: Path) -> None:
+    """Regression: LM Studio's native /api/v1/chat reports tokens as ``stats``, never
+    ``usage`` (counted almost nothing); a JSON answer over 4 MiB counted 0; a malformed
+    ``stream_options`` made the prompt free; an old-API job cut short counted 0."""
+    q = {"authorization": f"Bearer {QUOTA_KEY}"}
+    with running_stack(tmp_path, "--config", quota_config(tmp_path, 10_000_000), "--state-dir",
+                       str(tmp_path / "state"), tokens_per_s=100, load_s=0) as (sim, gate):
+        with httpx.Client(timeout=60) as c:
+            native = c.post(gate.url + "/api/v1/chat", headers=q,
+                            json={"model": MODEL, "input": "one two three", "max_output_tokens": 5})
+            stats = native.json()["stats"]
+            expected = stats["input_tokens"] + stats["total_output_tokens"]
+            assert used_today(gate) == expected
+            streamed = c.post(gate.url + "/api/v1/chat", headers=q,
+                              json={"model": MODEL, "input": "four five", "max_output_tokens": 6, "stream": True})
+            assert "event: chat.end" in streamed.text
+            expected += 2 + 6
+            assert used_today(gate) == expected
+
+            inputs = [f"w{i}" for i in range(50_000)]
+            big = c.post(gate.url + "/v1/embeddings", headers=q,
+                         json={"model": "text-embedding-nomic-embed-text-v1.5", "input": inputs})
+            assert big.status_code == 200 and len(big.content) > 4 * 1024 * 1024
+            expected += big.json()["usage"]["total_tokens"]
+            assert used_today(gate) == expected
+
+            for options in ("x", [], True):
+                bad = c.post(gate.url + "/v1/chat/completions", headers=q,
+                             json={**chat("free?", max_tokens=5), "stream": True, "stream_options": options})
+                assert bad.status_code == 400 and error_of(bad)["param"] == "stream_options"
+            assert used_today(gate) == expected
+
+            job = c.post(gate.url + "/queue/add", headers=q,
+                         json={"client_id": "x", **chat("cut short " * 5, max_tokens=2000)}).json()["request_id"]
+            root = {"authorization": "Bearer sk-root-edge-0009"}
+            with c.stream("GET", f"{gate.url}/stream/{job}", headers=q) as events:
+                for line in events.iter_lines():
+                    if '"chunk"' in line:
+                        break
+            assert c.delete(f"{gate.url}/queue/{job}", headers=root).status_code == 200
+            wait_until(lambda: c.get(f"{gate.url}/request/{job}", headers=q).json()["status"] == "error",
+                       10, "the job to end")
+            assert used_today(gate) > expected  # what the cut job streamed is counted
+            wait_gate_idle(gate)
+            assert c.post(gate.url + "/v1/chat/completions", headers=q, json=chat(max_tokens=2)).status_code == 200
+
+
+def test_requests_admitted_together_cannot_overshoot_a_quota_by_much(tmp_path: Path) -> None:
+    """Regression: the quota was checked only on arrival, so 60 requests admitted together
+    each spent a 100-token day (a 100-fold overshoot). It is checked again when a waiting
+    request's turn comes: the overshoot is at most what the running slots use."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    q = {"authorization": f"Bearer {QUOTA_KEY}"}
+    with running_stack(tmp_path, "--config", quota_config(tmp_path, 100), "--state-dir",
+                       str(tmp_path / "state"), "--max-queue", "100", tokens_per_s=200,
+                       load_s=0) as (sim, gate):
+        body = chat("twenty words " * 10, max_tokens=20)  # about 41 tokens each
+
+        def one(_: int) -> int:
+            with httpx.Client(timeout=60) as c:
+                return c.post(gate.url + "/v1/chat/completions", headers=q, json=body).status_code
+
+        with ThreadPoolExecutor(60) as pool:
+            codes = list(pool.map(one, range(60)))
+        served = codes.count(200)
+        assert codes.count(429) == 60 - served, codes
+        assert 1 <= served <= 3, codes  # 41, 82, 123: the third crosses the limit, then no more
+        assert used_today(gate) <= 100 + 41
+        generated = [r for r in sim_requests(sim) if r["path"] == "/v1/chat/completions"]
+        assert len(generated) == served
+        wait_gate_idle(gate)
