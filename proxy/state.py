@@ -352,7 +352,10 @@ class AppState:
             self.totals[bucket] += 1
             self.totals["completion_tokens"] += rec.completion_tokens or 0
         if rec.outcome == "ok" and rec.wait_ms is not None:
-            self.eta.observe(rec.model, rec.duration_ms / 1000 - rec.wait_ms / 1000)
+            # ttft only for streams: a plain answer's first byte comes at its end
+            self.eta.observe(rec.model, rec.duration_ms / 1000 - rec.wait_ms / 1000, box=rec.upstream,
+                             completion_tokens=rec.completion_tokens,
+                             ttft_s=rec.ttft_ms / 1000 if rec.stream and rec.ttft_ms is not None else None)
         if (rec.outcome == "upstream_error" and rec.status >= 500) or rec.status in (502, 504):
             self.refresh_loaded_soon()
         log_access(rec, self.settings.log_format)

@@ -353,3 +353,38 @@ def test_requests_admitted_together_cannot_overshoot_a_quota_by_much(tmp_path: P
         generated = [r for r in sim_requests(sim) if r["path"] == "/v1/chat/completions"]
         assert len(generated) == served
         wait_gate_idle(gate)
+
+
+# -- 10, 11: estimates that mean something -----------------------------------------------------
+
+def test_an_estimate_behind_a_long_request_is_not_zero_and_retry_after_covers_the_line(tmp_path: Path) -> None:
+    """Regression: behind a request that had outlived the usual duration the ETA read 0 (Open
+    WebUI showed "about 1 s" for a 35 s wait), and Retry-After on a full queue said 1-2 s while
+    the line stayed full; the SDKs obeyed it and spent their retries."""
+    from tests.e2e.hostile import started, stream_open
+
+    with running_stack(tmp_path, "--max-queue", "1", tokens_per_s=50, load_s=0) as (_, gate):
+        with httpx.Client(timeout=30) as c:
+            for _ in range(2):  # learn: requests for this model take about 0.4 s
+                assert c.post(gate.url + "/v1/chat/completions", json=chat("learn", max_tokens=20)).status_code == 200
+            holder = stream_open(gate, chat("long", max_tokens=600))  # 12 s: far past the usual
+            try:
+                assert started(holder)
+                wait_until(lambda: c.get(gate.url + "/queue").json()["running"][0]["running_s"] > 1.0, 10,
+                           "the holder to outlive the usual duration")
+                waiting = stream_open(gate, chat("next", max_tokens=5))
+                try:
+                    eta = int(waiting.headers["x-queue-eta-ms"])
+                    assert eta >= 500, eta
+                    line = c.get(gate.url + "/queue").json()["waiting"]
+                    assert line[0]["eta_ms"] >= 500, line
+                    full = c.post(gate.url + "/v1/chat/completions", json=chat("full", max_tokens=5))
+                    assert full.status_code == 429 and error_of(full)["code"] == "queue_full"
+                    retry = int(full.headers["retry-after"])
+                    assert 1 <= retry <= 60
+                    assert retry * 1000 >= line[0]["eta_ms"] - 1000  # not before the line can move
+                finally:
+                    waiting.close()
+            finally:
+                holder.close()
+        assert_gate_free(gate)
