@@ -57,7 +57,7 @@ MODEL_CAP = 1000  # models remembered; the oldest goes first
 REFRESH_S = 1.0  # a walk is reused for the same gate state this long (running requests age)
 MIN_LEFT_S = 0.5  # a running request may always take this long still
 SPREAD_ALPHA = 0.1  # the lengths' variance needs more requests than their average
-OVERRUN = 0.25  # past the usual, a request is expected to go on for this share of its overrun
+OVERRUN = 1.0  # past the usual, a request is expected to go on about as far again as it overran
 OWN_RATE_TOKENS = 8  # a stream's own rate counts once it has streamed this many tokens ...
 OWN_RATE_S = 0.5  # ... over at least this long
 OWN_RATE_SPREAD = 4.0  # and within this factor of the model's usual rate
@@ -71,11 +71,13 @@ def _ema(prev: float | None, value: float) -> float:
     return value if prev is None else prev + ALPHA * (value - prev)
 
 
-def _rest(usual: float, done: float, memoryless: float) -> float:
+def _rest(usual: float, done: float, memoryless: float, most: float | None = None) -> float:
     """What is left of something that usually amounts to ``usual`` once ``done`` is: the
     difference while there is one, then ``OVERRUN`` of how far it has gone past the usual (at
-    most ``usual``); blended towards ``usual`` itself as far as amounts are ``memoryless``."""
-    certain = max(usual - done, min(OVERRUN * (done - usual), usual))
+    most ``usual``, or ``most`` when that is known: a request that has run past the usual is a
+    long one, and its own limit says how long it may still be); blended towards ``usual``
+    itself as far as amounts are ``memoryless``."""
+    certain = max(usual - done, min(OVERRUN * (done - usual), usual if most is None else most))
     return (1 - memoryless) * certain + memoryless * usual
 
 
@@ -267,9 +269,10 @@ class Estimator:
             left = max(0.0, first - ran) + length / rate
         else:
             done = ticket.streamed
-            tokens = _rest(usual.length, done, usual.memoryless)
-            if limit is not None:
-                tokens = min(tokens, max(0.0, limit - done))
+            most = None if limit is None else max(0.0, limit - done)
+            tokens = _rest(usual.length, done, usual.memoryless, most)
+            if most is not None:
+                tokens = min(tokens, most)
             left = tokens / self._own_rate(ticket, rate, now)
         return max(MIN_LEFT_S, left)
 

@@ -232,6 +232,23 @@ def test_a_stream_half_way_through_its_max_tokens_ends_at_its_rate() -> None:
     assert est.eta_ms(gate, waiting) == 6000  # its own rate counts: 60 tokens at 10 tokens/s
 
 
+def test_a_stream_long_past_the_usual_is_expected_to_use_more_of_its_max_tokens() -> None:
+    """What users saw: requests that usually stream 200 tokens, then one asked for 1,000 and
+    has streamed 400 at the usual 20 tokens/s. "About 1 s" for the next in line was wrong: a
+    request that has gone that far past the usual is a long one, and its max_tokens allows
+    600 more. It is expected to go on about as far again as it has overrun (200 tokens, 10 s),
+    within what its limit allows."""
+    gate, clock, est = setup()
+    learn_tokens(est)
+    running = stream(gate, max_tokens=1000)
+    waiting = stream(gate)
+    running.first_byte_at, running.streamed = 0.5, 400
+    clock.now = 20.5
+    assert est.eta_ms(gate, waiting) == 10000
+    running.streamed, clock.now = 950, 48.0  # near its limit: only 50 tokens can follow
+    assert est.eta_ms(gate, waiting) == 2500
+
+
 def test_a_stream_is_expected_to_end_when_its_model_usually_does() -> None:
     gate, clock, est = setup()
     learn_tokens(est)
