@@ -598,8 +598,9 @@ CONNECTION_HEADROOM = 200  # connections beyond the waiting line: running reques
 def check_connection_room(settings: Settings) -> None:
     """Every waiting request holds a connection: a ``--max-queue`` that ``--max-connections``
     cannot hold is refused when both were chosen (``fit_connections`` raises the cap when only
-    the queue was)."""
-    if "max_connections" in settings.sources and settings.max_queue > settings.max_connections:
+    the queue was; a cap chosen alone is the user's to choose)."""
+    given = settings.sources
+    if "max_connections" in given and "max_queue" in given and settings.max_queue > settings.max_connections:
         raise ConfigError("max_queue", f"{settings.max_queue} requests may wait, but max_connections "
                           f"{settings.max_connections} lets only that many clients connect at all; "
                           f"raise max_connections to at least {settings.max_queue + CONNECTION_HEADROOM} "
