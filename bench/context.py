@@ -1,4 +1,4 @@
-"""What every scenario gets: the two servers, the sizes of this run, and a few shared helpers."""
+"""What every scenario gets: the servers, the sizes of this run, and a few shared helpers."""
 
 from __future__ import annotations
 
@@ -17,12 +17,13 @@ from . import profile
 from .client import Conn
 from .procs import Server
 
-DIRECT, LMGATE = "direct", "lmgate"
+DIRECT, HOP, LMGATE = "direct", "hop", "lmgate"  # hop: the plain aiohttp proxy (bench.plain_hop)
 
 
 @dataclass(frozen=True)
 class Sizes:
-    """How much work each scenario does. ``rounds`` alternate direct/lmgate (first side swaps)."""
+    """How much work each scenario does. In every round each side runs once; the order of the
+    sides rotates from round to round (``Ctx.sides``)."""
 
     rounds: int
     seq_requests: int          # (a) per round
@@ -32,6 +33,8 @@ class Sizes:
     paced_chunks: int          # (c)
     paced_delay_ms: float      # (c)
     paced_streams: int         # (c) per round
+    paced_first_streams: int   # (c) short paced streams per round, for the first token
+    paced_first_chunks: int    # (c) chunks of each short stream
     handoff_requests: int      # (d)
     handoff_delay_ms: float    # (d) upstream delay of each queued request
     handoff_rounds: int        # (d)
@@ -49,17 +52,20 @@ class Sizes:
 
 SIZES = {
     "full": Sizes(rounds=7, seq_requests=2000, seq_warmup=200, stream_chunks=1000, streams_per_round=20,
-                  paced_chunks=200, paced_delay_ms=5, paced_streams=2, handoff_requests=50,
+                  paced_chunks=200, paced_delay_ms=5, paced_streams=2, paced_first_streams=40,
+                  paced_first_chunks=4, handoff_requests=50,
                   handoff_delay_ms=5, handoff_rounds=5, scale_clients=5000, scale_chunks=3,
                   cpu_window_s=5.0, queue_samples=30, boxes_requests=2000, boxes_warmup=200,
                   cap_s=150.0),
     "quick": Sizes(rounds=3, seq_requests=500, seq_warmup=100, stream_chunks=1000, streams_per_round=5,
-                   paced_chunks=200, paced_delay_ms=5, paced_streams=1, handoff_requests=50,
+                   paced_chunks=200, paced_delay_ms=5, paced_streams=1, paced_first_streams=30,
+                   paced_first_chunks=4, handoff_requests=50,
                    handoff_delay_ms=5, handoff_rounds=2, scale_clients=500, scale_chunks=3,
                    cpu_window_s=2.0, queue_samples=10, boxes_requests=500, boxes_warmup=100,
                    cap_s=60.0),
     "smoke": Sizes(rounds=2, seq_requests=20, seq_warmup=5, stream_chunks=50, streams_per_round=2,
-                   paced_chunks=20, paced_delay_ms=5, paced_streams=1, handoff_requests=10,
+                   paced_chunks=20, paced_delay_ms=5, paced_streams=1, paced_first_streams=3,
+                   paced_first_chunks=4, handoff_requests=10,
                    handoff_delay_ms=2, handoff_rounds=1, scale_clients=100, scale_chunks=3,
                    cpu_window_s=0.5, queue_samples=3, boxes_requests=40, boxes_warmup=5,
                    cap_s=60.0),
@@ -89,6 +95,7 @@ class Ctx:
     profile_mode: str = "nonblocking"
     profiles: dict[str, Any] = field(default_factory=dict)
     boxes: Boxes | None = None
+    hop: Server | None = None  # the plain hop, started when (a), (b) or (c) runs
 
     @contextlib.contextmanager
     def phase(self, name: str) -> Iterator[None]:
@@ -105,11 +112,27 @@ class Ctx:
             self.profiles[name] = rec.stop()
 
     def port(self, side: str) -> int:
-        return self.upstream.port if side == DIRECT else self.lmgate.port
+        if side == DIRECT:
+            return self.upstream.port
+        if side == HOP:
+            assert self.hop is not None
+            return self.hop.port
+        return self.lmgate.port
 
-    def sides(self, round_no: int) -> tuple[str, str]:
-        """Interleaving: even rounds go direct first, odd rounds lmgate first."""
-        return (DIRECT, LMGATE) if round_no % 2 == 0 else (LMGATE, DIRECT)
+    def all_sides(self) -> tuple[str, ...]:
+        return (DIRECT, HOP, LMGATE) if self.hop is not None else (DIRECT, LMGATE)
+
+    def sides(self, round_no: int, among: tuple[str, ...] | None = None) -> tuple[str, ...]:
+        """Interleaving: the order rotates by one each round, so every side goes first (and
+        last) in turn; with two sides, even rounds go direct first and odd rounds lmgate first."""
+        order = among or self.all_sides()
+        k = round_no % len(order)
+        return order[k:] + order[:k]
+
+    def servers(self) -> list[Server]:
+        """Every server this context knows of (for the CPU the bench itself uses)."""
+        extra = self.boxes.servers() if self.boxes is not None else []
+        return [self.lmgate, self.upstream, *([self.hop] if self.hop is not None else []), *extra]
 
     async def upstream_call(self, method: str, path: str) -> Any:
         conn = await Conn.open(self.upstream.port)
@@ -127,8 +150,9 @@ class Ctx:
 
 
 class Meter:
-    """CPU of lmgate, the fake upstream and this client process across a block of work.
-    ``lmgate`` and ``upstreams`` name other servers than the context's (scenario (g))."""
+    """CPU of lmgate, the plain hop (when running), the fake upstream and this client process
+    across a block of work. ``lmgate`` and ``upstreams`` name other servers than the context's
+    (scenario (g))."""
 
     def __init__(self, ctx: Ctx, lmgate: Server | None = None, upstreams: list[Server] | None = None) -> None:
         self.ctx = ctx
@@ -142,6 +166,7 @@ class Meter:
         self.t0 = time.perf_counter()
         self.c0 = time.process_time()
         self.l0 = self.lmgate.cpu_s()
+        self.h0 = self.ctx.hop.cpu_s() if self.ctx.hop is not None else 0.0
         self.u0 = self._upstream_cpu()
         return self
 
@@ -149,11 +174,15 @@ class Meter:
         self.wall_s = time.perf_counter() - self.t0
         self.client_cpu_s = time.process_time() - self.c0
         self.lmgate_cpu_s = self.lmgate.cpu_s() - self.l0
+        self.hop_cpu_s = self.ctx.hop.cpu_s() - self.h0 if self.ctx.hop is not None else 0.0
         self.upstream_cpu_s = self._upstream_cpu() - self.u0
 
     def as_dict(self) -> dict[str, float]:
-        return {"wall_s": round(self.wall_s, 4), "client_cpu_s": round(self.client_cpu_s, 4),
-                "lmgate_cpu_s": round(self.lmgate_cpu_s, 4), "upstream_cpu_s": round(self.upstream_cpu_s, 4)}
+        out = {"wall_s": round(self.wall_s, 4), "client_cpu_s": round(self.client_cpu_s, 4),
+               "lmgate_cpu_s": round(self.lmgate_cpu_s, 4), "upstream_cpu_s": round(self.upstream_cpu_s, 4)}
+        if self.ctx.hop is not None:
+            out["hop_cpu_s"] = round(self.hop_cpu_s, 4)
+        return out
 
 
 async def gather_capped(*aws: Any, timeout_s: float) -> list[Any]:

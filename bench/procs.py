@@ -147,3 +147,10 @@ def lmgate(log_dir: Path, upstream_port: int | Sequence[int], extra: list[str] |
             "--max-queue", "10000", "--max-connections", "12000", "--queue-timeout", "600",
             "--log-level", "warning", *(extra or [])]
     return Server(name.replace("_", " "), args, port, log_dir / f"{name}.log")
+
+
+def plain_hop(log_dir: Path, upstream_port: int, name: str = "plain_hop") -> Server:
+    """The plain aiohttp reverse proxy (``bench.plain_hop``) in front of one fake upstream."""
+    port = free_port()
+    args = ["-m", "bench.plain_hop", "--port", str(port), "--upstream", f"http://127.0.0.1:{upstream_port}"]
+    return Server(name.replace("_", " "), args, port, log_dir / f"{name}.log")

@@ -6,7 +6,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from .context import DIRECT, LMGATE
+from .context import DIRECT, HOP, LMGATE
+
+
+def _none(doc: dict[str, Any]) -> Any:
+    return None
 
 
 @dataclass(frozen=True)
@@ -19,6 +23,8 @@ class Target:
     op: str                                       # "<=" or ">="
     limit: float | None                           # None: shown for information only
     unit: str = "ms"
+    hop: Callable[[dict[str, Any]], Any] = _none  # the plain hop's figure
+    versus: str = DIRECT                          # what *value* compares lmgate with: direct or hop
 
 
 def _g(*path: str) -> Callable[[dict[str, Any]], Any]:
@@ -30,10 +36,6 @@ def _g(*path: str) -> Callable[[dict[str, Any]], Any]:
             cur = cur[p]
         return cur
     return get
-
-
-def _none(doc: dict[str, Any]) -> Any:
-    return None
 
 
 A, B, C, D, E = "a_sequential", "b_stream", "c_paced", "d_handoff", "e_scale"
@@ -92,26 +94,50 @@ def _boxes_rows() -> list[Target]:
     ]
 
 
+def _sides(scenario: str, key: str, what: str, op: str, limit: float | None, unit: str = "ms",
+           value: str | None = None) -> Target:
+    """A figure of every side; *value* (default ``added_<key>``) compares lmgate with direct."""
+    return Target(scenario, what, _g(scenario, "summary", DIRECT, key), _g(scenario, "summary", LMGATE, key),
+                  _g(scenario, "summary", value or f"added_{key}"), op, limit, unit,
+                  hop=_g(scenario, "summary", HOP, key))
+
+
+def _vs_hop(scenario: str, key: str, what: str, limit: float | None = None, unit: str = "ms",
+            op: str = "<=") -> Target:
+    """lmgate's figure next to the plain hop's (``<key>`` and ``hop_<key>``), compared by ``vs_hop_<key>``."""
+    return Target(scenario, what + ": lmgate vs hop", _none, _g(scenario, "summary", key),
+                  _g(scenario, "summary", "vs_hop_" + key), op, limit, unit,
+                  hop=_g(scenario, "summary", "hop_" + key), versus=HOP)
+
+
+def _cpu_rows(scenario: str, per: str, what: str, limit: float) -> list[Target]:
+    """(f): lmgate's CPU per unit of work (the target, the hop's figure beside it), then the two
+    compared."""
+    lm, hop = _g(scenario, "summary", f"lmgate_cpu_ms_{per}"), _g(scenario, "summary", f"hop_cpu_ms_{per}")
+    versus = _g(scenario, "summary", f"vs_hop_cpu_ms_{per}")
+    return [Target("f_cpu", f"lmgate CPU {what}", _none, lm, lm, "<=", limit, hop=hop),
+            Target("f_cpu", f"CPU {what}: lmgate vs hop", _none, lm, versus, "<=", None, hop=hop, versus=HOP)]
+
+
 TARGETS = [
-    Target(A, "latency p50 (added)", _g(A, "summary", DIRECT, "p50_ms"), _g(A, "summary", LMGATE, "p50_ms"),
-           _g(A, "summary", "added_p50_ms"), "<=", 0.6),
-    Target(A, "latency p99 (added)", _g(A, "summary", DIRECT, "p99_ms"), _g(A, "summary", LMGATE, "p99_ms"),
-           _g(A, "summary", "added_p99_ms"), "<=", 3.0),
-    Target(B, "relay chunks/s (ratio)", _g(B, "summary", DIRECT, "relay_chunks_per_s"),
-           _g(B, "summary", LMGATE, "relay_chunks_per_s"), _g(B, "summary", "relay_rate_ratio"), ">=", 0.9,
-           "x"),
-    Target(B, "end-to-end chunks/s (ratio)", _g(B, "summary", DIRECT, "e2e_chunks_per_s"),
-           _g(B, "summary", LMGATE, "e2e_chunks_per_s"), _g(B, "summary", "e2e_rate_ratio"), ">=", None, "x"),
-    Target(B, "first chunk (added)", _g(B, "summary", DIRECT, "first_chunk_ms"),
-           _g(B, "summary", LMGATE, "first_chunk_ms"), _g(B, "summary", "first_chunk_added_ms"), "<=", 1.0),
-    Target(B, "first chunk, 1-chunk stream (added)",
-           _g(B, "summary", DIRECT, "first_chunk_1_chunk_stream_ms"),
-           _g(B, "summary", LMGATE, "first_chunk_1_chunk_stream_ms"),
-           _g(B, "summary", "first_chunk_1_chunk_stream_added_ms"), "<=", None),
-    Target(C, "inter-chunk gap p99 (added)", _g(C, "summary", DIRECT, "p99"), _g(C, "summary", LMGATE, "p99"),
-           _g(C, "summary", "gap_p99_added_ms"), "<=", 1.0),
-    Target(C, "inter-chunk gap p50 (added)", _g(C, "summary", DIRECT, "p50"), _g(C, "summary", LMGATE, "p50"),
-           _g(C, "summary", "gap_p50_added_ms"), "<=", None),
+    _sides(A, "p50_ms", "latency p50 (added)", "<=", 0.5),
+    _vs_hop(A, "added_p50_ms", "latency p50 added", 0.0),
+    _sides(A, "p99_ms", "latency p99 (added)", "<=", 3.0),
+    _vs_hop(A, "added_p99_ms", "latency p99 added"),
+    _sides(B, "relay_chunks_per_s", "relay chunks/s (ratio)", ">=", 0.9, "x", "relay_rate_ratio"),
+    _vs_hop(B, "relay_rate_ratio", "relay chunks/s ratio", unit="x", op=">="),
+    _sides(B, "e2e_chunks_per_s", "end-to-end chunks/s (ratio)", ">=", None, "x", "e2e_rate_ratio"),
+    _sides(B, "first_chunk_ms", "first chunk (added)", "<=", 1.0, value="first_chunk_added_ms"),
+    _vs_hop(B, "first_chunk_added_ms", "first chunk added"),
+    _sides(B, "first_chunk_1_chunk_stream_ms", "first chunk, 1-chunk stream (added)", "<=", None,
+           value="first_chunk_1_chunk_stream_added_ms"),
+    _sides(C, "first_token_p50", "first token p50 (added)", "<=", 0.5, value="first_token_p50_added_ms"),
+    _vs_hop(C, "first_token_p50_added_ms", "first token p50 added"),
+    _sides(C, "first_token_p99", "first token p99 (added)", "<=", 2.0, value="first_token_p99_added_ms"),
+    _vs_hop(C, "first_token_p99_added_ms", "first token p99 added"),
+    _sides(C, "p99", "inter-chunk gap p99 (added)", "<=", 1.0, value="gap_p99_added_ms"),
+    _vs_hop(C, "gap_p99_added_ms", "inter-chunk gap p99 added"),
+    _sides(C, "p50", "inter-chunk gap p50 (added)", "<=", None, value="gap_p50_added_ms"),
     Target(D, "handoff gap p50 (direct: client turnaround)", _g(D, "summary", DIRECT, "p50"),
            _g(D, "summary", LMGATE, "p50"), _g(D, "summary", LMGATE, "p50"), "<=", 1.0),
     Target(D, "handoff gap p99", _g(D, "summary", DIRECT, "p99"), _g(D, "summary", LMGATE, "p99"),
@@ -127,10 +153,8 @@ TARGETS = [
     Target(E, "drain: clients served per s", _none, _g(E, "summary", "served_per_s"),
            _g(E, "summary", "served_per_s"), ">=", None, "/s"),
     *_boxes_rows(),
-    Target("f_cpu", "lmgate CPU per request", _none, _g(A, "summary", "lmgate_cpu_ms_per_request"),
-           _g(A, "summary", "lmgate_cpu_ms_per_request"), "<=", 0.5),
-    Target("f_cpu", "lmgate CPU per 1,000 chunks", _none, _g(B, "summary", "lmgate_cpu_ms_per_1000_chunks"),
-           _g(B, "summary", "lmgate_cpu_ms_per_1000_chunks"), "<=", 10.0),
+    *_cpu_rows(A, "per_request", "per request", 0.4),
+    *_cpu_rows(B, "per_1000_chunks", "per 1,000 chunks", 10.0),
     Target("f_cpu", "client CPU per request (bench's own cost)",
            _g(A, "summary", "client_cpu_ms_per_request"), _none,
            _g(A, "summary", "client_cpu_ms_per_request"), "<=", None),
@@ -152,7 +176,8 @@ def evaluate(scenarios: dict[str, Any]) -> list[dict[str, Any]]:
         else:
             verdict = "pass" if value >= t.limit else "FAIL"
         rows.append({"scenario": t.scenario, "metric": t.metric, "unit": t.unit,
-                     "direct": t.direct(scenarios), "lmgate": t.lmgate(scenarios), "value": value,
+                     "direct": t.direct(scenarios), "hop": t.hop(scenarios), "lmgate": t.lmgate(scenarios),
+                     "value": value, "versus": t.versus,
                      "target": None if t.limit is None else f"{t.op} {t.limit:g}", "result": verdict})
     return rows
 
@@ -188,10 +213,10 @@ def fmt(v: Any) -> str:
 
 
 def table(rows: list[dict[str, Any]]) -> str:
-    head = ["scenario", "metric", "direct", "lmgate", "diff/ratio", "target", "result"]
+    head = ["scenario", "metric", "direct", "hop", "lmgate", "diff/ratio", "target", "result"]
     body = [[r["scenario"], r["metric"] + (f" [{r['unit']}]" if r["unit"] else ""), fmt(r["direct"]),
-             fmt(r["lmgate"]),
-             fmt(r["value"]) if r["direct"] is not None and r["lmgate"] is not None else "-",
+             fmt(r.get("hop")), fmt(r["lmgate"]),
+             fmt(r["value"]) if r[r.get("versus", DIRECT)] is not None and r["lmgate"] is not None else "-",
              r["target"] or "-", r["result"]] for r in rows]
     widths = [max(len(str(x)) for x in col) for col in zip(head, *body, strict=True)]
 

@@ -1,5 +1,5 @@
-"""Run the benchmark: start the fake upstream and lmgate, run every scenario against both
-(interleaved), print the table, write the JSON.
+"""Run the benchmark: start the fake upstream, lmgate and a plain aiohttp hop, run every
+scenario directly and through them (interleaved), print the table, write the JSON.
 
     python -m bench.run [--quick | --smoke] [--out bench/results/latest.json] [--only a,b,e]
                         [--profile [--profile-mode nonblocking|blocking|native]]
@@ -37,6 +37,7 @@ SCENARIOS: list[tuple[str, str, Scenario]] = [
     ("e", "e_scale", scale),
     ("g", "g_two_boxes", two_boxes),
 ]
+HOP_SCENARIOS = {"a", "b", "c"}  # run through the plain hop as well (and so (f))
 PHASED = {"e_scale"}  # profiled phase by phase (ctx.phase), not as a whole
 BUDGET_S = {"full": 330.0, "quick": 90.0, "smoke": 90.0}
 DEFAULT_OUT = Path("bench/results/latest.json")
@@ -44,7 +45,7 @@ DEFAULT_OUT = Path("bench/results/latest.json")
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m bench.run",
-                                description="lmgate benchmark: direct vs through lmgate")
+                                description="lmgate benchmark: direct vs a plain hop vs lmgate")
     size = p.add_mutually_exclusive_group()
     size.add_argument("--quick", action="store_true",
                       help="smaller run (under a minute; 500 waiting clients)")
@@ -103,7 +104,8 @@ async def run(args: argparse.Namespace, mode: str, loop_name: str) -> dict[str, 
         "meta": {"mode": mode, "command": " ".join(["python", "-m", "bench.run", *sys.argv[1:]]),
                  "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "python": platform.python_version(),
                  "platform": platform.platform(), "cpus": os.cpu_count(), "client_loop": loop_name,
-                 "uvloop": available("uvloop"), "httptools": available("httptools"), "fd_limit": fd_limit,
+                 "uvloop": available("uvloop"), "httptools": available("httptools"),
+                 "aiohttp": available("aiohttp"), "fd_limit": fd_limit,
                  "sizes": sizes.as_dict()},
         "scenarios": {},
     }
@@ -117,14 +119,21 @@ async def run(args: argparse.Namespace, mode: str, loop_name: str) -> dict[str, 
         lmgate = procs.lmgate(log_dir, upstream.port)
         started["lmgate"] = lmgate
         lmgate.start()
+        use_hop = bool(wanted & HOP_SCENARIOS) and doc["meta"]["aiohttp"]
+        hop = procs.plain_hop(log_dir, upstream.port) if use_hop else None
+        if hop is not None:
+            started["plain_hop"] = hop
+            hop.start()
         await lmgate.ready("/healthz")
+        if hop is not None:
+            await hop.ready("/v1/models")  # answered by the fake upstream through the hop
         boxes = await start_boxes(log_dir, upstream, started) if "g" in wanted else None
         doc["meta"]["pids"] = {role: srv.pid for role, srv in started.items()}
         doc["meta"]["ports"] = {role: srv.port for role, srv in started.items()}
         doc["meta"]["rss_start_mb"] = round(lmgate.rss_bytes() / 2**20, 1)
         ctx = Ctx(upstream=upstream, lmgate=lmgate, sizes=sizes,
                   profile_dir=out_dir if args.profile else None, profile_mode=args.profile_mode,
-                  boxes=boxes)
+                  boxes=boxes, hop=hop)
         for letter, name, fn in SCENARIOS:
             if letter not in wanted:
                 continue
@@ -212,8 +221,7 @@ class Noise:
         self.ours0 = self._ours()
 
     def _ours(self) -> float:
-        extra = self.ctx.boxes.servers() if self.ctx.boxes is not None else []
-        return time.process_time() + sum(s.cpu_s() for s in [self.ctx.lmgate, self.ctx.upstream, *extra])
+        return time.process_time() + sum(s.cpu_s() for s in self.ctx.servers())
 
     def stop(self) -> dict[str, float]:
         wall = time.perf_counter() - self.t0
@@ -256,6 +264,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"lmgate bench ({mode}): {doc['meta']['command']}")
     print(report.table(doc["targets"]))
     print(report.checks_text(doc["checks"]))
+    if not doc["meta"]["aiohttp"] and any(n in scenarios for n in ("a_sequential", "b_stream", "c_paced")):
+        print("plain hop: not run (aiohttp is not installed: pip install -e '.[bench]')")
     busy = {n: sc["other_load"]["other_pct_of_machine"]
             for n, sc in scenarios.items() if sc.get("other_load")}
     if busy:

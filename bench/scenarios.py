@@ -1,5 +1,6 @@
-"""Scenarios (a)-(d): each runs the same work against the fake upstream directly and through
-lmgate, interleaved round by round, and returns per-round figures, a summary and checks."""
+"""Scenarios (a)-(d): each runs the same work against the fake upstream directly, through the
+plain hop ((a)-(c)) and through lmgate, interleaved round by round, and returns per-round
+figures, a summary and checks."""
 
 from __future__ import annotations
 
@@ -11,10 +12,10 @@ from typing import Any
 from proxy.gated import STARTED_AT_ONCE
 
 from .client import Conn, HttpError, SseCollector, chat_request
-from .context import DIRECT, LMGATE, Ctx, Meter
+from .context import DIRECT, HOP, LMGATE, Ctx, Meter
 from .stats import diff, median, pct, r, ratio, summary_ms
 
-SIDES = (DIRECT, LMGATE)
+SIDES = (DIRECT, LMGATE)  # (d): the plain hop has no gate to hand over
 
 
 # -- (a) sequential non-streaming ----------------------------------------------------------
@@ -26,9 +27,10 @@ async def sequential(ctx: Ctx) -> dict[str, Any]:
         for side in ctx.sides(rn):
             rounds.append(await _sequential_round(ctx, side, rn, bodies))
     out: dict[str, Any] = {"rounds": rounds, "summary": {}, "checks": {}}
-    for side in SIDES:
+    s = out["summary"]
+    for side in ctx.all_sides():
         mine = [x for x in rounds if x["side"] == side]
-        out["summary"][side] = {
+        s[side] = {
             "p50_ms": r(median(x["p50_ms"] for x in mine)),
             "p99_ms": r(median(x["p99_ms"] for x in mine)),
             "requests": sum(x["n"] for x in mine),
@@ -36,15 +38,24 @@ async def sequential(ctx: Ctx) -> dict[str, Any]:
             "upstream_cpu_s": r(sum(x["upstream_cpu_s"] for x in mine)),
             "client_cpu_s": r(sum(x["client_cpu_s"] for x in mine)),
         }
-    s = out["summary"]
+        if side == HOP:
+            s[side]["hop_cpu_s"] = r(sum(x["hop_cpu_s"] for x in mine))
     n_lm, n_di = s[LMGATE]["requests"], s[DIRECT]["requests"]
-    out["summary"]["added_p50_ms"] = diff(s[LMGATE]["p50_ms"], s[DIRECT]["p50_ms"])
-    out["summary"]["added_p99_ms"] = diff(s[LMGATE]["p99_ms"], s[DIRECT]["p99_ms"])
-    out["summary"]["lmgate_cpu_ms_per_request"] = r(s[LMGATE]["lmgate_cpu_s"] * 1000 / max(1, n_lm))
-    out["summary"]["client_cpu_ms_per_request"] = r(s[DIRECT]["client_cpu_s"] * 1000 / max(1, n_di))
-    out["summary"]["upstream_cpu_ms_per_request"] = r(s[DIRECT]["upstream_cpu_s"] * 1000 / max(1, n_di))
+    s["added_p50_ms"] = diff(s[LMGATE]["p50_ms"], s[DIRECT]["p50_ms"])
+    s["added_p99_ms"] = diff(s[LMGATE]["p99_ms"], s[DIRECT]["p99_ms"])
+    s["lmgate_cpu_ms_per_request"] = r(s[LMGATE]["lmgate_cpu_s"] * 1000 / max(1, n_lm))
+    s["client_cpu_ms_per_request"] = r(s[DIRECT]["client_cpu_s"] * 1000 / max(1, n_di))
+    s["upstream_cpu_ms_per_request"] = r(s[DIRECT]["upstream_cpu_s"] * 1000 / max(1, n_di))
     out["checks"]["all_200"] = all(x["ok"] == x["n"] for x in rounds)
     out["checks"]["bodies_identical"] = bool(bodies.get(DIRECT)) and bodies.get(DIRECT) == bodies.get(LMGATE)
+    if HOP in s:
+        s["hop_added_p50_ms"] = diff(s[HOP]["p50_ms"], s[DIRECT]["p50_ms"])
+        s["hop_added_p99_ms"] = diff(s[HOP]["p99_ms"], s[DIRECT]["p99_ms"])
+        s["vs_hop_added_p50_ms"] = diff(s["added_p50_ms"], s["hop_added_p50_ms"])
+        s["vs_hop_added_p99_ms"] = diff(s["added_p99_ms"], s["hop_added_p99_ms"])
+        s["hop_cpu_ms_per_request"] = r(s[HOP]["hop_cpu_s"] * 1000 / max(1, s[HOP]["requests"]))
+        s["vs_hop_cpu_ms_per_request"] = diff(s["lmgate_cpu_ms_per_request"], s["hop_cpu_ms_per_request"])
+        out["checks"]["hop_bodies_identical"] = bodies.get(HOP) == bodies.get(DIRECT)
     return out
 
 
@@ -93,8 +104,8 @@ async def stream_throughput(ctx: Ctx) -> dict[str, Any]:
     sz = ctx.sizes
     rounds: list[dict[str, Any]] = []
     raws: dict[str, bytes] = {}
-    per_stream: dict[str, list[dict[str, float]]] = {DIRECT: [], LMGATE: []}
-    single: dict[str, list[float]] = {DIRECT: [], LMGATE: []}
+    per_stream: dict[str, list[dict[str, float]]] = {side: [] for side in ctx.all_sides()}
+    single: dict[str, list[float]] = {side: [] for side in ctx.all_sides()}
     complete = True
     for rn in range(sz.rounds):
         for side in ctx.sides(rn):
@@ -130,7 +141,7 @@ async def stream_throughput(ctx: Ctx) -> dict[str, Any]:
             rounds.append({"side": side, "round": rn, "streams": sz.streams_per_round,
                            "chunks": sz.streams_per_round * sz.stream_chunks, **m.as_dict()})
     summary: dict[str, Any] = {}
-    for side in SIDES:
+    for side in ctx.all_sides():
         ss = per_stream[side]
         mine = [x for x in rounds if x["side"] == side]
         summary[side] = {
@@ -142,17 +153,32 @@ async def stream_throughput(ctx: Ctx) -> dict[str, Any]:
             "chunks": sum(x["chunks"] for x in mine),
             "lmgate_cpu_s": r(sum(x["lmgate_cpu_s"] for x in mine)),
         }
-    lm, di = summary[LMGATE], summary[DIRECT]
-    summary["relay_rate_ratio"] = ratio(lm["relay_chunks_per_s"], di["relay_chunks_per_s"])
-    summary["e2e_rate_ratio"] = ratio(lm["e2e_chunks_per_s"], di["e2e_chunks_per_s"])
-    summary["first_chunk_added_ms"] = diff(lm["first_chunk_ms"], di["first_chunk_ms"])
-    summary["first_chunk_1_chunk_stream_added_ms"] = diff(lm["first_chunk_1_chunk_stream_ms"],
-                                                          di["first_chunk_1_chunk_stream_ms"])
-    summary["lmgate_cpu_ms_per_1000_chunks"] = r(lm["lmgate_cpu_s"] * 1e6 / max(1, lm["chunks"]))
-    identical = same_stream(raws.get(DIRECT), raws.get(LMGATE))
-    return {"rounds": rounds, "summary": summary,
-            "checks": {"complete": complete, "bytes_identical": identical,
-                       "stream_bytes": len(raws.get(DIRECT, b""))}}
+        if side == HOP:
+            summary[side]["hop_cpu_s"] = r(sum(x["hop_cpu_s"] for x in mine))
+    di = summary[DIRECT]
+    for side, prefix in ((LMGATE, ""), (HOP, "hop_")):
+        if side not in summary:
+            continue
+        s = summary[side]
+        summary[prefix + "relay_rate_ratio"] = ratio(s["relay_chunks_per_s"], di["relay_chunks_per_s"])
+        summary[prefix + "e2e_rate_ratio"] = ratio(s["e2e_chunks_per_s"], di["e2e_chunks_per_s"])
+        summary[prefix + "first_chunk_added_ms"] = diff(s["first_chunk_ms"], di["first_chunk_ms"])
+        summary[prefix + "first_chunk_1_chunk_stream_added_ms"] = diff(s["first_chunk_1_chunk_stream_ms"],
+                                                                       di["first_chunk_1_chunk_stream_ms"])
+        proxy = "lmgate" if side == LMGATE else "hop"  # whose CPU: the process in the middle
+        summary[f"{proxy}_cpu_ms_per_1000_chunks"] = r(s[f"{proxy}_cpu_s"] * 1e6 / max(1, s["chunks"]))
+    checks: dict[str, Any] = {"complete": complete,
+                              "bytes_identical": same_stream(raws.get(DIRECT), raws.get(LMGATE)),
+                              "stream_bytes": len(raws.get(DIRECT, b""))}
+    if HOP in summary:
+        summary["vs_hop_relay_rate_ratio"] = ratio(summary["relay_rate_ratio"],
+                                                   summary["hop_relay_rate_ratio"])
+        summary["vs_hop_first_chunk_added_ms"] = diff(summary["first_chunk_added_ms"],
+                                                      summary["hop_first_chunk_added_ms"])
+        summary["vs_hop_cpu_ms_per_1000_chunks"] = diff(summary["lmgate_cpu_ms_per_1000_chunks"],
+                                                        summary["hop_cpu_ms_per_1000_chunks"])
+        checks["hop_bytes_identical"] = bool(raws.get(DIRECT)) and raws.get(HOP) == raws.get(DIRECT)
+    return {"rounds": rounds, "summary": summary, "checks": checks}
 
 
 def same_stream(direct: bytes | None, through: bytes | None) -> bool:
@@ -163,8 +189,12 @@ def same_stream(direct: bytes | None, through: bytes | None) -> bool:
 
 # -- (c) paced stream ----------------------------------------------------------------------
 async def paced_stream(ctx: Ctx) -> dict[str, Any]:
+    """Long paced streams for the gaps between chunks, then short paced streams (the same
+    pacing) for the first token: request written to the first ``data:`` event."""
     sz = ctx.sizes
-    gaps: dict[str, list[float]] = {DIRECT: [], LMGATE: []}
+    sides = ctx.all_sides()
+    gaps: dict[str, list[float]] = {side: [] for side in sides}
+    firsts: dict[str, list[float]] = {side: [] for side in sides}
     rounds: list[dict[str, Any]] = []
     raws: dict[str, bytes] = {}
     complete = True
@@ -173,6 +203,8 @@ async def paced_stream(ctx: Ctx) -> dict[str, Any]:
             port = ctx.port(side)
             raw = chat_request(port, stream=True, bench_chunks=sz.paced_chunks,
                                bench_delay_ms=sz.paced_delay_ms)
+            short = chat_request(port, stream=True, bench_chunks=sz.paced_first_chunks,
+                                 bench_delay_ms=sz.paced_delay_ms)
             conn = await Conn.open(port)
             try:
                 mine: list[float] = []
@@ -182,21 +214,43 @@ async def paced_stream(ctx: Ctx) -> dict[str, Any]:
                     complete &= col.n_data == sz.paced_chunks and col.done_ns is not None
                     ts = col.data_times()
                     mine += [(b - a) / 1e6 for a, b in itertools.pairwise(ts)]
+                first: list[float] = []
+                for _ in range(sz.paced_first_streams):
+                    t0, col = await one_stream(conn, short)
+                    complete &= col.n_data == sz.paced_first_chunks and col.done_ns is not None
+                    if col.first_ns is not None:
+                        first.append((col.first_ns - t0) / 1e6)
             finally:
                 conn.close()
             gaps[side] += mine
+            firsts[side] += first
             rounds.append({"side": side, "round": rn, "gap_p50_ms": r(pct(mine, 50)),
-                           "gap_p99_ms": r(pct(mine, 99)), "gap_max_ms": r(max(mine) if mine else None)})
+                           "gap_p99_ms": r(pct(mine, 99)), "gap_max_ms": r(max(mine) if mine else None),
+                           "first_token_p50_ms": r(pct(first, 50)), "first_token_p99_ms": r(pct(first, 99))})
     summary: dict[str, Any] = {}
-    for side in SIDES:
+    for side in sides:
         its = [x for x in rounds if x["side"] == side]
+        # first token: pooled over the rounds (a round has tens of samples, too few for a p99)
         summary[side] = {"p50": r(median(x["gap_p50_ms"] for x in its)),
-                         "p99": r(median(x["gap_p99_ms"] for x in its)), "pooled": summary_ms(gaps[side])}
-    summary["gap_p99_added_ms"] = diff(summary[LMGATE]["p99"], summary[DIRECT]["p99"])
-    summary["gap_p50_added_ms"] = diff(summary[LMGATE]["p50"], summary[DIRECT]["p50"])
-    return {"rounds": rounds, "summary": summary,
-            "checks": {"complete": complete,
-                       "bytes_identical": same_stream(raws.get(DIRECT), raws.get(LMGATE))}}
+                         "p99": r(median(x["gap_p99_ms"] for x in its)), "pooled": summary_ms(gaps[side]),
+                         "first_token_p50": r(pct(firsts[side], 50)),
+                         "first_token_p99": r(pct(firsts[side], 99)),
+                         "first_token": summary_ms(firsts[side])}
+    di = summary[DIRECT]
+    for side, prefix in ((LMGATE, ""), (HOP, "hop_")):
+        if side not in summary:
+            continue
+        s = summary[side]
+        summary[prefix + "gap_p99_added_ms"] = diff(s["p99"], di["p99"])
+        summary[prefix + "gap_p50_added_ms"] = diff(s["p50"], di["p50"])
+        summary[prefix + "first_token_p50_added_ms"] = diff(s["first_token_p50"], di["first_token_p50"])
+        summary[prefix + "first_token_p99_added_ms"] = diff(s["first_token_p99"], di["first_token_p99"])
+    checks = {"complete": complete, "bytes_identical": same_stream(raws.get(DIRECT), raws.get(LMGATE))}
+    if HOP in summary:
+        for key in ("gap_p99_added_ms", "first_token_p50_added_ms", "first_token_p99_added_ms"):
+            summary["vs_hop_" + key] = diff(summary[key], summary["hop_" + key])
+        checks["hop_bytes_identical"] = bool(raws.get(DIRECT)) and raws.get(HOP) == raws.get(DIRECT)
+    return {"rounds": rounds, "summary": summary, "checks": checks}
 
 
 # -- (d) handoff -----------------------------------------------------------------------------
@@ -217,7 +271,7 @@ async def handoff(ctx: Ctx) -> dict[str, Any]:
     rounds: list[dict[str, Any]] = []
     checks = {"all_200": True, "queued": True, "serialised": True}
     for rn in range(sz.handoff_rounds):
-        for side in ctx.sides(rn):
+        for side in ctx.sides(rn, SIDES):
             await ctx.upstream_call("POST", "/reset")
             if side == LMGATE:
                 statuses, queued = await _handoff_queued(ctx)

@@ -18,6 +18,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 SCENARIOS = ("a_sequential", "b_stream", "c_paced", "d_handoff", "e_scale", "g_two_boxes")
+HOP_SCENARIOS = ("a_sequential", "b_stream", "c_paced")  # also run through the plain aiohttp hop
 RUN_TIMEOUT_S = 120
 
 
@@ -57,9 +58,10 @@ def test_bench_smoke_completes(smoke: tuple[int, str, dict[str, Any]]) -> None:
 def test_bench_smoke_reports_numbers_for_every_target(smoke: tuple[int, str, dict[str, Any]]) -> None:
     _, _, doc = smoke
     rows = doc["targets"]
+    hop_ran = doc["meta"]["aiohttp"]  # the plain hop needs aiohttp (the bench extra)
     assert {row["scenario"] for row in rows} >= {*SCENARIOS, "f_cpu"}
     for row in rows:
-        if row["target"] is not None:
+        if row["target"] is not None and (hop_ran or row["versus"] != "hop"):
             assert isinstance(row["value"], (int, float)), row
             assert row["result"] in ("pass", "FAIL"), row
     s = doc["scenarios"]
@@ -67,6 +69,7 @@ def test_bench_smoke_reports_numbers_for_every_target(smoke: tuple[int, str, dic
         assert s["a_sequential"]["summary"][side]["p50_ms"] > 0
         assert s["b_stream"]["summary"][side]["relay_chunks_per_s"] > 0
         assert s["c_paced"]["summary"][side]["p99"] > 0
+        assert s["c_paced"]["summary"][side]["first_token_p50"] > 0
         assert s["d_handoff"]["summary"][side]["n"] > 0
     assert s["e_scale"]["summary"]["rss_waiting_mb"] > 0
     assert s["e_scale"]["summary"]["queue_get_ms"]["n"] > 0
@@ -75,6 +78,31 @@ def test_bench_smoke_reports_numbers_for_every_target(smoke: tuple[int, str, dic
         assert g[side]["p50_ms"] > 0 and g[side]["ttfb_p50_ms"] > 0, (side, g[side])
     for side in ("one_box", "two_boxes", "one_box_seq", "two_boxes_seq"):
         assert g[side]["lmgate_cpu_ms_per_request"] >= 0, (side, g[side])  # CPU ticks: 0 at this size
+
+
+@pytest.mark.timeout(RUN_TIMEOUT_S + 60)
+def test_bench_smoke_covers_the_plain_hop(smoke: tuple[int, str, dict[str, Any]]) -> None:
+    """(a)-(c) run through the plain hop too, in the same rounds, and (f) reports its CPU."""
+    pytest.importorskip("aiohttp")
+    _, text, doc = smoke
+    s = doc["scenarios"]
+    assert "plain_hop" in doc["meta"]["pids"]
+    for name in HOP_SCENARIOS:
+        sides = [x["side"] for x in s[name]["rounds"]]
+        assert sides.count("hop") == sides.count("direct") == sides.count("lmgate") > 0, (name, sides)
+        assert sides[:3] != sides[3:6], (name, sides)  # the order rotates from round to round
+    assert s["a_sequential"]["summary"]["hop"]["p50_ms"] > 0
+    assert s["a_sequential"]["summary"]["hop_cpu_ms_per_request"] >= 0  # CPU ticks: 0 at this size
+    assert s["b_stream"]["summary"]["hop"]["relay_chunks_per_s"] > 0
+    assert s["c_paced"]["summary"]["hop"]["p99"] > 0 and s["c_paced"]["summary"]["hop"]["first_token_p50"] > 0
+    # the hop passes the bytes through untouched (the baseline must be a faithful proxy)
+    assert s["a_sequential"]["checks"]["hop_bodies_identical"]
+    assert s["b_stream"]["checks"]["hop_bytes_identical"] and s["c_paced"]["checks"]["hop_bytes_identical"]
+    versus = {row["metric"]: row for row in doc["targets"] if row["versus"] == "hop"}
+    row = versus["latency p50 added: lmgate vs hop"]
+    assert isinstance(row["hop"], float) and isinstance(row["lmgate"], float), row
+    assert row["result"] in ("pass", "FAIL"), row
+    assert "lmgate vs hop" in text
 
 
 @pytest.mark.timeout(RUN_TIMEOUT_S + 60)
