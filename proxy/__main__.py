@@ -134,9 +134,10 @@ def start_demo_upstreams() -> tuple[UpstreamSpec, ...]:
     return tuple(specs)
 
 
-def build_server(settings: Settings, quotas: QuotaStore | None = None) -> LmgateServer:
-    app = create_app(settings, quotas=quotas)
-    config = uvicorn.Config(
+def uvicorn_config(app: Any, settings: Settings) -> uvicorn.Config:
+    """How lmgate's uvicorn serves ``app``: on ``settings.host``/``port``, with lmgate's
+    client bounds. ``build_server`` uses it, and so do the in-process tests."""
+    return uvicorn.Config(
         app, host=settings.host, port=settings.port, log_level=settings.log_level,
         access_log=False, lifespan="on", server_header=False, log_config=None,
         timeout_graceful_shutdown=int(settings.shutdown_grace) + 5,
@@ -149,6 +150,11 @@ def build_server(settings: Settings, quotas: QuotaStore | None = None) -> Lmgate
         proxy_headers=False,
         h11_max_incomplete_event_size=HEAD_LIMIT,
     )
+
+
+def build_server(settings: Settings, quotas: QuotaStore | None = None) -> LmgateServer:
+    app = create_app(settings, quotas=quotas)
+    config = uvicorn_config(app, settings)
     raise_fd_limit(settings.max_connections)
     return LmgateServer(config, app.state.lmgate)
 

@@ -58,24 +58,46 @@ def classify(method: str, path: str) -> tuple[str, str] | None:
     return None
 
 
+async def dispatch(state: AppState, scope: Scope, receive: Receive, send: Send) -> bool:
+    """Serve a proxied path (gated inference, model listings, model management); False for
+    anything else (lmgate's own routes)."""
+    if scope["type"] != "http":
+        return False
+    kind = classify(scope["method"], scope["path"])
+    if kind is None:
+        return False
+    request = GatedRequest(state, scope, receive, send, kind[1])
+    if kind[0] == "gated":
+        await request.run()
+    else:
+        await request.passthrough(admin_only=kind[0] == "admin")
+    return True
+
+
 class GateDispatch:
-    """Outermost ASGI layer: gated inference paths go straight to GatedRequest."""
+    """ASGI layer that takes the proxied paths before the routes (used inside CORS)."""
 
     def __init__(self, app: Any, state: AppState) -> None:
         self.app = app
         self.state = state
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http":
-            kind = classify(scope["method"], scope["path"])
-            if kind is not None:
-                request = GatedRequest(self.state, scope, receive, send, kind[1])
-                if kind[0] == "gated":
-                    await request.run()
-                else:
-                    await request.passthrough(admin_only=kind[0] == "admin")
-                return
-        await self.app(scope, receive, send)
+        if not await dispatch(self.state, scope, receive, send):
+            await self.app(scope, receive, send)
+
+
+class Lmgate(Starlette):
+    """The app: proxied paths are served before Starlette's middleware stack (they handle
+    their own errors, and every layer costs each request), the rest by its routes. With CORS
+    on, everything goes through the CORS layer first."""
+
+    lmgate: AppState
+    direct: bool = True
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if self.direct and await dispatch(self.lmgate, scope, receive, send):
+            return
+        await super().__call__(scope, receive, send)
 
 
 def create_app(settings: Settings, *, transport: httpx.AsyncBaseTransport | None = None,
@@ -84,28 +106,29 @@ def create_app(settings: Settings, *, transport: httpx.AsyncBaseTransport | None
     ``registry`` (a fresh one if omitted), never to the process-global registry."""
     state = AppState(settings, transport=transport, registry=registry or CollectorRegistry(),
                      quotas=quotas)
-    state.extensions.append(LegacyQueue(state))
+    legacy = LegacyQueue(state)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         await state.startup()
-        for ext in state.extensions:
-            await ext.start()
+        await legacy.start()
         try:
             yield
         finally:
             state.begin_shutdown()
-            for ext in state.extensions:
-                await ext.stop()
+            await legacy.stop()
             await state.aclose()
 
-    middleware = [Middleware(GateDispatch, state=state)]
+    middleware = []
     if settings.cors_origins:
-        middleware.insert(0, Middleware(
+        middleware = [Middleware(
             CORSMiddleware, allow_origins=list(settings.cors_origins), allow_methods=["*"],
             allow_headers=["*"], expose_headers=["x-request-id", "x-queue-position",
-                                                 "x-queue-depth", "x-queue-wait-ms", "x-queue-eta-ms"]))
-    app = Starlette(routes=routes.build_routes(state), middleware=middleware, lifespan=lifespan,
-                    exception_handlers=routes.exception_handlers())
+                                                 "x-queue-depth", "x-queue-wait-ms", "x-queue-eta-ms"]),
+            Middleware(GateDispatch, state=state)]
+    app = Lmgate(routes=routes.build_routes(legacy.routes()), middleware=middleware, lifespan=lifespan,
+                 exception_handlers=routes.exception_handlers())
+    app.lmgate, app.direct = state, not settings.cors_origins
     app.state.lmgate = state
+    app.state.legacy = legacy
     return app

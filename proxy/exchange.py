@@ -8,7 +8,8 @@ from typing import Any
 
 from . import streaming as sse
 from .errors import ProxyError
-from .inbound import Receive
+from .inbound import Receive, Scope
+from .protocol import DISCONNECT_HOOK
 
 
 class Exchange:
@@ -33,6 +34,19 @@ class Exchange:
         elif self.abort is None:
             self.abort = reason
         self.task.cancel()
+
+
+def watch(scope: Scope, receive: Receive, ex: Exchange) -> asyncio.Task[None] | None:
+    """Interrupt the exchange as soon as its client is gone. lmgate's own HTTP protocol says
+    so through the request's hook (no task per request); under another server a task waits
+    on ``receive()`` for the disconnect (returned, for the caller to cancel at the end)."""
+    hook = scope.get(DISCONNECT_HOOK)
+    if hook is None:
+        return asyncio.create_task(watch_disconnect(receive, ex))
+    hook.callback = lambda: ex.interrupt(None)
+    if hook.fired:
+        ex.interrupt(None)
+    return None
 
 
 async def watch_disconnect(receive: Receive, ex: Exchange) -> None:

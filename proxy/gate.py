@@ -81,6 +81,10 @@ class GateClosed(GateError):
     """The gate is shutting down and admits nothing."""
 
 
+class KeyQueueFull(GateError):
+    """The identity already has as many requests waiting as its key allows."""
+
+
 @dataclass(eq=False)
 class Ticket:
     """One request's place in the gate. Identity is by object, not by value."""

@@ -1,122 +1,61 @@
 """One gated request, start to end: admit, wait its turn, forward, relay, release.
 
 Written as plain ASGI so that lmgate decides exactly when headers go out, can watch for
-a client disconnect while it waits or relays, and always releases its gate slot:
+a client disconnect while it waits or relays, and always releases its place in line:
 
-    handler task ──┬── admission (auth, body, limits, gate.submit)
+    handler task ──┬── admission (admission.py: keys, body, limits, quota, line.submit)
                    ├── wait for turn  (queue comments for streams; timeout; shutdown)
-                   ├── forward upstream, relay bytes as they arrive
-                   └── finally: gate.release(ticket)   <- every path goes through here
+                   ├── forward (forward.py), relay bytes as they arrive
+                   └── finally: line.release(ticket)   <- every path goes through here
     watcher task ───── receive() -> http.disconnect: mark gone, cancel the handler task
 
 Shutdown and admin cancellation use the same route as a disconnect: they set a reason on
 the exchange and cancel the handler task, which turns the reason into an error response
-or a final SSE error event.
+or a final SSE error event. The old queue API runs its jobs through the same ``serve``,
+with a sink in place of a client connection (compat.py).
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
-import logging
 import time
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 from urllib.parse import unquote
 
-import httpx
-
+from . import listings
 from . import streaming as sse
-from .config import FEEDBACK_MODES
-from .errors import (
-    BadRequest,
-    Forbidden,
-    NotFound,
-    ProxyError,
-    QueueFullError,
-    QueueTimeout,
-    ShuttingDown,
-    UpstreamUnavailable,
-)
-from .exchange import Exchange, watch_disconnect
-from .gate import RUNNING, GateClosed, QueueFull, Ticket
+from .admission import Admission, admit
+from .errors import Forbidden, NotFound, ProxyError, QueueTimeout, ShuttingDown
+from .exchange import Exchange, watch
+from .forward import UpstreamResponse, forward
+from .gate import RUNNING, Ticket
 from .inbound import (
     ClientGone,
-    Hold,
     Receive,
     Scope,
     Send,
-    apply_token_cap,
-    ask_for_usage,
     client_request_id,
     header_map,
     new_id,
-    parse_request,
     read_body,
     send_error,
-    token_limit,
 )
 from .metrics import RequestRecord
-from .upstream import RESPONSE_DROP, map_error, read_capped
+from .upstream import RESPONSE_DROP, Upstream
 
 if TYPE_CHECKING:
-    from .auth import Principal
-    from .config import ApiKey
+    import httpx
+
     from .state import AppState
 
-log = logging.getLogger("lmgate")
-LISTING_CAP = 4 * 1024 * 1024  # a box's model listing, read to merge several boxes' lists
-# The field a key's max_tokens cap is written into when a request names none.
-TOKEN_FIELD = {
-    "/v1/chat/completions": "max_tokens", "/api/v0/chat/completions": "max_tokens",
-    "/v1/completions": "max_tokens", "/api/v0/completions": "max_tokens",
-    "/v1/messages": "max_tokens", "/v1/responses": "max_output_tokens",
-    "/api/v1/chat": "max_output_tokens",
-}
-
-
 STARTED_AT_ONCE = sse.queue_entered(0) + sse.queue_position(0)
-# Model listings answered with every box's models when there are several boxes.
-MERGED_LISTINGS = {"/v1/models": ("data", "id"), "/api/v0/models": ("data", "id"),
-                   "/api/v1/models": ("models", "key")}
-MODEL_DETAIL_ROUTES = frozenset({"/v1/models/{id}", "/api/v0/models/{id}"})
-# Streams that may carry lmgate's waiting line as reasoning_content (chat UIs show it).
-FEEDBACK_ROUTES = frozenset({"/v1/chat/completions", "/api/v0/chat/completions"})
-
-
-def feedback_mode(headers: dict[bytes, bytes], who: Principal, default: str) -> str:
-    """``X-Queue-Feedback`` over the key's ``feedback`` over ``--feedback``."""
-    raw = headers.get(b"x-queue-feedback")
-    if raw is not None:
-        value = raw.decode("latin-1").strip().lower()
-        if value not in FEEDBACK_MODES:
-            raise BadRequest(f"X-Queue-Feedback must be one of {', '.join(FEEDBACK_MODES)}, got "
-                             f"{value[:40]!r}", param="X-Queue-Feedback", code="invalid_header")
-        return value
-    if who.key is not None and who.key.feedback:
-        return who.key.feedback
-    return default
-
-
-def submit_ticket(st: AppState, who: Principal, ticket: Ticket) -> None:
-    """Put a ticket in the gate, within the caller's per-key limit; ProxyErrors otherwise."""
-    key = who.key
-    if key is not None and key.max_queued is not None and st.gate.waiting_for(who.identity) >= key.max_queued:
-        raise QueueFullError(f"key '{key.name}' already has {key.max_queued} requests waiting",
-                             code="key_queue_full", retry_after_s=st.eta.retry_after_s(st.gate))
-    ticket.waiter = asyncio.get_running_loop().create_future()
-    try:
-        st.gate.submit(ticket)
-    except QueueFull:
-        raise QueueFullError(f"the queue is full ({st.gate.max_queue} requests waiting); try again "
-                             "later", retry_after_s=st.eta.retry_after_s(st.gate)) from None
-    except GateClosed:
-        raise ShuttingDown("lmgate is shutting down") from None
-    if ticket.state != RUNNING:
-        st.watch_aging()
+# What must not pass when lmgate changes a response's bytes (comments, usage taken out).
+CHANGED_BYTES_DROP = frozenset({b"content-length", b"content-encoding"})
 
 
 class GatedRequest:
-    """Runs one request through the gate. Created per request by the app."""
+    """Runs one request through the line. Created per request by the app."""
 
     def __init__(self, state: AppState, scope: Scope, receive: Receive, send: Send, route: str) -> None:
         self.state = state
@@ -129,63 +68,43 @@ class GatedRequest:
         self.rid = client_request_id(self.headers) or self.uid
         self.rec = RequestRecord(request_id=self.rid, route=route, client=state.client_of(scope, self.headers))
         self.ex = Exchange(asyncio.current_task())
+        self.adm: Admission | None = None
         self.body = b""
-        self.hold: Hold | None = None  # this request's share of --max-waiting-bytes
-        self.forwarded = False  # sent upstream
         self.stream = False
-        self.reasoning = False  # tell the waiting line as reasoning_content chunks
-        self.drop_usage = False  # lmgate asked for the usage chunk; the client did not
-        self.quota_key: ApiKey | None = None  # its key has a token quota
+        self.forwarded = False  # sent upstream
         self.told_loading = False  # the stream was told its model is being loaded
-        self.eta_ms: int | None = None  # estimated wait, taken once at arrival
         self.upstream_name = ""  # the box it was sent to
         self.id_header = [(b"x-request-id", self.rid.encode())]
+        self.on_turn: Callable[[], None] | None = None  # its turn came (the old API's "processing")
+        # what goes upstream: the client's path and headers, unless an adapter says otherwise
+        self.upstream_path: str = scope["path"]
+        self.upstream_query: bytes = scope.get("query_string", b"")
+        self.upstream_headers: list[tuple[bytes, bytes]] | None = None
 
     # -- entry ---------------------------------------------------------------------------
     async def run(self) -> None:
-        st = self.state
+        """An HTTP request on a gated route: admitted, then served while its client watches."""
         try:
-            ticket = await self._admit()
+            self.adopt(await admit(self.state, self.rec, self.headers, self.receive,
+                                   path=self.upstream_path, uid=self.uid, rid=self.rid))
         except ClientGone:
             self.rec.outcome, self.rec.status = "client_gone", 499
-            self._finish()
+            self.finish()
             return
         except ProxyError as err:
-            self.rec.outcome, self.rec.status, self.rec.reason = "rejected", err.status, err.code
+            self.refuse(err)
             await send_error(self.send, err, self.id_header)
-            self._finish()
+            self.finish()
             return
-        st.exchanges[ticket] = self.ex
-        watcher = asyncio.create_task(watch_disconnect(self.receive, self.ex))
+        watcher = watch(self.scope, self.receive, self.ex)
         try:
-            await self._serve(ticket)
-        except asyncio.CancelledError:
-            if not self._ours():
-                raise
-            self._leave(ticket)  # the slot is free before any last write to the client
-            await self._interrupted()
-        except ProxyError as err:
-            self._leave(ticket)
-            await self._fail(err)
+            await self.serve()
         finally:
-            self.ex.finished = True
-            watcher.cancel()
-            self._leave(ticket)
-            if self.rec.wait_ms is None:  # time actually spent in line, also when it left early
-                self.rec.wait_ms = ticket.waited_s(time.monotonic()) * 1000
-            st.remember(ticket, self.rec)
-            self._finish()
-
-    def _leave(self, ticket: Ticket) -> None:
-        """Give back the gate slot and the held body bytes. Idempotent."""
-        self.ex.finished = True  # from here on, interrupts change nothing
-        self.state.gate.release(ticket)
-        self.state.exchanges.pop(ticket, None)
-        if self.hold is not None:
-            self.hold.release()
+            if watcher is not None:
+                watcher.cancel()
 
     async def passthrough(self, *, admin_only: bool) -> None:
-        """Forward at once, without the gate (model listings; admin model management)."""
+        """Forward at once, without the line (model listings; admin model management)."""
         st = self.state
         watcher: asyncio.Task[None] | None = None
         try:
@@ -197,19 +116,23 @@ class GatedRequest:
                                     code="admin_only")
                 self.body, _ = await read_body(self.receive, self.headers, st.settings.max_body)
             except ProxyError as err:
-                self.rec.outcome, self.rec.status, self.rec.reason = "rejected", err.status, err.code
+                self.refuse(err)
                 await send_error(self.send, err, self.id_header)
                 return
-            watcher = asyncio.create_task(watch_disconnect(self.receive, self.ex))
-            allowed = None if who.admin else st.auth.allowed_models(who)
-            if self.rec.route in MODEL_DETAIL_ROUTES and allowed is not None:
+            watcher = watch(self.scope, self.receive, self.ex)
+            route = self.rec.route
+            if route in listings.MODEL_DETAIL_ROUTES and listings.limited(st, who):
                 model = unquote(self.scope["path"].rsplit("/", 1)[-1])
                 if not st.auth.may_use(who, model):
                     raise NotFound(f"The model '{model}' does not exist or this key may not use it",
                                    param="model", code="model_not_found")
-            if self.scope["method"] == "GET" and self.rec.route in MERGED_LISTINGS and (
-                    st.several or allowed is not None):
-                await self._merged_listing(who)
+            if self.scope["method"] == "GET" and listings.needs_rewrite(st, route, who):
+                body = await listings.listing(st, route, self.scope["path"], self.scope.get("query_string", b""),
+                                              self.scope["headers"], who, self.uid)
+                await self._start(200, [(b"content-type", b"application/json"),
+                                        (b"content-length", str(len(body)).encode()), *self.id_header])
+                self.ex.finished = True
+                await self.send({"type": "http.response.body", "body": body, "more_body": False})
             else:
                 await self._forward(None)
         except ClientGone:
@@ -224,185 +147,126 @@ class GatedRequest:
             self.ex.finished = True
             if watcher is not None:
                 watcher.cancel()
-            self._finish()
+            self.finish()
 
-    async def _merged_listing(self, who: Principal) -> None:
-        """With several boxes a model listing is every box's, merged (first box wins for a
-        model that several list), so a chat UI offers every model any box serves; a key with
-        an allowlist sees only the models it may use (a chat UI would offer the others, then
-        get 403)."""
-        st, scope = self.state, self.scope
-        field_name, id_key = MERGED_LISTINGS[self.rec.route]
-        limited = not who.admin and st.auth.allowed_models(who) is not None
+    def adopt(self, adm: Admission) -> None:
+        self.adm, self.body, self.stream = adm, adm.body, adm.stream
 
-        async def one(up: Any) -> list[Any] | None:
-            request = up.build("GET", scope["path"], scope.get("query_string", b""), scope["headers"], b"",
-                               self.uid)
-            try:
-                response = await up.send(request)
-            except ProxyError:
-                return None
-            try:
-                body = await read_capped(response, LISTING_CAP)
-            finally:
-                await response.aclose()
-            if response.status_code != 200:
-                return None
-            try:
-                items = json.loads(body).get(field_name)
-            except (ValueError, AttributeError):
-                return None
-            return items if isinstance(items, list) else None
+    def refuse(self, err: ProxyError) -> None:
+        self.rec.outcome, self.rec.status, self.rec.reason = "rejected", err.status, err.code
 
-        boxes = [up for up in st.upstreams.values() if up.up is not False]
-        lists = await asyncio.gather(*(one(up) for up in boxes))
-        if all(items is None for items in lists):
-            raise UpstreamUnavailable("no upstream answered the model listing")
-        merged: list[Any] = []
-        seen: set[str] = set()
-        for items in lists:
-            for item in items or []:
-                key = item.get(id_key) if isinstance(item, dict) else None
-                if isinstance(key, str) and key in seen:
-                    continue
-                if limited and not (isinstance(key, str) and st.auth.may_use(who, key)):
-                    continue
-                if isinstance(key, str):
-                    seen.add(key)
-                merged.append(item)
-        doc: dict[str, Any] = {"object": "list", field_name: merged} if field_name == "data" \
-            else {field_name: merged}
-        body = json.dumps(doc).encode()
-        self.rec.status = 200
-        await self._start(200, [(b"content-type", b"application/json"),
-                                (b"content-length", str(len(body)).encode()), *self.id_header])
-        self.ex.finished = True
-        await self.send({"type": "http.response.body", "body": body, "more_body": False})
-
-    async def _admit(self) -> Ticket:
+    async def serve(self) -> None:
+        """Wait for the admitted ticket's turn, forward, relay; release on every path. Runs in
+        the task an interrupt (disconnect, shutdown, admin cancel) should cancel."""
+        assert self.adm is not None
+        st, ticket = self.state, self.adm.ticket
+        self.ex.task = asyncio.current_task()
+        st.requests.register(ticket, self.ex)
         try:
-            return await self._admit_or_fail()
-        except BaseException:
-            if self.hold is not None:
-                self.hold.release()
-            raise
+            await self._serve(ticket)
+        except asyncio.CancelledError:
+            if not self._ours():
+                raise
+            self._leave(ticket)  # the slot is free before any last write to the client
+            await self._interrupted()
+        except ProxyError as err:
+            self._leave(ticket)
+            await self._fail(err)
+        finally:
+            self.ex.finished = True
+            self._leave(ticket)
+            if self.rec.wait_ms is None:  # time actually spent in line, also when it left early
+                self.rec.wait_ms = ticket.waited_s(time.monotonic()) * 1000
+            st.fleet.used(ticket)
+            st.requests.remember(ticket, self.rec)
+            self.finish()
 
-    async def _admit_or_fail(self) -> Ticket:
-        st = self.state
-        who = st.auth.authenticate(self.headers, self.rec.client)
-        self.rec.client = who.label
-        if st.draining:
-            raise ShuttingDown("lmgate is shutting down")
-        self.body, self.hold = await read_body(self.receive, self.headers, st.settings.max_body,
-                                               st.waiting_bytes)
-        doc = parse_request(self.body)
-        model = doc["model"]
-        self.rec.model, self.stream = model, doc.get("stream") is True
-        self.rec.stream = self.stream
-        st.auth.check_model(who, model)
-        await st.check_servable(model)
-        if self.stream and self.rec.route in FEEDBACK_ROUTES:
-            self.reasoning = feedback_mode(self.headers, who, st.settings.feedback) == "reasoning"
-        cap = st.auth.token_cap(who, doc, TOKEN_FIELD.get(self.rec.route))
-        self.body = apply_token_cap(self.body, doc, cap)
-        key = who.key
-        if key is not None:
-            self.rec.key = key.name
-            if key.has_quota:
-                st.check_quota(key)
-                self.body, self.drop_usage = ask_for_usage(self.body, doc, self.rec.route)
-                self.quota_key = key
-        st.auth.check_rate(who)
-        ticket = Ticket(request_id=self.rid, uid=self.uid, model=model, identity=who.identity,
-                        priority=key.priority if key is not None else 0,
-                        max_tokens=token_limit(doc, cap),
-                        meta={"client": who.label, "stream": self.stream, "route": self.rec.route,
-                              "admin": who.admin})
-        submit_ticket(st, who, ticket)
-        st.metrics.label(model)  # admitted: claim a label slot, in arrival order
-        self.rec.position = ticket.position_at_arrival
-        if ticket.position_at_arrival > 0:
-            self.eta_ms = st.eta.eta_ms(st.gate, ticket)
-        return ticket
+    def _leave(self, ticket: Ticket) -> None:
+        """Give back the place in line and the held body bytes. Idempotent."""
+        self.ex.finished = True  # from here on, interrupts change nothing
+        self.state.line.release(ticket)
+        self.state.requests.unregister(ticket)
+        assert self.adm is not None
+        if self.adm.hold is not None:
+            self.adm.hold.release()
 
     # -- waiting -------------------------------------------------------------------------
     def _queue_headers(self, ticket: Ticket) -> list[tuple[bytes, bytes]]:
+        assert self.adm is not None
         out = self.id_header + [
             (b"x-queue-position", str(ticket.position_at_arrival).encode()),
             (b"x-queue-depth", str(ticket.depth_at_arrival).encode()),
         ]
-        if self.eta_ms is not None:
-            out.append((b"x-queue-eta-ms", str(self.eta_ms).encode()))
+        if self.adm.eta_ms is not None:
+            out.append((b"x-queue-eta-ms", str(self.adm.eta_ms).encode()))
         return out
 
     async def _serve(self, ticket: Ticket) -> None:
+        assert self.adm is not None
         if ticket.state != RUNNING:
             if self.stream:
                 await self._wait_streaming(ticket)
             else:
                 await self._wait_plain(ticket)
         self.rec.wait_ms = ticket.waited_s(time.monotonic()) * 1000
-        if self.hold is not None:
-            self.hold.release()
-        if self.quota_key is not None and ticket.position_at_arrival > 0:
+        if self.adm.hold is not None:
+            self.adm.hold.release()
+        if self.adm.quota_key is not None and ticket.position_at_arrival > 0:
             # checked again as its turn comes: requests admitted together must not all spend
             # a quota that the first of them used up
-            self.state.check_quota(self.quota_key)
+            self.state.check_quota(self.adm.quota_key)
+        if self.on_turn is not None:
+            self.on_turn()
         await self._forward(ticket)
 
     def _deadline(self, ticket: Ticket) -> float:
         return ticket.arrived_at + self.state.settings.queue_timeout
 
     async def _wait_plain(self, ticket: Ticket) -> None:
-        timeout = max(0.0, self._deadline(ticket) - time.monotonic())
-        await asyncio.wait((ticket.waiter,), timeout=timeout)
-        self._check_turn(ticket)
+        if not await self.state.line.wait(ticket, self._deadline(ticket) - time.monotonic()):
+            self._timed_out(ticket)
 
-    def _check_turn(self, ticket: Ticket) -> None:
-        if not ticket.waiter.done():
-            self.state.gate.cancel(ticket)
-            raise QueueTimeout(f"waited {self.state.settings.queue_timeout:g} s without reaching "
-                               "the front of the queue", retry_after_s=self.state.eta.retry_after_s(self.state.gate))
-        err = ticket.waiter.exception()
-        if err is not None:
-            raise err
+    def _timed_out(self, ticket: Ticket) -> None:
+        line = self.state.line
+        line.release(ticket)
+        raise QueueTimeout(f"waited {self.state.settings.queue_timeout:g} s without reaching "
+                           "the front of the queue", retry_after_s=self.state.eta.retry_after_s(line.view))
 
     async def _wait_streaming(self, ticket: Ticket) -> None:
-        gate = self.state.gate
+        assert self.adm is not None
+        st, eta_ms = self.state, self.adm.eta_ms
+        line = st.line
         await self._start(200, sse.SSE_HEADERS + self._queue_headers(ticket))
         last = ticket.position_at_arrival
         opening = sse.queue_entered(last) + sse.queue_position(last)
-        if self.eta_ms is not None:
-            opening += sse.comment(f"queue_eta_ms={self.eta_ms}")
-        if self.reasoning:
-            opening += self._waiting_chunk(last, self.eta_ms)
+        if eta_ms is not None:
+            opening += sse.comment(f"queue_eta_ms={eta_ms}")
+        if self.adm.reasoning:
+            opening += self._waiting_chunk(last, eta_ms)
         await self._write(opening)
         deadline = self._deadline(ticket)
         last_write = time.monotonic()
-        while not ticket.waiter.done():
+        while True:
             now = time.monotonic()
             if now >= deadline:
-                break
-            step = min(sse.POSITION_MIN_INTERVAL_S, deadline - now)
-            await asyncio.wait((ticket.waiter,), timeout=step)
-            if ticket.waiter.done():
-                break
+                self._timed_out(ticket)
+            if await line.wait(ticket, min(sse.POSITION_MIN_INTERVAL_S, deadline - now)):
+                return
             now = time.monotonic()
-            pos = gate.position(ticket)
+            pos = line.position(ticket)
             if pos != last and pos > 0:
                 last = pos
                 update = sse.queue_position(pos)
-                if self.reasoning:
-                    update += self._waiting_chunk(pos, self.state.eta.eta_ms(gate, ticket, pos))
+                if self.adm.reasoning:
+                    update += self._waiting_chunk(pos, st.eta.eta_ms(line.view, ticket, pos))
                 await self._write(update)
                 last_write = now
-            elif not self.told_loading and self.state.model_loading(ticket.model):
+            elif not self.told_loading and st.fleet.model_loading(ticket.model):
                 await self._write(self._loading_note(ticket.model))
                 last_write = now
             elif now - last_write >= sse.KEEPALIVE_S:
                 await self._write(sse.keepalive())
                 last_write = now
-        self._check_turn(ticket)
 
     async def _loading(self, ticket: Ticket) -> None:
         """Its model is about to be loaded (tens of seconds with real LM Studio): a stream
@@ -420,7 +284,7 @@ class GatedRequest:
     def _loading_note(self, model: str) -> bytes:
         self.told_loading = True
         note = sse.comment(f"model_loading={model}")
-        if self.reasoning:
+        if self.adm is not None and self.adm.reasoning:
             note += sse.reasoning_chunk("lmgate-queue-" + self.uid, self.rec.model, f"Loading {model}…\n")
         return note
 
@@ -429,37 +293,30 @@ class GatedRequest:
                                    sse.waiting_line(position, eta_ms))
 
     # -- upstream ------------------------------------------------------------------------
+    def _build(self, upstream: Upstream) -> httpx.Request:
+        scope = self.scope
+        headers = scope["headers"] if self.upstream_headers is None else self.upstream_headers
+        if self.stream:  # lmgate may add to this stream's bytes: they must come unencoded
+            headers = [(k, v) for k, v in headers if k.lower() != b"accept-encoding"]
+            headers.append((b"accept-encoding", b"identity"))
+        return upstream.build(scope["method"], self.upstream_path, self.upstream_query, headers,
+                              self.body, self.uid)
+
+    def _sending(self, upstream: Upstream) -> None:
+        self.forwarded = True
+        self.upstream_name = self.rec.upstream = upstream.name
+
     async def _forward(self, ticket: Ticket | None) -> None:
-        st, scope = self.state, self.scope
-        for _ in range(len(st.upstreams) + 1):
-            if ticket is not None:
-                await st.prepare(ticket, lambda _model: self._loading(ticket))
-            upstream = st.upstream_for(ticket)
-            request = upstream.build(scope["method"], scope["path"], scope.get("query_string", b""),
-                                     scope["headers"], self.body, self.uid)
-            t_up = time.perf_counter()
-            self.forwarded = True
-            self.upstream_name = self.rec.upstream = upstream.name
-            try:
-                response = await upstream.send(request)
-            except ProxyError as err:
-                upstream.mark_failed()
-                if ticket is None or not err.refused or not st.reroute(ticket):
-                    raise
-            else:
-                if self.ex.gone or self.ex.abort is not None:
-                    # interrupted while connecting, and the cancel did not reach us (asyncio's
-                    # wait_for can swallow one on Python 3.10/3.11): nobody is waiting for this
-                    # answer; close it, so the box stops generating, and leave as cancelled
-                    await response.aclose()
-                    raise asyncio.CancelledError
-                break
-            # refused before anything was sent: back in line, for another box
-            self.forwarded = False
-            await self._wait_plain(ticket)
-        else:  # pragma: no cover - every box refused in turn; the last refusal was raised
-            raise UpstreamUnavailable("no upstream accepted the connection")
+        t_up = time.perf_counter()
+        response = await forward(self.state.fleet, ticket, self._build,
+                                 loading=None if ticket is None else (lambda: self._loading(ticket)),
+                                 wait_again=self._wait_again, sending=self._sending)
         try:
+            if self.ex.gone or self.ex.abort is not None:
+                # interrupted while connecting, and the cancel did not reach us (asyncio's
+                # wait_for can swallow one on Python 3.10/3.11): nobody is waiting for this
+                # answer; close it, so the box stops generating, and leave as cancelled
+                raise asyncio.CancelledError
             if self.ex.headers_sent:
                 await self._relay_after_wait(response, t_up, ticket)
             else:
@@ -467,11 +324,21 @@ class GatedRequest:
         finally:
             await response.aclose()
 
-    async def _relay_direct(self, response: httpx.Response, t_up: float, ticket: Ticket | None) -> None:
+    async def _wait_again(self, ticket: Ticket) -> None:
+        """Its box refused it before anything was sent: back in line, for another box."""
+        self.forwarded = False
+        await self._wait_plain(ticket)
+
+    async def _relay_direct(self, response: UpstreamResponse, t_up: float, ticket: Ticket | None) -> None:
         headers = [(k, v) for k, v in response.headers.raw if k.lower() not in RESPONSE_DROP]
         is_sse = response.headers.get("content-type", "").startswith("text/event-stream")
+        # a stream that did not wait still says so, the way the team's clients expect
+        prefix = STARTED_AT_ONCE if (ticket is not None and self.stream and is_sse
+                                     and response.status_code == 200) else b""
         if is_sse:
             replaced = {name for name, _ in sse.NO_BUFFERING}
+            if prefix or self._drops_usage(response):
+                replaced |= CHANGED_BYTES_DROP
             headers = [(k, v) for k, v in headers if k.lower() not in replaced] + sse.NO_BUFFERING
         if ticket is not None:
             headers += self._queue_headers(ticket)
@@ -484,36 +351,41 @@ class GatedRequest:
         if response.status_code >= 400:
             self.rec.outcome = "upstream_error"
         await self._start(response.status_code, headers)
-        # a stream that did not wait still says so, the way the team's clients expect
-        prefix = STARTED_AT_ONCE if ticket is not None and self.stream and is_sse and response.status_code == 200 else b""
         await self._pump(response, t_up, is_sse, prefix, ticket)
 
-    async def _relay_after_wait(self, response: httpx.Response, t_up: float, ticket: Ticket | None) -> None:
+    def _drops_usage(self, response: UpstreamResponse) -> bool:
+        """lmgate asked for the usage chunk and the client did not: it is taken out again
+        (only from bytes it can read, a stream answered 200 and not encoded)."""
+        return (self.adm is not None and self.adm.drop_usage and response.status_code == 200
+                and response.headers.get("content-encoding", "identity") == "identity")
+
+    async def _relay_after_wait(self, response: UpstreamResponse, t_up: float, ticket: Ticket | None) -> None:
         self.rec.status = response.status_code
         started = sse.queue_position(0)
-        if self.state.several:  # its headers left before a box was chosen
+        if self.state.fleet.several:  # its headers left before a box was chosen
             started = sse.comment(f"upstream={self.upstream_name}") + started
         if response.status_code >= 400:
             self.rec.outcome = "upstream_error"
-            body = await read_capped(response)
+            body = await response.read_capped()
             await self._write(started
                               + sse.error_event(sse.upstream_error_message(response.status_code, body)))
             await self._end()
             return
         await self._pump(response, t_up, True, started, ticket)
 
-    async def _pump(self, response: httpx.Response, t_up: float, is_sse: bool, prefix: bytes = b"",
+    async def _pump(self, response: UpstreamResponse, t_up: float, is_sse: bool, prefix: bytes = b"",
                     ticket: Ticket | None = None) -> None:
         """Relay the body as it arrives. ``prefix`` (lmgate's own comments) goes out with the
         upstream's first bytes, in the same write, so it costs the first token nothing. What
         the response reports of its tokens is read on the way (``UsageMeter``); a running
-        ticket's progress (first byte, tokens streamed) feeds the estimates."""
+        ticket's progress (first byte, tokens streamed) feeds the estimates. A broken box
+        ends the relay with a ProxyError (``UpstreamResponse.chunks``)."""
         send, boundary, rec = self.send, self.ex.boundary, self.rec
         meter = sse.UsageMeter(is_sse)
-        remover = sse.UsageRemover() if is_sse and self.drop_usage and rec.status == 200 else None
+        remover = sse.UsageRemover() if is_sse and self._drops_usage(response) else None
         first = True
         try:
-            async for chunk in response.aiter_raw():
+            async for chunk in response.chunks():
                 if first:
                     first = False
                     rec.ttft_ms = (time.perf_counter() - t_up) * 1000
@@ -531,19 +403,19 @@ class GatedRequest:
                     chunk, prefix = prefix + chunk, b""
                 boundary.feed(chunk)
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
-        except httpx.HTTPError as exc:
-            failed = self.state.upstreams.get(self.upstream_name)
-            if failed is not None:
-                failed.mark_failed()
-            raise map_error(exc) from exc
-        finally:  # counted however it ended: a stream cut short still used its tokens
-            if rec.status < 400 or is_sse:
-                rec.prompt_tokens, rec.completion_tokens, rec.total_tokens, rec.tokens_approx = \
-                    meter.usage()
+        except BaseException:  # counted however it ended: a stream cut short used its tokens
+            self._count(meter, is_sse)
+            raise
         tail = (prefix + remover.flush()) if remover is not None else prefix
         if tail:
             await self._write(tail)
         await self._end()
+        self._count(meter, is_sse)  # after the last byte: not on the client's clock
+
+    def _count(self, meter: sse.UsageMeter, is_sse: bool) -> None:
+        rec = self.rec
+        if rec.status < 400 or is_sse:
+            rec.prompt_tokens, rec.completion_tokens, rec.total_tokens, rec.tokens_approx = meter.usage()
 
     # -- writing -------------------------------------------------------------------------
     async def _start(self, status: int, headers: list[tuple[bytes, bytes]]) -> None:
@@ -600,7 +472,6 @@ class GatedRequest:
         assert self.ex.abort is not None
         await self._fail(self.ex.abort)
 
-    def _finish(self) -> None:
+    def finish(self) -> None:
         self.rec.duration_ms = (time.perf_counter() - self.t0) * 1000
         self.state.observe(self.rec)
-

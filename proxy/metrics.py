@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -124,6 +125,7 @@ class GateCollector(Collector):
 class Metrics:
     def __init__(self, registry: CollectorRegistry, *, max_models: int, max_queue: int) -> None:
         self.registry = registry
+        self._children: dict[tuple[Any, ...], Any] = {}
         self.label = ModelLabels(max_models)
         self.key_label = ModelLabels(max_models)  # key names: bounded the same way
         Gauge("lmgate_max_queue", "Configured --max-queue.", registry=registry).set(max_queue)
@@ -168,17 +170,28 @@ class Metrics:
             model = self.label.peek(rec.model)
         else:
             model = self.label(rec.model)
-        self.requests.labels(rec.route, model, rec.outcome, rec.upstream).inc()
+        child = self._child
+        child(self.requests, rec.route, model, rec.outcome, rec.upstream).inc()
         if rec.outcome in ("rejected", "shutting_down") and rec.reason:
-            self.rejections.labels(rec.reason).inc()
+            child(self.rejections, rec.reason).inc()
         if rec.wait_ms is not None:
-            self.queue_wait.labels(model).observe(rec.wait_ms / 1000)
+            child(self.queue_wait, model).observe(rec.wait_ms / 1000)
         if rec.ttft_ms is not None:
-            self.ttft.labels(model).observe(rec.ttft_ms / 1000)
-        self.duration.labels(rec.route, model).observe(rec.duration_ms / 1000)
+            child(self.ttft, model).observe(rec.ttft_ms / 1000)
+        child(self.duration, rec.route, model).observe(rec.duration_ms / 1000)
         if rec.prompt_tokens:
-            self.prompt_tokens.labels(model).inc(rec.prompt_tokens)
+            child(self.prompt_tokens, model).inc(rec.prompt_tokens)
         if rec.completion_tokens:
-            self.completion_tokens.labels(model).inc(rec.completion_tokens)
+            child(self.completion_tokens, model).inc(rec.completion_tokens)
         if rec.total_tokens:
-            self.tokens.labels(self.key_label(rec.key or "")).inc(rec.total_tokens)
+            child(self.tokens, self.key_label(rec.key or "")).inc(rec.total_tokens)
+
+    def _child(self, metric: Any, *values: str) -> Any:
+        """``metric.labels(*values)``, remembered: the label values are bounded (models and
+        keys fold into ``other``), so the children are too, and a request's metrics skip the
+        library's checks and lock."""
+        key = (id(metric), *values)
+        found = self._children.get(key)
+        if found is None:
+            found = self._children[key] = metric.labels(*values)
+        return found

@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -53,6 +54,28 @@ def protocol_class(limits: ClientLimits) -> Any:
     return type("LmgateHttpProtocol", (GuardedProtocol,), {"limits": limits})
 
 
+DISCONNECT_HOOK = "lmgate.disconnect"  # the scope key of a request's DisconnectHook
+
+
+class DisconnectHook:
+    """Tells a request at once that its client's connection is gone, without a task of its
+    own waiting on ``receive()`` for each request. A handler sets ``callback``; a hook that
+    fired before that says so in ``fired``."""
+
+    __slots__ = ("callback", "fired")
+
+    def __init__(self) -> None:
+        self.callback: Callable[[], None] | None = None
+        self.fired = False
+
+    def fire(self) -> None:
+        if self.fired:
+            return
+        self.fired = True
+        if self.callback is not None:
+            self.callback()
+
+
 def raw_response(err: ProxyError) -> bytes:
     """A complete HTTP/1.1 error response that ends the connection."""
     body = err.to_json()
@@ -78,6 +101,7 @@ if HttpToolsProtocol is not None:
             self._phase = "idle"  # idle -> head -> body -> busy (answering) -> idle
             self._head_bytes = 0
             self._refused: ProxyError | None = None
+            self._hook: DisconnectHook | None = None  # the current request's
 
         # -- connection ------------------------------------------------------------------
         def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
@@ -95,6 +119,8 @@ if HttpToolsProtocol is not None:
                 self._write_timer.cancel()
                 self._write_timer = None
             super().connection_lost(exc)
+            if self._hook is not None:
+                self._hook.fire()
 
         def data_received(self, data: bytes) -> None:
             if self._refused is not None:
@@ -121,6 +147,7 @@ if HttpToolsProtocol is not None:
             self._phase = "body"
             self._arm(self._body_timed_out)
             super().on_headers_complete()
+            self._hook = self.scope[DISCONNECT_HOOK] = DisconnectHook()
             if self.scope.get("http_version") == "1.0" and self.cycle is not None:
                 _close_delimited(self.cycle)
 

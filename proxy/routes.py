@@ -52,7 +52,7 @@ def caller(state: AppState, request: Request) -> Principal:
 def ticket_view(state: AppState, t: Ticket, who: Principal | None, now: float,
                 position: int | None = None) -> dict[str, Any]:
     if position is None:
-        position = state.gate.position(t)
+        position = state.line.position(t)
     mine = who is not None and (who.admin or who.identity == t.identity)
     out: dict[str, Any] = {
         "request_id": t.request_id if mine else None,
@@ -70,7 +70,7 @@ def ticket_view(state: AppState, t: Ticket, who: Principal | None, now: float,
     if t.started_at is not None:
         out["running_s"] = round(now - t.started_at, 3)
     else:
-        out["eta_ms"] = state.eta.eta_ms(state.gate, t, position)
+        out["eta_ms"] = state.eta.eta_ms(state.line.view, t, position)
     if who is not None and who.admin:
         out["client"] = t.meta.get("client")
     return out
@@ -79,7 +79,7 @@ def ticket_view(state: AppState, t: Ticket, who: Principal | None, now: float,
 async def queue_snapshot(request: Request) -> Response:
     state: AppState = request.app.state.lmgate
     who = viewer(state, request)
-    gate, now = state.gate, time.monotonic()
+    gate, now = state.line.view, time.monotonic()
     limit = _int_param(request, "limit", DEFAULT_LIST_LIMIT)
     # the first `limit` in line (?limit=N; `depth` is the full count; /queue/{id} finds any one)
     waiting = [ticket_view(state, t, who, now, index + 1)
@@ -94,8 +94,7 @@ async def queue_snapshot(request: Request) -> Response:
         "max_skips": gate.max_skips,
         "loaded_models": sorted(gate.loaded),
         "model_switches": gate.switches,
-        "upstream_up": any(bool(u.up) and not (state.managers.get(n) and state.managers[n].error)
-                           for n, u in state.upstreams.items()),
+        "upstream_up": state.fleet.any_up,
         "upstreams": upstream_views(state),
         "draining": state.draining,
         "totals": dict(state.totals),
@@ -109,12 +108,14 @@ async def queue_snapshot(request: Request) -> Response:
 def upstream_views(state: AppState) -> list[dict[str, Any]]:
     """Every box: up or down, what it has loaded, what runs on it. Never its key."""
     out = []
-    for box in state.gate.boxes.values():
-        up = state.upstreams.get(box.name)
-        mgr = state.managers.get(box.name)
+    fleet = state.fleet
+    for box in state.line.view.boxes.values():
+        up = fleet.upstreams.get(box.name)
+        mgr = fleet.managers.get(box.name)
+        health = fleet.health.get(box.name)
         out.append({
             "name": box.name, "url": up.base if up is not None else None,
-            "up": bool(up.up) if up is not None else False, "removed": box.removed,
+            "up": bool(health.up) if health is not None else False, "removed": box.removed,
             "loaded_models": sorted(box.loaded), "running": len(box.running),
             "parallel": box.slots_in_force, "models": list(box.models),
             "catalog": None if box.catalog is None else len(box.catalog),
@@ -142,7 +143,7 @@ async def queue_item(request: Request) -> Response:
     state: AppState = request.app.state.lmgate
     who = caller(state, request)
     request_id = request.path_params["request_id"]
-    found = state.lookup(request_id, who)
+    found = state.requests.lookup(request_id, who)
     if who.admin and len({_identity(x) for x in found if _uid(x) != request_id}) > 1:
         raise ambiguous(request_id)
     if not found:
@@ -151,7 +152,7 @@ async def queue_item(request: Request) -> Response:
     first = found[0]
     if isinstance(first, Ticket):
         view = ticket_view(state, first, who, time.monotonic())
-        view["depth"] = state.gate.depth
+        view["depth"] = state.line.view.depth
         return JSONResponse(view)
     shown = dict(first)
     identity = shown.pop("identity", None)
@@ -206,7 +207,7 @@ async def queue_cancel(request: Request) -> Response:
         raise Forbidden("cancelling a request needs an admin key", code="admin_only")
     request_id = request.path_params["request_id"]
     reason = Cancelled("the request was cancelled by an administrator")
-    outcome = state.cancel(request_id, who, reason)
+    outcome = state.requests.cancel(request_id, who, reason)
     if outcome == "ambiguous":
         raise ambiguous(request_id)
     if outcome == "none":
@@ -222,13 +223,13 @@ async def readyz(request: Request) -> Response:
     """From what lmgate already knows (its last check while idle, or the last response):
     never a request of its own to the upstream, which may be busy generating."""
     state: AppState = request.app.state.lmgate
-    up = any(bool(u.up) and not (state.managers.get(n) and state.managers[n].error)
-             for n, u in state.upstreams.items())
+    fleet = state.fleet
+    up = fleet.any_up
     body = {"status": "ready" if up and not state.draining else "not ready",
-            "upstream": ", ".join(u.base for u in state.upstreams.values()),
+            "upstream": ", ".join(u.base for u in fleet.upstreams.values()),
             "upstream_up": up, "draining": state.draining,
-            "upstreams": {name: bool(u.up) for name, u in state.upstreams.items()},
-            "errors": {name: m.error for name, m in state.managers.items() if m.error}}
+            "upstreams": {name: bool(h) for name, h in fleet.up_states().items()},
+            "errors": fleet.errors()}
     return JSONResponse(body, status_code=200 if up and not state.draining else 503)
 
 
@@ -238,7 +239,7 @@ async def metrics(request: Request) -> Response:
     state: AppState = request.app.state.lmgate
     if not state.auth.open and not caller(state, request).reads_metrics:
         raise Unauthorized("reading /metrics needs an admin key or a key with role = \"metrics\"")
-    return Response(generate_latest(state.registry), media_type=CONTENT_TYPE_LATEST)
+    return Response(generate_latest(state.prometheus), media_type=CONTENT_TYPE_LATEST)
 
 
 async def status_page(request: Request) -> Response:
@@ -274,10 +275,10 @@ def exception_handlers() -> dict[Any, Any]:
     return {ProxyError: proxy_error, HTTPException: http_error}
 
 
-def build_routes(state: AppState) -> list[BaseRoute]:
-    routes: list[BaseRoute] = []
-    for ext in state.extensions:  # before /queue/{request_id}, so /queue/status wins
-        routes.extend(ext.routes())
+def build_routes(first: list[BaseRoute]) -> list[BaseRoute]:
+    """lmgate's own routes after ``first`` (the old API's: /queue/status must win over
+    /queue/{request_id})."""
+    routes: list[BaseRoute] = list(first)
     routes += [
         Route("/", status_page, methods=["GET"]),
         Route("/healthz", healthz, methods=["GET"]),

@@ -223,7 +223,7 @@ class _Connection(asyncio.Protocol):
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
 
-    async def wait(self, timeout: float | None, request: httpx.Request) -> None:
+    async def wait(self, timeout: float | None, request: httpx.Request | None) -> None:
         """Until something arrives (or the connection ends); ReadTimeout after ``timeout``.
 
         The timer fails the waiter rather than cancelling this task, so a cancel from outside
@@ -242,7 +242,7 @@ class _Connection(asyncio.Protocol):
             if handle is not None:
                 handle.cancel()
 
-    async def drain(self, timeout: float | None, request: httpx.Request) -> None:
+    async def drain(self, timeout: float | None, request: httpx.Request | None) -> None:
         """Until the socket takes more (the request body is flowing); WriteTimeout after
         ``timeout``. A timer that fails the future, as in ``wait``."""
         ready = self._write_ready
@@ -319,9 +319,56 @@ def _close_connected(attempt: asyncio.Task[Any]) -> None:
         attempt.result()[0].close()
 
 
+class RawRequest:
+    """A request as lmgate's hot path hands it to the transport: its head already in bytes
+    (building an ``httpx.Request`` and then serialising it costs more than the rest of a
+    request's path through lmgate)."""
+
+    __slots__ = ("method", "host", "port", "head", "body", "timeouts")
+
+    def __init__(self, method: str, host: str, port: int, head: bytes, body: bytes,
+                 timeouts: dict[str, float | None]) -> None:
+        self.method, self.host, self.port = method, host, port
+        self.head, self.body, self.timeouts = head, body, timeouts
+
+
+class RawHeaders:
+    """Response headers as received: ``raw`` pairs, and ``get`` by name (any case)."""
+
+    __slots__ = ("raw",)
+
+    def __init__(self, raw: list[tuple[bytes, bytes]]) -> None:
+        self.raw = raw
+
+    def get(self, name: str, default: str | None = None) -> str | None:
+        wanted = name.lower().encode()
+        for key, value in self.raw:
+            if key.lower() == wanted:
+                return value.decode("latin-1")
+        return default
+
+
+class RawResponse:
+    """What ``LeanTransport.send`` answers: status, headers, and the body as it arrives (the
+    surface of ``httpx.Response`` that lmgate's relay uses)."""
+
+    __slots__ = ("status_code", "headers", "stream")
+
+    def __init__(self, status_code: int, headers: list[tuple[bytes, bytes]], stream: _Body) -> None:
+        self.status_code = status_code
+        self.headers = RawHeaders(headers)
+        self.stream = stream
+
+    def aiter_raw(self) -> AsyncIterator[bytes]:
+        return self.stream.__aiter__()
+
+    async def aclose(self) -> None:
+        await self.stream.aclose()
+
+
 class _Body(httpx.AsyncByteStream):
     def __init__(self, owner: LeanTransport, key: tuple[str, int], conn: _Connection,
-                 request: httpx.Request, read_timeout: float | None, head_only: bool) -> None:
+                 request: httpx.Request | None, read_timeout: float | None, head_only: bool) -> None:
         self.owner, self.key, self.conn, self.request = owner, key, conn, request
         self.read_timeout = read_timeout
         self.done = head_only
@@ -350,8 +397,8 @@ class _Body(httpx.AsyncByteStream):
             self.conn.close()
 
 
-def _with_request(exc: Exception, request: httpx.Request) -> Exception:
-    if isinstance(exc, httpx.RequestError):
+def _with_request(exc: Exception, request: httpx.Request | None) -> Exception:
+    if request is not None and isinstance(exc, httpx.RequestError):
         exc.request = request
     return exc
 
@@ -366,14 +413,23 @@ class LeanTransport(httpx.AsyncBaseTransport):
         url = request.url
         if url.scheme != "http":
             raise httpx.UnsupportedProtocol("the lean transport speaks plain http only", request=request)
-        key = (url.host, url.port or 80)
-        timeouts = request.extensions.get("timeout", {})
-        head = _request_head(request)
         body = request.content if isinstance(request.stream, httpx.ByteStream) else await request.aread()
+        raw = RawRequest(request.method, url.host, url.port or 80, _request_head(request), body,
+                         request.extensions.get("timeout", {}))
+        answer = await self._send(raw, request)
+        return httpx.Response(answer.status_code, headers=answer.headers.raw, stream=answer.stream,
+                              extensions={"http_version": b"HTTP/1.1"})
+
+    async def send(self, raw: RawRequest) -> RawResponse:
+        """Send a request whose head is already bytes; httpx's exceptions on failure."""
+        return await self._send(raw, None)
+
+    async def _send(self, raw: RawRequest, request: httpx.Request | None) -> RawResponse:
+        key, timeouts = (raw.host, raw.port), raw.timeouts
         for attempt in (0, 1):
             conn = await self._acquire(key, timeouts.get("connect"), request, fresh=attempt == 1)
             try:
-                return await self._exchange(key, conn, request, head, body, timeouts)
+                return await self._exchange(key, conn, request, raw, timeouts)
             except _NotSent:
                 conn.close()
                 if attempt == 0 and conn.reused:
@@ -385,8 +441,9 @@ class LeanTransport(httpx.AsyncBaseTransport):
                 raise
         raise AssertionError("unreachable")
 
-    async def _exchange(self, key: tuple[str, int], conn: _Connection, request: httpx.Request, head: bytes,
-                        body: bytes, timeouts: dict[str, float | None]) -> httpx.Response:
+    async def _exchange(self, key: tuple[str, int], conn: _Connection, request: httpx.Request | None,
+                        raw: RawRequest, timeouts: dict[str, float | None]) -> RawResponse:
+        head, body = raw.head, raw.body
         transport = conn.transport
         assert transport is not None
         conn.sent = True
@@ -409,12 +466,11 @@ class LeanTransport(httpx.AsyncBaseTransport):
                 conn.close()
                 raise _with_request(conn.error, request)
             await conn.wait(timeouts.get("read"), request)
-        stream = _Body(self, key, conn, request, timeouts.get("read"), request.method == "HEAD")
-        return httpx.Response(conn.status, headers=conn.headers, stream=stream,
-                              extensions={"http_version": b"HTTP/1.1"})
+        stream = _Body(self, key, conn, request, timeouts.get("read"), raw.method == "HEAD")
+        return RawResponse(conn.status, conn.headers, stream)
 
-    async def _acquire(self, key: tuple[str, int], connect_timeout: float | None, request: httpx.Request,
-                       *, fresh: bool) -> _Connection:
+    async def _acquire(self, key: tuple[str, int], connect_timeout: float | None,
+                       request: httpx.Request | None, *, fresh: bool) -> _Connection:
         idle = self._idle.get(key)
         if idle and not fresh:
             now = time.monotonic()
@@ -427,7 +483,8 @@ class LeanTransport(httpx.AsyncBaseTransport):
                 conn.close()
         return await self._connect(key, connect_timeout, request)
 
-    async def _connect(self, key: tuple[str, int], timeout: float | None, request: httpx.Request) -> _Connection:
+    async def _connect(self, key: tuple[str, int], timeout: float | None,
+                       request: httpx.Request | None) -> _Connection:
         """A new connection within ``timeout``. The connect runs as its own task and this one
         waits on a future that either the connect or a timer settles, so a cancel always
         reaches the caller as CancelledError; a connect given up (cancelled, timed out) is

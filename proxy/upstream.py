@@ -1,11 +1,12 @@
-"""The upstream side: one httpx client, request building, error mapping, probes."""
+"""One box as lmgate talks to it: its httpx client (the lean transport for plain http), how
+a request for it is built, how its failures map to ProxyErrors, and lmgate's own short
+requests to it (probes, listings, loads). Whether the box is up is the fleet's business."""
 
 from __future__ import annotations
 
 import asyncio
 import base64
 import logging
-import time
 from collections.abc import Iterable
 from urllib.parse import unquote, urlsplit, urlunsplit
 
@@ -15,9 +16,9 @@ from .config import Settings, UpstreamSpec
 from .errors import ProxyError, UpstreamTimeout, UpstreamUnavailable
 
 try:  # httptools is installed with lmgate where wheels exist; without it httpx's own layer is used
-    from .transport import LeanTransport
+    from .transport import LeanTransport, RawRequest, RawResponse
 except ImportError:  # pragma: no cover
-    LeanTransport = None  # type: ignore[assignment,misc]
+    LeanTransport = RawRequest = RawResponse = None  # type: ignore[assignment,misc]
 
 log = logging.getLogger("lmgate")
 
@@ -90,6 +91,8 @@ class Upstream:
         timeout = httpx.Timeout(**upstream_timeouts(settings))
         self.timeouts = timeout.as_dict()
         self._urls: dict[tuple[str, bytes], httpx.URL] = {}
+        base = httpx.URL(self.base)
+        self._host, self._port, self._netloc = base.host, base.port or 80, base.netloc
         self.client = httpx.AsyncClient(
             transport=transport,
             timeout=timeout,
@@ -97,11 +100,6 @@ class Upstream:
             follow_redirects=False,
             trust_env=False,
         )
-        self.up: bool | None = None
-        self.last_probe = 0.0
-        self.retry_at = 0.0  # a box that is down: when to check it again
-        self.down_logged = False  # its outage was logged (once per outage)
-        self.backoff_s = 0.0
         self._own: asyncio.Event | None = None  # set while lmgate's own requests are in flight
         self._own_count = 0
 
@@ -109,10 +107,12 @@ class Upstream:
         await self.client.aclose()
 
     def build(self, method: str, path: str, query: bytes, headers: Iterable[tuple[bytes, bytes]],
-              body: bytes, request_id: str | None = None) -> httpx.Request:
+              body: bytes, request_id: str | None = None) -> httpx.Request | RawRequest:
         """The request for the box: the client's headers without hop-by-hop ones, its
         credentials (when lmgate has keys or the box its own) and its request id; lmgate's
-        internal id (a UUID) as ``X-Request-ID`` when given."""
+        internal id (a UUID) as ``X-Request-ID`` when given. For the lean transport its head
+        is written as bytes at once (what httpx would send: Host first, Content-Length for a
+        body)."""
         out: list[tuple[bytes, bytes]] = []
         for name, value in headers:
             lname = name.lower()
@@ -125,7 +125,16 @@ class Upstream:
             out.append((b"authorization", self.auth_value))
         if request_id is not None:
             out.append((b"x-request-id", request_id.encode()))
-        return httpx.Request(method, self._url(path, query), headers=out, content=body)
+        if self.lean is None:
+            return httpx.Request(method, self._url(path, query), headers=out, content=body)
+        parts = [method.encode(), b" ", self._url(path, query).raw_path, b" HTTP/1.1\r\nhost: ",
+                 self._netloc, b"\r\n"]
+        for name, value in out:
+            parts += (name, b": ", value, b"\r\n")
+        if body:
+            parts += (b"content-length: ", str(len(body)).encode(), b"\r\n")
+        parts.append(b"\r\n")
+        return RawRequest(method, self._host, self._port, b"".join(parts), body, self.timeouts)
 
     def _url(self, path: str, query: bytes) -> httpx.URL:
         """Parsed upstream URLs, cached: parsing one costs more than the rest of a request."""
@@ -138,15 +147,15 @@ class Upstream:
             self._urls[key] = url
         return url
 
-    async def send(self, request: httpx.Request) -> httpx.Response:
+    async def send(self, request: httpx.Request | RawRequest) -> httpx.Response | RawResponse:
         """Send and return a streaming response, mapping transport failures to ProxyErrors."""
         if self._own is not None:  # let lmgate's own short check finish first: never overlap
             await self._own.wait()
         try:
-            if self.lean is not None:
+            if not isinstance(request, httpx.Request):
                 # straight to the transport: no redirects, cookies or auth flow to run
-                request.extensions["timeout"] = self.timeouts
-                response = await self.lean.handle_async_request(request)
+                assert self.lean is not None
+                response: httpx.Response | RawResponse = await self.lean.send(request)
             else:
                 response = await self.client.send(request, stream=True)
         except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
@@ -155,11 +164,7 @@ class Upstream:
             raise err from exc
         except Exception as exc:
             raise map_error(exc) from exc
-        self.up = True
         return response
-
-    def mark_failed(self) -> None:
-        self.up = False
 
     async def own_get(self, path: str) -> httpx.Response:
         """One of lmgate's own checks (a probe, a model listing), with a short timeout."""
@@ -201,14 +206,12 @@ class Upstream:
         return r.status_code == 200
 
     async def probe(self) -> bool:
-        """Is the upstream answering at all? Short timeout, any HTTP answer counts."""
+        """Is the upstream answering at all? Short timeout, any answer below 500 counts."""
         try:
             r = await self.own_get("/v1/models")
-            self.up = r.status_code < 500
         except httpx.HTTPError:
-            self.up = False
-        self.last_probe = time.monotonic()
-        return bool(self.up)
+            return False
+        return r.status_code < 500
 
     async def models_state(self, *, catalog: bool) -> tuple[set[str] | None, set[str] | None]:
         """What the box has loaded and (``catalog``) what it can serve, from as few of lmgate's

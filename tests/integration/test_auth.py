@@ -12,7 +12,7 @@ import pytest
 
 from proxy.config import ApiKey, Settings
 
-from .harness import chat_body, run, serve
+from .harness import LISTING, chat_body, run, serve
 
 
 def key(name: str, secret: str, **kw: object) -> ApiKey:
@@ -303,13 +303,17 @@ def test_a_box_anyone_can_reach_without_a_token_is_warned_about(caplog) -> None:
     from proxy.config import ApiKey
 
     key = ApiKey(name="a", sha256=hashlib.sha256(b"sk-warn-test-0001").hexdigest())
+    # lmgate asks this only of a box on another machine (one on 127.0.0.1 is out of other
+    # machines' reach) and tests listen on 127.0.0.1 alone, so this box is a mock transport
+    remote = {"upstream": "http://upstream.test:1234",
+              "transport": httpx.MockTransport(lambda _request: httpx.Response(200, json=LISTING))}
 
     async def body() -> None:
-        async with serve(keys=(key,)):
+        async with serve(keys=(key,), **remote):
             pass
-        async with serve():  # open access: nothing to go around
+        async with serve(**remote):  # open access: nothing to go around
             pass
-        async with serve(keys=(key,), upstream_key="sk-box-token"):
+        async with serve(keys=(key,), upstream_key="sk-box-token", **remote):
             pass
 
     with caplog.at_level(logging.WARNING, logger="lmgate"):

@@ -1,27 +1,27 @@
 """Metrics accounting: a known workload must move every lmgate metric by an exact amount.
 
-lmgate runs in-process (Starlette TestClient, lifespan included) in front of an
-``httpx.MockTransport`` that plays LM Studio with canned OpenAI responses. Each test gets
-a fresh ``CollectorRegistry`` and reads it back with ``get_sample_value``.
+lmgate runs in-process as it runs in production (the harness: its uvicorn settings, client
+protocol and upstream transport) in front of a scripted box that plays LM Studio with
+canned OpenAI responses. Each test gets a fresh ``CollectorRegistry`` and reads it back.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
-import threading
 import time
-from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import AsyncIterator, Callable
+from typing import Any
 
 import httpx
-import pytest
 from prometheus_client import CollectorRegistry
-from starlette.testclient import TestClient
 
 from proxy import __version__
-from proxy.app import create_app
 from proxy.config import Settings
+
+from .harness import (SSE, BoxServer, Receive, Running, Scope, Send, end_body, read_body, run, send_chunk,
+                      send_json, serve, start_response)
 
 CHAT = "/v1/chat/completions"
 EMBED_ROUTE = "/v1/embeddings"
@@ -31,42 +31,17 @@ MODEL_C = "text-embedding-nomic-embed-text-v1.5"
 PROMPT_TOKENS = 5
 COMPLETION_TOKENS = 7
 FAIL_TEXT = "please fail"  # a chat whose last message is this gets an upstream 500
-HOLD_TEXT = "please hold"  # ... is answered only once the test sets ``Upstream.release``
+HOLD_TEXT = "please hold"  # ... is answered only once the test sets ``FakeUpstream.release``
 PIECES = ["Hello", " there", " friend"]
 
 
-BOX = "lmstudio.test:1234"  # the box name of the upstream URL these tests use
-
-
-class Chunks(httpx.AsyncByteStream):
-    """A response body delivered chunk by chunk, as a network transport would.
-
-    (``httpx.Response(content=...)`` is read eagerly, so lmgate's ``aiter_raw`` relay
-    would find it already consumed.)
-    """
-
-    def __init__(self, chunks: list[bytes]) -> None:
-        self.chunks = chunks
-
-    async def __aiter__(self):  # type: ignore[override]
-        for chunk in self.chunks:
-            yield chunk
-
-
-def reply(status: int, doc: object = None, *, events: list[bytes] | None = None) -> httpx.Response:
-    if events is not None:
-        return httpx.Response(status, headers={"content-type": "text/event-stream"},
-                              stream=Chunks(events))
-    return httpx.Response(status, headers={"content-type": "application/json"},
-                          stream=Chunks([json.dumps(doc).encode()]))
-
-
 class FakeUpstream:
-    """The MockTransport handler: LM Studio with canned answers, counting what it serves."""
+    """The scripted box (a plain ASGI app): LM Studio with canned answers, counting what it
+    serves."""
 
     def __init__(self) -> None:
-        self.release = threading.Event()
-        self.holding = threading.Event()
+        self.release = asyncio.Event()
+        self.holding = asyncio.Event()
         self.calls: list[tuple[str, str]] = []
 
     @staticmethod
@@ -87,15 +62,18 @@ class FakeUpstream:
             events.append({**base, "choices": [], "usage": self.usage()})
         return [b"data: " + json.dumps(e).encode() + b"\n\n" for e in events] + [b"data: [DONE]\n\n"]
 
-    async def __call__(self, request: httpx.Request) -> httpx.Response:
-        path = request.url.path
-        if request.method == "GET":
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        path = scope["path"]
+        raw = await read_body(receive)
+        if scope["method"] == "GET":
             self.calls.append(("GET", path))
             if path == "/v1/models":
-                return reply(200, {"object": "list", "data": [
+                await send_json(send, 200, {"object": "list", "data": [
                     {"id": m, "object": "model"} for m in (MODEL_A, MODEL_B, MODEL_C)]})
-            return reply(404, {"error": "not found"})  # no "loaded" info
-        body = json.loads(request.content)
+            else:
+                await send_json(send, 404, {"error": "not found"})  # no "loaded" info
+            return
+        body = json.loads(raw)
         model = body["model"]
         self.calls.append((path, model))
         text = ""
@@ -103,32 +81,37 @@ class FakeUpstream:
             text = body["messages"][-1].get("content", "")
         if text == HOLD_TEXT:
             self.holding.set()
-            while not self.release.is_set():  # a threading.Event: the test sets it from its thread
-                await asyncio.sleep(0.005)
+            await self.release.wait()
         if text == FAIL_TEXT:
-            return reply(500, {"error": {"message": "boom", "type": "server_error"}})
-        if path == EMBED_ROUTE:
-            return reply(200, {
+            await send_json(send, 500, {"error": {"message": "boom", "type": "server_error"}})
+        elif path == EMBED_ROUTE:
+            await send_json(send, 200, {
                 "object": "list", "model": model,
                 "data": [{"object": "embedding", "index": 0, "embedding": [0.1, 0.2]}],
                 "usage": {"prompt_tokens": PROMPT_TOKENS, "total_tokens": PROMPT_TOKENS}})
-        if body.get("stream"):
+        elif body.get("stream"):
             include = bool((body.get("stream_options") or {}).get("include_usage"))
-            return reply(200, events=self.sse(model, include))
-        return reply(200, {
-            "id": "chatcmpl-1", "object": "chat.completion", "created": 1, "model": model,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": "".join(PIECES)},
-                         "finish_reason": "stop"}],
-            "usage": self.usage()})
+            await start_response(send, 200, SSE)
+            for event in self.sse(model, include):
+                await send_chunk(send, event)
+            await end_body(send)
+        else:
+            await send_json(send, 200, {
+                "id": "chatcmpl-1", "object": "chat.completion", "created": 1, "model": model,
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": "".join(PIECES)},
+                             "finish_reason": "stop"}],
+                "usage": self.usage()})
 
 
 class Lmgate:
     """One in-process lmgate with its own registry."""
 
-    def __init__(self, client: TestClient, registry: CollectorRegistry, upstream: FakeUpstream) -> None:
-        self.client = client
-        self.registry = registry
+    def __init__(self, running: Running, upstream: FakeUpstream) -> None:
+        self.state = running.state
+        self.client = running.client
+        self.registry: CollectorRegistry = running.registry
         self.upstream = upstream
+        self.box = running.box_name  # the box's name in the ``upstream`` label
 
     def value(self, name: str, **labels: str) -> float:
         """The sum of the samples whose labels include ``labels`` (others, such as the box a
@@ -148,294 +131,301 @@ class Lmgate:
                     out[tuple(sorted(s.labels.items()))] = s.value
         return out
 
-    def chat(self, model: str | None, text: str = "hi", **extra: object) -> httpx.Response:
+    async def chat(self, model: str | None, text: str = "hi", **extra: object) -> httpx.Response:
         body: dict[str, object] = {"messages": [{"role": "user", "content": text}], **extra}
         if model is not None:
             body["model"] = model
-        return self.client.post(CHAT, json=body)
+        return await self.client.post(CHAT, json=body)
 
 
-@pytest.fixture
-def make_gate() -> Iterator[Callable[..., Lmgate]]:
-    with_stack: list[TestClient] = []
-
-    def make(**settings: object) -> Lmgate:
-        upstream = FakeUpstream()
-        registry = CollectorRegistry()
-        app = create_app(Settings(upstream="http://lmstudio.test:1234", **settings),  # type: ignore[arg-type]
-                         transport=httpx.MockTransport(upstream), registry=registry)
-        client = TestClient(app)
-        client.__enter__()  # runs the lifespan: the startup probe
-        with_stack.append(client)
-        return Lmgate(client, registry, upstream)
-
-    yield make
-    for client in reversed(with_stack):
-        client.__exit__(None, None, None)
+@contextlib.asynccontextmanager
+async def lmgate(**settings: Any) -> AsyncIterator[Lmgate]:
+    upstream = FakeUpstream()
+    async with BoxServer(upstream) as box, serve(Settings(**settings), box=box) as running:
+        yield Lmgate(running, upstream)
 
 
-def wait_until(cond: Callable[[], bool], timeout_s: float = 5.0) -> None:
+async def until(cond: Callable[[], bool], timeout_s: float = 5.0) -> None:
     deadline = time.monotonic() + timeout_s
     while not cond():
         assert time.monotonic() < deadline, "condition not reached in time"
-        time.sleep(0.005)
+        await asyncio.sleep(0.005)
 
 
 # --------------------------------------------------------------------------- static gauges
 
 
-def test_config_and_build_gauges(make_gate):
-    g = make_gate(max_queue=7, parallel=3)
-    assert g.value("lmgate_max_queue") == 7
-    assert g.value("lmgate_parallel") == 3
-    assert g.value("lmgate_build_info", version=__version__) == 1
-    assert g.value("lmgate_upstream_up") == 1  # the startup probe got an answer
-    # idle gate: the collector still exports the gauges, with model="none"
-    assert g.samples("lmgate_queue_depth") == {(("model", "none"),): 0.0}
-    assert g.samples("lmgate_requests_active") == {(("model", "none"), ("upstream", BOX)): 0.0}
-    assert g.value("lmgate_model_switches_total") == 0
-    # what the /metrics route serves is the same registry
-    text = g.client.get("/metrics").text
-    assert "lmgate_max_queue 7.0" in text
-    assert f'lmgate_build_info{{version="{__version__}"}} 1.0' in text
+def test_config_and_build_gauges() -> None:
+    async def body() -> None:
+        async with lmgate(max_queue=7, parallel=3) as g:
+            assert g.value("lmgate_max_queue") == 7
+            assert g.value("lmgate_parallel") == 3
+            assert g.value("lmgate_build_info", version=__version__) == 1
+            assert g.value("lmgate_upstream_up") == 1  # the startup probe got an answer
+            # idle gate: the collector still exports the gauges, with model="none"
+            assert g.samples("lmgate_queue_depth") == {(("model", "none"),): 0.0}
+            assert g.samples("lmgate_requests_active") == {(("model", "none"), ("upstream", g.box)): 0.0}
+            assert g.value("lmgate_model_switches_total") == 0
+            # what the /metrics route serves is the same registry
+            text = (await g.client.get("/metrics")).text
+            assert "lmgate_max_queue 7.0" in text
+            assert f'lmgate_build_info{{version="{__version__}"}} 1.0' in text
+    run(body)
 
 
-def test_upstream_down_at_startup():
-    def down(request: httpx.Request) -> httpx.Response:
-        raise httpx.ConnectError("refused", request=request)
-
-    registry = CollectorRegistry()
-    app = create_app(Settings(upstream="http://lmstudio.test:1234"),
-                     transport=httpx.MockTransport(down), registry=registry)
-    with TestClient(app) as client:
-        assert registry.get_sample_value("lmgate_upstream_up", {"upstream": BOX}) == 0
-        r = client.post(CHAT, json={"model": MODEL_A, "messages": []})
-        assert r.status_code == 502
-        assert registry.get_sample_value("lmgate_upstream_up", {"upstream": BOX}) == 0
-        assert registry.get_sample_value(
-            "lmgate_requests_total", {"route": CHAT, "model": MODEL_A, "outcome": "upstream_error",
-                                      "upstream": BOX}) == 1
-        # never reached the upstream: a queue wait but no first token
-        assert registry.get_sample_value("lmgate_queue_wait_seconds_count", {"model": MODEL_A}) == 1
-        assert registry.get_sample_value("lmgate_time_to_first_token_seconds_count",
-                                         {"model": MODEL_A}) is None
+def test_upstream_down_at_startup() -> None:
+    async def body() -> None:
+        box = BoxServer(FakeUpstream())  # never started: its port refuses every connect
+        try:
+            async with serve(box=box) as running:
+                registry, client, box_name = running.registry, running.client, running.box_name
+                assert registry.get_sample_value("lmgate_upstream_up", {"upstream": box_name}) == 0
+                r = await client.post(CHAT, json={"model": MODEL_A, "messages": []})
+                assert r.status_code == 502
+                assert registry.get_sample_value("lmgate_upstream_up", {"upstream": box_name}) == 0
+                assert registry.get_sample_value(
+                    "lmgate_requests_total", {"route": CHAT, "model": MODEL_A, "outcome": "upstream_error",
+                                              "upstream": box_name}) == 1
+                # never reached the upstream: a queue wait but no first token
+                assert registry.get_sample_value("lmgate_queue_wait_seconds_count", {"model": MODEL_A}) == 1
+                assert registry.get_sample_value("lmgate_time_to_first_token_seconds_count",
+                                                 {"model": MODEL_A}) is None
+        finally:
+            await box.close()
+    run(body)
 
 
 # --------------------------------------------------------------------------- the workload
 
 
-def test_known_workload_moves_each_metric_exactly(make_gate):
-    g = make_gate()
-    v = g.value
+def test_known_workload_moves_each_metric_exactly() -> None:
+    async def body() -> None:
+        async with lmgate() as g:
+            v = g.value
 
-    for _ in range(3):
-        r = g.chat(MODEL_A)
-        assert r.status_code == 200, r.text
-        assert r.json()["usage"]["completion_tokens"] == COMPLETION_TOKENS
-        assert r.headers["x-queue-position"] == "0"
+            for _ in range(3):
+                r = await g.chat(MODEL_A)
+                assert r.status_code == 200, r.text
+                assert r.json()["usage"]["completion_tokens"] == COMPLETION_TOKENS
+                assert r.headers["x-queue-position"] == "0"
 
-    r = g.chat(MODEL_A, stream=True, stream_options={"include_usage": True})
-    assert r.status_code == 200
-    assert r.headers["content-type"].startswith("text/event-stream")
-    assert r.text.endswith("data: [DONE]\n\n") and '"usage"' in r.text
+            r = await g.chat(MODEL_A, stream=True, stream_options={"include_usage": True})
+            assert r.status_code == 200
+            assert r.headers["content-type"].startswith("text/event-stream")
+            assert r.text.endswith("data: [DONE]\n\n") and '"usage"' in r.text
 
-    for bad in (b"{not json", b'{"model": "x", '):
-        r = g.client.post(CHAT, content=bad, headers={"content-type": "application/json"})
-        assert r.status_code == 400
-        assert r.json()["error"]["code"] == "invalid_json"
+            for bad in (b"{not json", b'{"model": "x", '):
+                r = await g.client.post(CHAT, content=bad, headers={"content-type": "application/json"})
+                assert r.status_code == 400
+                assert r.json()["error"]["code"] == "invalid_json"
 
-    r = g.chat(None)
-    assert r.status_code == 400
-    assert r.json()["error"]["code"] == "missing_model"
+            r = await g.chat(None)
+            assert r.status_code == 400
+            assert r.json()["error"]["code"] == "missing_model"
 
-    r = g.chat(MODEL_A, FAIL_TEXT)
-    assert r.status_code == 500
-    assert r.json()["error"]["message"] == "boom"  # passed through unchanged
+            r = await g.chat(MODEL_A, FAIL_TEXT)
+            assert r.status_code == 500
+            assert r.json()["error"]["message"] == "boom"  # passed through unchanged
 
-    assert [c for c in g.upstream.calls if c[0] == CHAT] == [(CHAT, MODEL_A)] * 5
+            assert [c for c in g.upstream.calls if c[0] == CHAT] == [(CHAT, MODEL_A)] * 5
 
-    # requests by route, model, outcome
-    assert v("lmgate_requests_total", route=CHAT, model=MODEL_A, outcome="ok") == 4
-    assert v("lmgate_requests_total", route=CHAT, model=MODEL_A, outcome="upstream_error") == 1
-    assert v("lmgate_requests_total", route=CHAT, model="none", outcome="rejected") == 3
-    assert sum(g.samples("lmgate_requests_total").values()) == 8
+            # requests by route, model, outcome
+            assert v("lmgate_requests_total", route=CHAT, model=MODEL_A, outcome="ok") == 4
+            assert v("lmgate_requests_total", route=CHAT, model=MODEL_A, outcome="upstream_error") == 1
+            assert v("lmgate_requests_total", route=CHAT, model="none", outcome="rejected") == 3
+            assert sum(g.samples("lmgate_requests_total").values()) == 8
 
-    # rejections by reason (the error code); the upstream's 500 is not a rejection
-    assert v("lmgate_rejections_total", reason="invalid_json") == 2
-    assert v("lmgate_rejections_total", reason="missing_model") == 1
-    assert sum(g.samples("lmgate_rejections_total").values()) == 3
+            # rejections by reason (the error code); the upstream's 500 is not a rejection
+            assert v("lmgate_rejections_total", reason="invalid_json") == 2
+            assert v("lmgate_rejections_total", reason="missing_model") == 1
+            assert sum(g.samples("lmgate_rejections_total").values()) == 3
 
-    # tokens: 3 JSON usages + 1 stream usage chunk; the 500 has no usage
-    assert v("lmgate_prompt_tokens_total", model=MODEL_A) == 4 * PROMPT_TOKENS
-    assert v("lmgate_completion_tokens_total", model=MODEL_A) == 4 * COMPLETION_TOKENS
-    assert v("lmgate_prompt_tokens_total", model="none") == 0
+            # tokens: 3 JSON usages + 1 stream usage chunk; the 500 has no usage
+            assert v("lmgate_prompt_tokens_total", model=MODEL_A) == 4 * PROMPT_TOKENS
+            assert v("lmgate_completion_tokens_total", model=MODEL_A) == 4 * COMPLETION_TOKENS
+            assert v("lmgate_prompt_tokens_total", model="none") == 0
 
-    # histograms: only requests that got through the gate wait / see a first byte,
-    # every request (rejected ones too) has a duration
-    assert v("lmgate_queue_wait_seconds_count", model=MODEL_A) == 5
-    assert v("lmgate_time_to_first_token_seconds_count", model=MODEL_A) == 5
-    assert v("lmgate_queue_wait_seconds_count", model="none") == 0
-    assert v("lmgate_time_to_first_token_seconds_count", model="none") == 0
-    assert v("lmgate_request_duration_seconds_count", route=CHAT, model=MODEL_A) == 5
-    assert v("lmgate_request_duration_seconds_count", route=CHAT, model="none") == 3
-    assert v("lmgate_request_duration_seconds_sum", route=CHAT, model=MODEL_A) > 0
-    # nothing waited: every wait falls in the first bucket
-    assert v("lmgate_queue_wait_seconds_bucket", model=MODEL_A, le="0.005") == 5
-    assert v("lmgate_queue_wait_seconds_bucket", model=MODEL_A, le="+Inf") == 5
+            # histograms: only requests that got through the gate wait / see a first byte,
+            # every request (rejected ones too) has a duration
+            assert v("lmgate_queue_wait_seconds_count", model=MODEL_A) == 5
+            assert v("lmgate_time_to_first_token_seconds_count", model=MODEL_A) == 5
+            assert v("lmgate_queue_wait_seconds_count", model="none") == 0
+            assert v("lmgate_time_to_first_token_seconds_count", model="none") == 0
+            assert v("lmgate_request_duration_seconds_count", route=CHAT, model=MODEL_A) == 5
+            assert v("lmgate_request_duration_seconds_count", route=CHAT, model="none") == 3
+            assert v("lmgate_request_duration_seconds_sum", route=CHAT, model=MODEL_A) > 0
+            # nothing waited: every wait falls in the first bucket
+            assert v("lmgate_queue_wait_seconds_bucket", model=MODEL_A, le="0.005") == 5
+            assert v("lmgate_queue_wait_seconds_bucket", model=MODEL_A, le="+Inf") == 5
 
-    # gauges back to rest
-    assert g.samples("lmgate_queue_depth") == {(("model", "none"),): 0.0}
-    assert g.samples("lmgate_requests_active") == {(("model", "none"), ("upstream", BOX)): 0.0}
-    assert v("lmgate_loaded_model", model=MODEL_A) == 1
-    assert v("lmgate_model_switches_total") == 0  # one model only
-    assert v("lmgate_upstream_up") == 1  # an HTTP 500 is still an answer
-    assert v("lmgate_max_queue") == 100
-    assert v("lmgate_parallel") == 1
-
-
-def test_stream_without_usage(make_gate):
-    g = make_gate()
-    r = g.chat(MODEL_B, stream=True)
-    assert r.status_code == 200 and '"usage"' not in r.text
-    assert g.value("lmgate_requests_total", route=CHAT, model=MODEL_B, outcome="ok") == 1
-    assert g.value("lmgate_prompt_tokens_total", model=MODEL_B) == 0  # unknown, not guessed
-    assert g.value("lmgate_time_to_first_token_seconds_count", model=MODEL_B) == 1
-    assert g.value("lmgate_queue_wait_seconds_count", model=MODEL_B) == 1
-    assert g.value("lmgate_completion_tokens_total", model=MODEL_B) > 0  # approximated
+            # gauges back to rest
+            assert g.samples("lmgate_queue_depth") == {(("model", "none"),): 0.0}
+            assert g.samples("lmgate_requests_active") == {(("model", "none"), ("upstream", g.box)): 0.0}
+            assert v("lmgate_loaded_model", model=MODEL_A) == 1
+            assert v("lmgate_model_switches_total") == 0  # one model only
+            assert v("lmgate_upstream_up") == 1  # an HTTP 500 is still an answer
+            assert v("lmgate_max_queue") == 100
+            assert v("lmgate_parallel") == 1
+    run(body)
 
 
-def test_stream_without_usage_approximates_one_token_per_content_event(make_gate):
-    g = make_gate()
-    assert g.chat(MODEL_B, stream=True).status_code == 200
-    # the stream carries a role chunk, len(PIECES) content chunks, a finish chunk and [DONE]
-    assert g.value("lmgate_completion_tokens_total", model=MODEL_B) == len(PIECES)
+def test_stream_without_usage() -> None:
+    async def body() -> None:
+        async with lmgate() as g:
+            r = await g.chat(MODEL_B, stream=True)
+            assert r.status_code == 200 and '"usage"' not in r.text
+            assert g.value("lmgate_requests_total", route=CHAT, model=MODEL_B, outcome="ok") == 1
+            assert g.value("lmgate_prompt_tokens_total", model=MODEL_B) == 0  # unknown, not guessed
+            assert g.value("lmgate_time_to_first_token_seconds_count", model=MODEL_B) == 1
+            assert g.value("lmgate_queue_wait_seconds_count", model=MODEL_B) == 1
+            assert g.value("lmgate_completion_tokens_total", model=MODEL_B) > 0  # approximated
+    run(body)
 
 
-def test_embeddings_route_and_model_switches(make_gate):
-    g = make_gate()
-    assert g.chat(MODEL_A).status_code == 200
-    r = g.client.post(EMBED_ROUTE, json={"model": MODEL_C, "input": "hello"})
-    assert r.status_code == 200 and r.json()["data"][0]["embedding"] == [0.1, 0.2]
-    assert g.chat(MODEL_A).status_code == 200
-    v = g.value
-    assert v("lmgate_requests_total", route=EMBED_ROUTE, model=MODEL_C, outcome="ok") == 1
-    assert v("lmgate_request_duration_seconds_count", route=EMBED_ROUTE, model=MODEL_C) == 1
-    assert v("lmgate_prompt_tokens_total", model=MODEL_C) == PROMPT_TOKENS
-    assert v("lmgate_completion_tokens_total", model=MODEL_C) == 0
-    # A (first load, not a switch) -> C (switch) -> A (switch)
-    assert v("lmgate_model_switches_total") == 2
-    assert v("lmgate_loaded_model", model=MODEL_A) == 1
-    assert v("lmgate_loaded_model", model=MODEL_C) == 0
+def test_stream_without_usage_approximates_one_token_per_content_event() -> None:
+    async def body() -> None:
+        async with lmgate() as g:
+            assert (await g.chat(MODEL_B, stream=True)).status_code == 200
+            # the stream carries a role chunk, len(PIECES) content chunks, a finish chunk and [DONE]
+            assert g.value("lmgate_completion_tokens_total", model=MODEL_B) == len(PIECES)
+    run(body)
 
 
-def test_queue_depth_active_and_wait_while_queued(make_gate):
-    g = make_gate()
-    v = g.value
-    with ThreadPoolExecutor(3) as pool:
-        first = pool.submit(g.chat, MODEL_A, HOLD_TEXT)
-        assert g.upstream.holding.wait(5), "the first request never reached the upstream"
-        second = pool.submit(g.chat, MODEL_A)
-        wait_until(lambda: g.value("lmgate_queue_depth", model=MODEL_A) == 1)  # arrival order
-        third = pool.submit(g.chat, MODEL_B, stream=True, stream_options={"include_usage": True})
-        wait_until(lambda: sum(g.samples("lmgate_queue_depth").values()) == 2)
-        assert v("lmgate_requests_active", model=MODEL_A) == 1
-        assert v("lmgate_queue_depth", model=MODEL_A) == 1
-        assert v("lmgate_queue_depth", model=MODEL_B) == 1
-        time.sleep(0.1)  # the waiting requests accumulate at least this much queue time
-        g.upstream.release.set()
-        responses = [f.result(10) for f in (first, second, third)]
-    assert [r.status_code for r in responses] == [200, 200, 200]
-    assert responses[0].headers["x-queue-position"] == "0"
-    assert responses[1].headers["x-queue-position"] == "1"
-    assert responses[2].headers["x-queue-position"] == "2"
-    assert "x-queue-eta-ms" not in responses[2].headers  # nothing learned yet: no estimate
-    assert float(responses[1].headers["x-queue-wait-ms"]) >= 100
-    # the waiting stream got its headers and queue comments first, then the relayed events
-    assert responses[2].text.startswith(": queue_entered=2\n\n")
-    assert responses[2].text.endswith("data: [DONE]\n\n")
-    assert v("lmgate_completion_tokens_total", model=MODEL_B) == COMPLETION_TOKENS
-    assert v("lmgate_prompt_tokens_total", model=MODEL_B) == PROMPT_TOKENS
-    assert v("lmgate_time_to_first_token_seconds_count", model=MODEL_B) == 1
-    assert v("lmgate_queue_wait_seconds_count", model=MODEL_A) == 2
-    assert v("lmgate_queue_wait_seconds_count", model=MODEL_B) == 1
-    assert v("lmgate_queue_wait_seconds_sum", model=MODEL_A) >= 0.1
-    assert v("lmgate_queue_wait_seconds_sum", model=MODEL_B) >= 0.1
-    assert v("lmgate_queue_wait_seconds_bucket", model=MODEL_B, le="0.025") == 0
-    assert v("lmgate_requests_total", route=CHAT, model=MODEL_A, outcome="ok") == 2
-    assert v("lmgate_requests_total", route=CHAT, model=MODEL_B, outcome="ok") == 1
-    assert v("lmgate_model_switches_total") == 1
-    assert g.samples("lmgate_queue_depth") == {(("model", "none"),): 0.0}
-    assert g.samples("lmgate_requests_active") == {(("model", "none"), ("upstream", BOX)): 0.0}
+def test_embeddings_route_and_model_switches() -> None:
+    async def body() -> None:
+        async with lmgate() as g:
+            assert (await g.chat(MODEL_A)).status_code == 200
+            r = await g.client.post(EMBED_ROUTE, json={"model": MODEL_C, "input": "hello"})
+            assert r.status_code == 200 and r.json()["data"][0]["embedding"] == [0.1, 0.2]
+            assert (await g.chat(MODEL_A)).status_code == 200
+            v = g.value
+            assert v("lmgate_requests_total", route=EMBED_ROUTE, model=MODEL_C, outcome="ok") == 1
+            assert v("lmgate_request_duration_seconds_count", route=EMBED_ROUTE, model=MODEL_C) == 1
+            assert v("lmgate_prompt_tokens_total", model=MODEL_C) == PROMPT_TOKENS
+            assert v("lmgate_completion_tokens_total", model=MODEL_C) == 0
+            # A (first load, not a switch) -> C (switch) -> A (switch)
+            assert v("lmgate_model_switches_total") == 2
+            assert v("lmgate_loaded_model", model=MODEL_A) == 1
+            assert v("lmgate_loaded_model", model=MODEL_C) == 0
+    run(body)
 
 
-def test_queue_full_is_a_rejection_with_its_model(make_gate):
-    g = make_gate(max_queue=0)
-    with ThreadPoolExecutor(1) as pool:
-        first = pool.submit(g.chat, MODEL_A, HOLD_TEXT)
-        assert g.upstream.holding.wait(5)
-        r = g.chat(MODEL_A)
-        g.upstream.release.set()
-        assert first.result(10).status_code == 200
-    assert r.status_code == 429 and r.json()["error"]["code"] == "queue_full"
-    assert g.value("lmgate_rejections_total", reason="queue_full") == 1
-    assert g.value("lmgate_requests_total", route=CHAT, model=MODEL_A, outcome="rejected") == 1
-    assert g.value("lmgate_requests_total", route=CHAT, model=MODEL_A, outcome="ok") == 1
-    assert g.value("lmgate_queue_wait_seconds_count", model=MODEL_A) == 1  # the rejected one never waited
+def test_queue_depth_active_and_wait_while_queued() -> None:
+    async def body() -> None:
+        async with lmgate() as g:
+            v = g.value
+            first = asyncio.create_task(g.chat(MODEL_A, HOLD_TEXT))
+            await asyncio.wait_for(g.upstream.holding.wait(), 5)  # it reached the upstream
+            second = asyncio.create_task(g.chat(MODEL_A))
+            await until(lambda: g.value("lmgate_queue_depth", model=MODEL_A) == 1)  # arrival order
+            third = asyncio.create_task(g.chat(MODEL_B, stream=True, stream_options={"include_usage": True}))
+            await until(lambda: sum(g.samples("lmgate_queue_depth").values()) == 2)
+            assert v("lmgate_requests_active", model=MODEL_A) == 1
+            assert v("lmgate_queue_depth", model=MODEL_A) == 1
+            assert v("lmgate_queue_depth", model=MODEL_B) == 1
+            await asyncio.sleep(0.1)  # the waiting requests accumulate at least this much queue time
+            g.upstream.release.set()
+            responses = [await asyncio.wait_for(t, 10) for t in (first, second, third)]
+            assert [r.status_code for r in responses] == [200, 200, 200]
+            assert responses[0].headers["x-queue-position"] == "0"
+            assert responses[1].headers["x-queue-position"] == "1"
+            assert responses[2].headers["x-queue-position"] == "2"
+            assert "x-queue-eta-ms" not in responses[2].headers  # nothing learned yet: no estimate
+            assert float(responses[1].headers["x-queue-wait-ms"]) >= 100
+            # the waiting stream got its headers and queue comments first, then the relayed events
+            assert responses[2].text.startswith(": queue_entered=2\n\n")
+            assert responses[2].text.endswith("data: [DONE]\n\n")
+            assert v("lmgate_completion_tokens_total", model=MODEL_B) == COMPLETION_TOKENS
+            assert v("lmgate_prompt_tokens_total", model=MODEL_B) == PROMPT_TOKENS
+            assert v("lmgate_time_to_first_token_seconds_count", model=MODEL_B) == 1
+            assert v("lmgate_queue_wait_seconds_count", model=MODEL_A) == 2
+            assert v("lmgate_queue_wait_seconds_count", model=MODEL_B) == 1
+            assert v("lmgate_queue_wait_seconds_sum", model=MODEL_A) >= 0.1
+            assert v("lmgate_queue_wait_seconds_sum", model=MODEL_B) >= 0.1
+            assert v("lmgate_queue_wait_seconds_bucket", model=MODEL_B, le="0.025") == 0
+            assert v("lmgate_requests_total", route=CHAT, model=MODEL_A, outcome="ok") == 2
+            assert v("lmgate_requests_total", route=CHAT, model=MODEL_B, outcome="ok") == 1
+            assert v("lmgate_model_switches_total") == 1
+            assert g.samples("lmgate_queue_depth") == {(("model", "none"),): 0.0}
+            assert g.samples("lmgate_requests_active") == {(("model", "none"), ("upstream", g.box)): 0.0}
+    run(body)
+
+
+def test_queue_full_is_a_rejection_with_its_model() -> None:
+    async def body() -> None:
+        async with lmgate(max_queue=0) as g:
+            first = asyncio.create_task(g.chat(MODEL_A, HOLD_TEXT))
+            await asyncio.wait_for(g.upstream.holding.wait(), 5)
+            r = await g.chat(MODEL_A)
+            g.upstream.release.set()
+            assert (await asyncio.wait_for(first, 10)).status_code == 200
+            assert r.status_code == 429 and r.json()["error"]["code"] == "queue_full"
+            assert g.value("lmgate_rejections_total", reason="queue_full") == 1
+            assert g.value("lmgate_requests_total", route=CHAT, model=MODEL_A, outcome="rejected") == 1
+            assert g.value("lmgate_requests_total", route=CHAT, model=MODEL_A, outcome="ok") == 1
+            # the rejected one never waited
+            assert g.value("lmgate_queue_wait_seconds_count", model=MODEL_A) == 1
+    run(body)
 
 
 # --------------------------------------------------------------------------- label cap
 
 
-def test_model_label_cap_folds_into_other(make_gate):
-    g = make_gate(max_models=2)
-    assert g.chat(None).status_code == 400  # no model: labelled "none", uses no slot
-    for model in (MODEL_A, MODEL_B, MODEL_C, "yet-another-model"):
-        assert g.chat(model).status_code == 200
-    assert g.chat(MODEL_A).status_code == 200  # a known model keeps its name
-    v = g.value
-    assert v("lmgate_requests_total", route=CHAT, model=MODEL_A, outcome="ok") == 2
-    assert v("lmgate_requests_total", route=CHAT, model=MODEL_B, outcome="ok") == 1
-    assert v("lmgate_requests_total", route=CHAT, model="other", outcome="ok") == 2
-    assert v("lmgate_requests_total", route=CHAT, model=MODEL_C, outcome="ok") == 0
-    assert v("lmgate_completion_tokens_total", model="other") == 2 * COMPLETION_TOKENS
-    assert v("lmgate_prompt_tokens_total", model="other") == 2 * PROMPT_TOKENS
-    assert v("lmgate_queue_wait_seconds_count", model="other") == 2
-    assert v("lmgate_time_to_first_token_seconds_count", model="other") == 2
-    assert v("lmgate_request_duration_seconds_count", route=CHAT, model="other") == 2
-    models = {dict(labels)["model"] for labels in g.samples("lmgate_requests_total")}
-    assert models == {MODEL_A, MODEL_B, "other", "none"}
-    # the gate-side gauges use the same folding
-    assert g.samples("lmgate_loaded_model") == {(("model", MODEL_A), ("upstream", BOX)): 1.0}
-    assert v("lmgate_requests_total", route=CHAT, model="none", outcome="rejected") == 1
+def test_model_label_cap_folds_into_other() -> None:
+    async def body() -> None:
+        async with lmgate(max_models=2) as g:
+            assert (await g.chat(None)).status_code == 400  # no model: labelled "none", uses no slot
+            for model in (MODEL_A, MODEL_B, MODEL_C, "yet-another-model"):
+                assert (await g.chat(model)).status_code == 200
+            assert (await g.chat(MODEL_A)).status_code == 200  # a known model keeps its name
+            v = g.value
+            assert v("lmgate_requests_total", route=CHAT, model=MODEL_A, outcome="ok") == 2
+            assert v("lmgate_requests_total", route=CHAT, model=MODEL_B, outcome="ok") == 1
+            assert v("lmgate_requests_total", route=CHAT, model="other", outcome="ok") == 2
+            assert v("lmgate_requests_total", route=CHAT, model=MODEL_C, outcome="ok") == 0
+            assert v("lmgate_completion_tokens_total", model="other") == 2 * COMPLETION_TOKENS
+            assert v("lmgate_prompt_tokens_total", model="other") == 2 * PROMPT_TOKENS
+            assert v("lmgate_queue_wait_seconds_count", model="other") == 2
+            assert v("lmgate_time_to_first_token_seconds_count", model="other") == 2
+            assert v("lmgate_request_duration_seconds_count", route=CHAT, model="other") == 2
+            models = {dict(labels)["model"] for labels in g.samples("lmgate_requests_total")}
+            assert models == {MODEL_A, MODEL_B, "other", "none"}
+            # the gate-side gauges use the same folding
+            assert g.samples("lmgate_loaded_model") == {(("model", MODEL_A), ("upstream", g.box)): 1.0}
+            assert v("lmgate_requests_total", route=CHAT, model="none", outcome="rejected") == 1
+    run(body)
 
 
-def test_label_slots_go_to_requested_models_not_to_scrapes(make_gate):
-    g = make_gate(max_models=2)
-    g.client.portal.call(g.client.app.state.lmgate.gate.set_loaded, {"some-loaded-model"})
-    assert g.client.get("/metrics").status_code == 200  # a scrape sees the loaded model
-    assert g.chat(MODEL_A).status_code == 200
-    assert g.chat(MODEL_B).status_code == 200
-    assert g.value("lmgate_requests_total", route=CHAT, model=MODEL_B, outcome="ok") == 1
+def test_label_slots_go_to_requested_models_not_to_scrapes() -> None:
+    async def body() -> None:
+        async with lmgate(max_models=2) as g:
+            g.state.gate.set_loaded({"some-loaded-model"})
+            assert (await g.client.get("/metrics")).status_code == 200  # a scrape sees the loaded model
+            assert (await g.chat(MODEL_A)).status_code == 200
+            assert (await g.chat(MODEL_B)).status_code == 200
+            assert g.value("lmgate_requests_total", route=CHAT, model=MODEL_B, outcome="ok") == 1
+    run(body)
 
 
 # --------------------------------------------------------------------------- shutdown
 
 
-def test_shutdown_refuses_waiting_requests(make_gate):
-    g = make_gate(shutdown_grace=5)
-    with ThreadPoolExecutor(2) as pool:
-        first = pool.submit(g.chat, MODEL_A, HOLD_TEXT)
-        assert g.upstream.holding.wait(5)
-        second = pool.submit(g.chat, MODEL_A)
-        wait_until(lambda: g.value("lmgate_queue_depth", model=MODEL_A) == 1)
-        g.client.portal.call(g.client.app.state.lmgate.begin_shutdown)
-        refused = second.result(5)
-        g.upstream.release.set()
-        assert first.result(5).status_code == 200  # the running one finishes
-    assert refused.status_code == 503 and refused.json()["error"]["code"] == "shutting_down"
-    assert g.value("lmgate_requests_total", route=CHAT, model=MODEL_A, outcome="shutting_down") == 1
-    assert g.value("lmgate_requests_total", route=CHAT, model=MODEL_A, outcome="ok") == 1
-    assert g.samples("lmgate_queue_depth") == {(("model", "none"),): 0.0}
-    # refused while it waited, it counts as a rejection like one refused on arrival
-    assert g.value("lmgate_rejections_total", reason="shutting_down") == 1
+def test_shutdown_refuses_waiting_requests() -> None:
+    async def body() -> None:
+        async with lmgate(shutdown_grace=5) as g:
+            first = asyncio.create_task(g.chat(MODEL_A, HOLD_TEXT))
+            await asyncio.wait_for(g.upstream.holding.wait(), 5)
+            second = asyncio.create_task(g.chat(MODEL_A))
+            await until(lambda: g.value("lmgate_queue_depth", model=MODEL_A) == 1)
+            g.state.begin_shutdown()
+            refused = await asyncio.wait_for(second, 5)
+            g.upstream.release.set()
+            assert (await asyncio.wait_for(first, 5)).status_code == 200  # the running one finishes
+            assert refused.status_code == 503 and refused.json()["error"]["code"] == "shutting_down"
+            assert g.value("lmgate_requests_total", route=CHAT, model=MODEL_A, outcome="shutting_down") == 1
+            assert g.value("lmgate_requests_total", route=CHAT, model=MODEL_A, outcome="ok") == 1
+            assert g.samples("lmgate_queue_depth") == {(("model", "none"),): 0.0}
+            # refused while it waited, it counts as a rejection like one refused on arrival
+            assert g.value("lmgate_rejections_total", reason="shutting_down") == 1
+    run(body)
 

@@ -1,17 +1,20 @@
-"""lmgate in a real uvicorn with a scripted (respx) upstream: routing, pass-through, queue
-feedback, disconnects, overload, timeouts and bad input. After every failure the gate is free."""
+"""lmgate in a real uvicorn in front of a scripted upstream server: routing, pass-through,
+queue feedback, disconnects, overload, timeouts and bad input. After every failure the gate
+is free."""
 
 from __future__ import annotations
 
 import asyncio
 import json
+import socket
 import uuid
 
 import httpx
 import pytest
 
-from proxy.config import Settings
 from proxy.gated import STARTED_AT_ONCE
+from proxy.protocol import GuardedProtocol
+from proxy.transport import LeanTransport
 
 from .harness import Running, chat_body, run, serve, sse_events
 
@@ -22,6 +25,22 @@ def comments(raw: bytes) -> list[str]:
 
 def data_payloads(raw: bytes) -> list[str]:
     return [line[6:] for line in raw.decode().split("\n") if line.startswith("data: ")]
+
+
+SILENCE_S = 1.0  # --read-timeout where a test has the box fall silent
+
+
+def box_up(r: Running) -> bool | None:
+    """What lmgate last found about the box (None: not checked yet)."""
+    return r.state.fleet.up_states()[r.box_name]
+
+
+async def until_box_up_is(r: Running, up: bool, timeout_s: float = 5.0) -> None:
+    for _ in range(int(timeout_s / 0.01)):
+        if box_up(r) is up:
+            return
+        await asyncio.sleep(0.01)
+    assert box_up(r) is up, f"lmgate did not find the box {'up' if up else 'down'} within {timeout_s} s"
 
 
 async def hold_gate(r: Running) -> asyncio.Task[httpx.Response]:
@@ -47,7 +66,7 @@ def test_body_and_headers_pass_through_byte_for_byte() -> None:
             seen = r.upstream.seen[-1]
             assert seen.body == raw
             assert seen.headers["x-custom"] == "kept"
-            assert seen.headers["host"] == "upstream.test:1234"
+            assert seen.headers["host"] == r.box_name
             assert "keep-alive" not in seen.headers
             assert seen.headers["authorization"] == "Bearer sk-x"  # open mode: client's own header
             # the client's id stays with lmgate: the box gets lmgate's own id, a UUID (llama.cpp's
@@ -79,7 +98,7 @@ def test_the_boxs_own_id_and_queue_headers_do_not_pass_beside_lmgates() -> None:
                     assert resp.headers.get_list("x-request-id") == ["outer"]
                     assert resp.headers.get_list("x-queue-position") == ["0"]
                     assert resp.headers.get_list("x-queue-depth") == ["0"]
-                    assert resp.headers.get_list("x-upstream") == ["upstream.test:1234"]
+                    assert resp.headers.get_list("x-upstream") == [r.box_name]
                     assert "x-queue-eta-ms" not in resp.headers
     run(body)
 
@@ -364,9 +383,15 @@ def test_body_too_large_is_413() -> None:
 @pytest.mark.parametrize(("act", "status", "code"), [("connect", 502, "upstream_unavailable"),
                                                      ("read_timeout", 504, "upstream_timeout")])
 def test_upstream_down_or_silent(act: str, status: int, code: str) -> None:
+    """``connect``: the box is not listening, so the connect is refused; ``read_timeout``:
+    it takes the request and says nothing for longer than --read-timeout."""
     async def body() -> None:
-        async with serve() as r:
-            resp = await r.client.post("/v1/chat/completions", json=chat_body(act=act))
+        async with serve(read_timeout=SILENCE_S) as r:
+            if act == "connect":
+                async with r.box.refusing():
+                    resp = await r.client.post("/v1/chat/completions", json=chat_body())
+            else:
+                resp = await r.client.post("/v1/chat/completions", json=chat_body(act=act))
             assert resp.status_code == status and resp.json()["error"]["code"] == code
             await r.assert_gate_free()
     run(body)
@@ -374,7 +399,7 @@ def test_upstream_down_or_silent(act: str, status: int, code: str) -> None:
 
 def test_upstream_silent_mid_stream_ends_with_error_event() -> None:
     async def body() -> None:
-        async with serve() as r:
+        async with serve(read_timeout=SILENCE_S) as r:
             resp = await r.client.post("/v1/chat/completions", json=chat_body(stream=True, act="slow_body"))
             payloads = data_payloads(resp.content)
             assert json.loads(payloads[-1])["error"]["code"] == "upstream_timeout"
@@ -413,17 +438,18 @@ def test_readyz_answers_from_the_last_check_and_never_probes() -> None:
         async with serve(probe_interval=0.05) as r:
             for _ in range(20):
                 assert (await r.client.get("/readyz")).status_code == 200
-            r.state.probe_interval_s = 3600.0  # no checks of its own from here on
+            r.state.fleet.probe_interval_s = 3600.0  # no checks of its own from here on
             await asyncio.sleep(0.1)  # let a check already sleeping run out
             listed = len(r.upstream.listings)
             for _ in range(20):
                 await r.client.get("/readyz")
             assert len(r.upstream.listings) == listed  # /readyz itself sent nothing upstream
-            r.state.upstream.base = "http://127.0.0.1:1"  # nothing listens on port 1
-            await r.state.upstream.probe()  # what the idle check finds
-            ready = await r.client.get("/readyz")
-            assert ready.status_code == 503 and ready.json()["upstream_up"] is False
-            assert (await r.client.get("/healthz")).status_code == 200
+            async with r.box.refusing():  # the box goes away
+                r.state.fleet.probe_interval_s = 0.05  # and the idle check finds it gone
+                await until_box_up_is(r, False)
+                ready = await r.client.get("/readyz")
+                assert ready.status_code == 503 and ready.json()["upstream_up"] is False
+                assert (await r.client.get("/healthz")).status_code == 200
     run(body)
 
 
@@ -448,8 +474,41 @@ def test_shutdown_refuses_waiting_and_gives_running_the_grace() -> None:
     run(body)
 
 
-def test_settings_used_by_harness_are_plain_settings() -> None:
-    assert Settings().with_(max_queue=3).max_queue == 3
+def test_the_harness_serves_lmgate_as_production_does() -> None:
+    """Every test here goes through lmgate's own client-bounds protocol and upstream
+    transport, configured as ``lmgate`` configures them: a harness that swapped either out
+    would make the rest of this file test something else."""
+    async def body() -> None:
+        async with serve() as r:
+            config = r.server.config
+            assert issubclass(config.http_protocol_class, GuardedProtocol)
+            assert config.proxy_headers is False and config.server_header is False
+            assert isinstance(r.state.upstreams[r.box_name].lean, LeanTransport)
+            resp = await r.client.get("/healthz", headers={"x-big": "a" * 70_000})
+            assert resp.status_code == 431  # the head limit, which only lmgate's protocol has
+            resp = await r.client.post("/v1/chat/completions", json=chat_body())
+            assert resp.status_code == 200 and "server" not in resp.headers
+            assert r.upstream.seen[-1].headers["host"] == r.box_name  # a real socket to the box
+    run(body)
+
+
+def test_client_connections_do_not_wait_for_delayed_acks() -> None:
+    """Regression: lmgate binds its listening sockets itself (``proxy/listen.py``) and made
+    them with ``socket.socket(family, SOCK_STREAM)``, whose proto is 0. asyncio's loop sets
+    TCP_NODELAY on an accepted connection only when the socket's proto is IPPROTO_TCP (as
+    getaddrinfo, and so uvicorn's own binding, names it), so without uvloop (Windows, or
+    wherever it is missing) every client connection kept Nagle's algorithm on: a response
+    written as head then body waited for the client's delayed ACK, about 40 ms (200 ms on
+    Windows) on each request after the first on a keep-alive connection. Fix: the socket is
+    made with ``socket.IPPROTO_TCP``. Reproduce: two ``GET /healthz`` on one connection to
+    ``lmgate`` run with uvloop unavailable."""
+    async def body() -> None:
+        async with serve() as r:
+            assert (await r.client.get("/healthz")).status_code == 200
+            (connection,) = r.server.server_state.connections
+            sock = connection.transport.get_extra_info("socket")
+            assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+    run(body)
 
 
 def test_parallel_same_model_overlaps_other_model_waits() -> None:
@@ -476,18 +535,10 @@ def test_parallel_same_model_overlaps_other_model_waits() -> None:
 
 def test_upstream_watch_notices_an_outage() -> None:
     async def body() -> None:
-        async with serve() as r:
-            assert r.state.upstream.up is True
-            r.state.upstream.base = "http://127.0.0.1:1"  # nothing listens there
-            r.state.probe_interval_s = 0.05
-            assert r.state._watch is not None
-            r.state._watch.cancel()
-            r.state._watch = asyncio.create_task(r.state._watch_upstream())
-            for _ in range(200):
-                if r.state.upstream.up is False:
-                    break
-                await asyncio.sleep(0.01)
-            assert r.state.upstream.up is False
-            metrics = (await r.client.get("/metrics")).text
-            assert 'lmgate_upstream_up{upstream="upstream.test:1234"} 0.0' in metrics
+        async with serve(probe_interval=0.05) as r:
+            assert box_up(r) is True
+            async with r.box.refusing():  # the box goes away
+                await until_box_up_is(r, False)
+                metrics = (await r.client.get("/metrics")).text
+                assert f'lmgate_upstream_up{{upstream="{r.box_name}"}} 0.0' in metrics
     run(body)

@@ -11,7 +11,7 @@ import pytest
 from proxy.auth import Principal
 from proxy.config import ApiKey
 from proxy.errors import BadRequest
-from proxy.gated import feedback_mode
+from proxy.admission import feedback_mode
 from proxy.errors import BadRequest
 from proxy.inbound import ask_for_usage, parse_request, token_limit
 from proxy.streaming import Usage, UsageMeter, UsageRemover, read_usage, reasoning_chunk, waiting_line
