@@ -5,10 +5,10 @@ way Grafana would render them, so every returned string is plain PromQL:
 
     $__rate_interval -> 1m     $__range -> 5m     $__interval -> 15s
 
-The dashboard's own template variables (``templating.list``, e.g. ``$upstream``)
-are replaced with what Grafana sends when "All" is selected: the variable's
-``allValue`` (``.*`` if it has none), or for a variable without "All" its current
-value.
+The dashboard's own template variables (``templating.list``, e.g. ``$upstream``,
+``$replica``) are replaced with what Grafana sends when "All" is selected: the
+variable's ``allValue`` (``.*`` if it has none), or for a variable without "All" its
+current value; a caller may pick other values (``dashboard_exprs(variables=...)``).
 
 Standard library only, so any test (unit, integration, e2e) can import it::
 
@@ -93,15 +93,18 @@ def load_dashboard(path: Union[str, Path, None] = None) -> dict:
     return dash.get("dashboard", dash) if isinstance(dash, dict) else dash
 
 
-def dashboard_exprs(path: Union[str, Path, None] = None) -> list[str]:
+def dashboard_exprs(path: Union[str, Path, None] = None,
+                    variables: dict[str, str] | None = None) -> list[str]:
     """Every target ``expr`` of every panel in dashboard *path*, Grafana variables (global and
-    the dashboard's own) substituted.
+    the dashboard's own) substituted. The dashboard's variables stand for "All" (see
+    ``template_values``) unless *variables* gives another value, e.g.
+    ``{"replica": "lmgate-1:1235"}`` for one replica selected.
 
     Order follows the dashboard (panel order, then target order); hidden targets are
     included. Targets without an expr are skipped; the deploy tests check that none are.
     """
     dash = load_dashboard(path)
-    variables = template_values(dash)
+    variables = {**template_values(dash), **(variables or {})}
     exprs: list[str] = []
     for panel in iter_panels(dash.get("panels", [])):
         for target in panel.get("targets") or []:
