@@ -225,9 +225,8 @@ class Fleet:
         finally:
             ticket.meta["loading"] = False
         if box is not None:
-            before = dict(box.slots), box.parallel
-            mgr.slots(box)  # after its own load: the parallel LM Studio now reports
-            if box.loaded != mgr.resident or (dict(box.slots), box.parallel) != before:
+            self.line.set_slots(box.name, *mgr.slots())  # after its own load: what LM Studio reports
+            if box.loaded != mgr.resident:
                 self.line.set_loaded(box.name, mgr.resident)  # and start what that allows
 
     def used(self, ticket: Ticket) -> None:
@@ -265,7 +264,7 @@ class Fleet:
         box = self.line.view.boxes.get(name)
         if box is None or not self.box_idle(name):
             return
-        mgr.slots(box)
+        self.line.set_slots(name, *mgr.slots())
         self.line.set_catalog(name, mgr.catalog)  # one box or several: a load needs a listed model
         self.line.set_loaded(name, mgr.resident)
 
@@ -335,7 +334,7 @@ class Fleet:
                 health.up = True  # it answers; the gate keeps it out of service
                 return
             if name in self.line.view.boxes:
-                mgr.slots(self.line.view.boxes[name])
+                self.line.set_slots(name, *mgr.slots())
         if not ok:
             self.failed(name)
             return
@@ -371,7 +370,7 @@ class Fleet:
                     self.line.remove_box(name)
                 continue
             box.removed = False  # taken out by an earlier reload, still busy, and back: it stays
-            box.parallel, box.models = spec.parallel or new.parallel, spec.models
+            box.models = spec.models
             up = self.upstreams.get(name)
             if up is not None and (up.spec != spec or up.key != (spec.key or new.upstream_key)
                                    or up.timeouts != upstream_timeouts(new)):
@@ -382,7 +381,7 @@ class Fleet:
             mgr = self.managers.get(name)
             if mgr is not None:
                 mgr.reconfigure(spec, new)
-                mgr.slots(box)
+                self.line.set_slots(name, *mgr.slots())
         for name, spec in specs.items():
             if name in gate.boxes:
                 continue

@@ -383,6 +383,14 @@ class Gate:
         self._bump()
         self._notify(self._dispatch())
 
+    def set_slots(self, box: str, parallel: int, slots: dict[str, int]) -> None:
+        """A box's slots: ``parallel`` for any model, ``slots`` for the models that differ."""
+        b = self._box(box)
+        if (b.parallel, b.slots) != (parallel, slots):
+            b.parallel, b.slots = parallel, dict(slots)
+            self._bump()
+            self._notify(self._dispatch())
+
     def set_catalog(self, box: str, models: Iterable[str] | None) -> None:
         """The models a box lists (None: not known, so it is tried for any model)."""
         self._box(box).catalog = None if models is None else frozenset(models)
@@ -441,6 +449,51 @@ class Gate:
     def tickets(self) -> list[Ticket]:
         """Every running and waiting ticket (in no particular order)."""
         return [*self._running.values(), *self._waiting.values()]
+
+    # -- as plain data ------------------------------------------------------------------
+    def snapshot(self) -> dict[str, Any]:
+        """The whole state as JSON-able data: a gate ``restore``d from it decides everything
+        exactly as this one would (waiters and callbacks are not part of it)."""
+        return {
+            "limits": {"max_queue": self.max_queue, "max_skips": self.max_skips, "policy": self.policy,
+                       "groups": [sorted(g) for g in self.groups],
+                       "max_priority_wait": self.max_priority_wait},
+            "closed": self.closed, "version": self.version, "seq": self._seq, "vtime": self._vtime,
+            "last_tag": dict(self._last_tag),
+            "boxes": [{"name": b.name, "parallel": b.parallel, "models": list(b.models),
+                       "catalog": None if b.catalog is None else sorted(b.catalog), "up": b.up,
+                       "removed": b.removed, "loaded": sorted(b.loaded), "switches": b.switches,
+                       "slots": dict(b.slots)} for b in self.boxes.values()],
+            "waiting": [_ticket_doc(self._waiting[key[2]]) for key in self._order],
+            "running": [_ticket_doc(t) for t in self._running.values()],
+            "young": [t.seq for t in self._young if t.state == WAITING],
+        }
+
+    @classmethod
+    def restore(cls, doc: dict[str, Any], *, on_start: Callable[[Ticket], None] | None = None,
+                clock: Callable[[], float] = time.monotonic) -> Gate:
+        """A gate in the state ``snapshot`` described."""
+        limits = doc["limits"]
+        boxes = [Box(b["name"], parallel=b["parallel"], models=tuple(b["models"]),
+                     catalog=None if b["catalog"] is None else frozenset(b["catalog"]), up=b["up"],
+                     removed=b["removed"], loaded=frozenset(b["loaded"]), switches=b["switches"],
+                     slots=dict(b["slots"])) for b in doc["boxes"]]
+        gate = cls(max_queue=limits["max_queue"], max_skips=limits["max_skips"], policy=limits["policy"],
+                   groups=limits["groups"], max_priority_wait=limits["max_priority_wait"],
+                   on_start=on_start, clock=clock, boxes=boxes)
+        gate.closed, gate.version = doc["closed"], doc["version"]
+        gate._seq, gate._vtime, gate._last_tag = doc["seq"], doc["vtime"], dict(doc["last_tag"])
+        for t in map(_ticket_of, doc["running"]):
+            gate._running[t.seq] = t
+            gate.boxes[t.box or ""].running[t.seq] = t
+        by_seq = {}
+        for t in map(_ticket_of, doc["waiting"]):
+            gate._waiting[t.seq] = t
+            gate._order.append(t.key)
+            gate._per_identity[t.identity] = gate._per_identity.get(t.identity, 0) + 1
+            by_seq[t.seq] = t
+        gate._young.extend(by_seq[seq] for seq in doc["young"] if seq in by_seq)
+        return gate
 
     # -- internals ---------------------------------------------------------------------
     def _bump(self) -> None:
@@ -699,3 +752,16 @@ class Gate:
             ranks[t.seq] = len(ranks)
         self._projection = (self.version, ranks)
         return ranks
+
+
+TICKET_FIELDS = ("request_id", "model", "identity", "uid", "meta", "priority", "seq", "tag", "rank",
+                 "aged", "state", "arrived_at", "started_at", "ended_at", "position_at_arrival",
+                 "depth_at_arrival", "skipped", "box", "max_tokens")
+
+
+def _ticket_doc(t: Ticket) -> dict[str, Any]:
+    return {name: getattr(t, name) for name in TICKET_FIELDS}
+
+
+def _ticket_of(doc: dict[str, Any]) -> Ticket:
+    return Ticket(**{name: doc[name] for name in TICKET_FIELDS})

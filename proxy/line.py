@@ -136,6 +136,10 @@ class LocalLine:
         self.gate.set_catalog(box, models)
         self._changed()
 
+    def set_slots(self, box: str, parallel: int, slots: dict[str, int]) -> None:
+        self.gate.set_slots(box, parallel, slots)
+        self._changed()
+
     def set_up(self, box: str, up: bool) -> None:
         self.gate.set_up(box, up)
         self._changed()

@@ -76,21 +76,20 @@ class BoxModels:
         self.spec, self.settings = spec, settings
         self.models = {m.name: m for m in settings.models}
 
-    def slots(self, box: Box) -> None:
-        """Slots per model on this box: ``[[upstreams]].parallel`` > ``[[models]].parallel`` >
-        ``--parallel`` if given > what LM Studio reports for the loaded instance > 1."""
+    def slots(self) -> tuple[int, dict[str, int]]:
+        """The box's slots: (for any model, per model where it differs).
+        ``[[upstreams]].parallel`` > ``[[models]].parallel`` > ``--parallel`` if given > what
+        LM Studio reports for the loaded instance > 1."""
         given = "parallel" in self.settings.sources or self.settings.parallel != 1
         if self.spec.parallel:
-            box.parallel, box.slots = self.spec.parallel, {}
-            return
-        box.parallel = self.settings.parallel if given else 1
+            return self.spec.parallel, {}
         slots: dict[str, int] = {}
         if not given and self.mode == MANAGED:
             slots.update(self.reported_parallel)
         for name, model in self.models.items():
             if model.parallel:
                 slots[name] = model.parallel
-        box.slots = slots
+        return (self.settings.parallel if given else 1), slots
 
     # -- what the box says --------------------------------------------------------------------
     async def detect(self) -> None:

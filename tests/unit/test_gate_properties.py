@@ -419,3 +419,57 @@ def test_removed_box_finishes_its_work_and_leaves() -> None:
     assert t2.box == "b"
     gate.release(t1)
     assert "a" not in gate.boxes
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    ops=st.lists(prio_op, min_size=8, max_size=80),
+    cut=st.integers(0, 80),
+    parallel=st.integers(1, 3),
+    max_skips=st.integers(0, 2),
+    policy=st.sampled_from(["fifo", "fair"]),
+    two_boxes=st.booleans(),
+)
+def test_a_gate_restored_from_its_snapshot_decides_as_the_original(
+        ops: list[tuple[str, int, int, int]], cut: int, parallel: int, max_skips: int, policy: str,
+        two_boxes: bool) -> None:
+    """A line shared by several processes is rebuilt from a snapshot (a replica joining, a new
+    scheduler): from the snapshot on, through JSON and back, the restored gate starts the same
+    requests in the same order and reports the same positions as the one it was taken from."""
+    import json
+
+    clock = FakeClock()
+    boxes = [Box("b0", parallel=parallel), Box("b1", parallel=1, catalog=frozenset({"A", "B"}))] \
+        if two_boxes else [Box("b0", parallel=parallel)]
+    original = Gate(max_skips=max_skips, policy=policy, max_queue=40, max_priority_wait=30.0,
+                    groups=GROUPS, clock=clock, boxes=boxes)
+    started: dict[str, list[int]] = {"original": [], "restored": []}
+    original.on_start = lambda t: started["original"].append(t.seq)
+    restored: Gate | None = None
+    gates = {"original": original}
+    for i, (kind, a, b, prio) in enumerate(ops):
+        if i == cut:
+            restored = Gate.restore(json.loads(json.dumps(original.snapshot())), clock=clock,
+                                    on_start=lambda t: started["restored"].append(t.seq))
+            gates["restored"] = restored
+            started["original"].clear()
+        for name, gate in gates.items():
+            if kind == "arrive":
+                t = Ticket(request_id=f"r{i}", model=MODELS[a], identity=f"id{b}", priority=prio)
+                try:
+                    gate.submit(t)
+                except QueueFull:
+                    pass
+            elif kind == "finish" and gate.running:
+                gate.release(gate.running[a % len(gate.running)])
+            elif kind == "cancel" and gate.depth:
+                gate.cancel(gate.waiting()[a % gate.depth])
+        if kind == "time":
+            clock.now += a
+            for gate in gates.values():
+                gate.tick()
+        if restored is not None:
+            assert started["restored"] == started["original"]
+            assert [(t.seq, original.position(t)) for t in original.waiting()] == \
+                [(t.seq, restored.position(t)) for t in restored.waiting()]
+            assert original.snapshot() == restored.snapshot()

@@ -187,14 +187,14 @@ def test_slots_precedence() -> None:
         await m.detect()
         await m.ensure("a", set)
     run(body())
-    m.slots(box)
+    box.parallel, box.slots = m.slots()
     assert box.slots_for("a") == 4 and box.slots_for("b") == 3 and box.slots_for("c") == 1
     given = manager(studio, parallel=2, models=(ModelSpec("b", parallel=3),))
     given.mode, given.reported_parallel = MANAGED, {"a": 4}
-    given.slots(box)
+    box.parallel, box.slots = given.slots()
     assert box.slots_for("a") == 2 and box.slots_for("b") == 3
     pinned = BoxModels(m.upstream, UpstreamSpec("x", "http://box.test:1234", parallel=5), m.settings)
-    pinned.slots(box)
+    box.parallel, box.slots = pinned.slots()
     assert box.slots_for("a") == box.slots_for("b") == 5
 
 
