@@ -23,8 +23,9 @@ from .app import create_app
 from .config import ConfigError, Settings, UpstreamSpec, fit_connections, load_settings
 from .listen import ListenError, bind_listeners
 from .protocol import HEAD_LIMIT, ClientLimits, protocol_class, raise_fd_limit
-from .quota import QuotaStore, QuotaStoreError
-from .state import AppState, quota_path
+from .quota import QuotaStore
+from .store import StateDB, StoreError
+from .state import AppState, quota_path, state_path
 from .upstream import redact
 
 log = logging.getLogger("lmgate")
@@ -152,8 +153,9 @@ def uvicorn_config(app: Any, settings: Settings) -> uvicorn.Config:
     )
 
 
-def build_server(settings: Settings, quotas: QuotaStore | None = None) -> LmgateServer:
-    app = create_app(settings, quotas=quotas)
+def build_server(settings: Settings, quotas: QuotaStore | None = None,
+                 db: StateDB | None = None) -> LmgateServer:
+    app = create_app(settings, quotas=quotas, db=db)
     config = uvicorn_config(app, settings)
     raise_fd_limit(settings.max_connections)
     return LmgateServer(config, app.state.lmgate)
@@ -187,12 +189,14 @@ def run(args: list[str]) -> None:
         refuse(str(exc))
     settings = settings.with_(port=int(sockets[0].getsockname()[1]))  # the real one, for port 0
     try:  # opened (and locked) before serving: one line and status 2 if it cannot be
-        quotas = asyncio.run(open_state(settings))
-    except QuotaStoreError as exc:
+        db, quotas, unusable = asyncio.run(open_state(settings))
+    except StoreError as exc:
         refuse(str(exc))
     configure_logging(settings.log_level, settings.log_format)
     if raised:
         log.info("%s", raised)
+    if unusable:
+        log.warning("%s; old-API jobs are kept in memory only (a restart loses them)", unusable)
     if settings.demo:
         boxes = start_demo_upstreams()
         settings = settings.with_(upstream=boxes[0].url, upstreams=boxes)
@@ -204,7 +208,7 @@ def run(args: list[str]) -> None:
              ", ".join(redact(b.url) if len(boxes) == 1 else f"{b.name}={redact(b.url)}" for b in boxes),
              f"parallel {settings.parallel}" if given else "slots per model as each box reports them",
              settings.max_queue)
-    server = build_server(settings, quotas)
+    server = build_server(settings, quotas, db)
     server.lmgate.argv, server.lmgate.environ = args, dict(os.environ)
     # Everything built so far lives as long as the process: keep it out of the collector's
     # way, and collect less often, so thousands of waiting clients do not cause long pauses.
@@ -227,13 +231,22 @@ def describe(settings: Settings) -> str:
             + (f", quotas in {quota}" if quota is not None else ""))
 
 
-async def open_state(settings: Settings) -> QuotaStore:
-    """Open the quota database (and take its lock) before serving, so a file that cannot be
-    used, or that another lmgate process holds, is refused with one line, not a traceback;
-    the app then uses this store, so the lock is never let go in between."""
-    store = QuotaStore(quota_path(settings))
-    await store.start()
-    return store
+async def open_state(settings: Settings) -> tuple[StateDB | None, QuotaStore, str | None]:
+    """Open the state database (and take its lock) before serving; the app then uses it, so
+    the lock is never let go in between. When a key has a quota, a file that cannot be used
+    (or that another lmgate holds) is refused with one line, not a traceback; otherwise lmgate
+    goes on without it, and the reason is returned for one warning line."""
+    db: StateDB | None = StateDB(state_path(settings))
+    unusable = None
+    try:
+        await db.open()
+    except StoreError as exc:
+        if quota_path(settings) is not None:
+            raise
+        db, unusable = None, str(exc)
+    quotas = QuotaStore(db if quota_path(settings) is not None else None)
+    await quotas.start()
+    return db, quotas, unusable
 
 
 def refuse(message: str) -> NoReturn:

@@ -11,7 +11,7 @@ from .config import ApiKey
 from .errors import QuotaExceeded
 from .eta import Estimator
 from .metrics import Metrics, RequestRecord
-from .quota import QuotaStore
+from .quota import Quotas
 
 access_log = logging.getLogger("lmgate.access")
 
@@ -19,7 +19,7 @@ access_log = logging.getLogger("lmgate.access")
 class Accounts:
     """Observes every request once, when it ends."""
 
-    def __init__(self, metrics: Metrics, quotas: QuotaStore, eta: Estimator, *, log_format: str,
+    def __init__(self, metrics: Metrics, quotas: Quotas, eta: Estimator, *, log_format: str,
                  on_upstream_error: Callable[[], None]) -> None:
         self.metrics = metrics
         self.quotas = quotas
@@ -28,8 +28,8 @@ class Accounts:
         self.on_upstream_error = on_upstream_error  # the boxes' loaded models may have changed
         self.totals = {"served": 0, "failed": 0, "rejected": 0, "completion_tokens": 0}
 
-    def check_quota(self, key: ApiKey) -> None:
-        refusal = self.quotas.refusal(key.name, key.tokens_per_day, key.tokens_per_month)
+    async def check_quota(self, key: ApiKey) -> None:
+        refusal = await self.quotas.check(key.name, key.tokens_per_day, key.tokens_per_month)
         if refusal is not None:
             raise QuotaExceeded(refusal.message, retry_after_s=refusal.retry_after_s)
 

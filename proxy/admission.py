@@ -82,7 +82,7 @@ async def admit(st: AppState, rec: RequestRecord, headers: dict[bytes, bytes], r
     who = st.auth.authenticate(headers, rec.client)
     rec.client = who.label
     if st.draining:
-        raise ShuttingDown("lmgate is shutting down")
+        raise ShuttingDown("lmgate is shutting down; try again shortly", retry_after_s=5)
     body, hold = await read_body(receive, headers, st.settings.max_body, st.waiting_bytes)
     try:
         return await _admit(st, rec, headers, who, body, hold, path=path, uid=uid, rid=rid,
@@ -112,10 +112,10 @@ async def _admit(st: AppState, rec: RequestRecord, headers: dict[bytes, bytes], 
     if key is not None:
         rec.key = key.name
         if key.has_quota:
-            st.check_quota(key)
+            await st.check_quota(key)
             body, drop_usage = ask_for_usage(body, doc, path)
             quota_key = key
-    st.auth.check_rate(who)
+    await st.auth.check_rate(who)
     ticket = Ticket(request_id=rid, uid=uid, model=model, identity=who.identity,
                     priority=key.priority if key is not None else 0, max_tokens=token_limit(doc, cap),
                     meta={"client": who.label, "stream": stream, "route": rec.route, "admin": who.admin})

@@ -18,6 +18,7 @@ from .config import Settings
 from .gated import GatedRequest
 from .inbound import Receive, Scope, Send
 from .quota import QuotaStore
+from .store import StateDB
 from .state import AppState
 
 GATED_ROUTES = {
@@ -101,11 +102,13 @@ class Lmgate(Starlette):
 
 
 def create_app(settings: Settings, *, transport: httpx.AsyncBaseTransport | None = None,
-               registry: CollectorRegistry | None = None, quotas: QuotaStore | None = None) -> Starlette:
+               registry: CollectorRegistry | None = None, quotas: QuotaStore | None = None,
+               db: StateDB | None = None) -> Starlette:
     """Build lmgate. ``transport`` replaces the upstream connection (tests); metrics go to
-    ``registry`` (a fresh one if omitted), never to the process-global registry."""
+    ``registry`` (a fresh one if omitted), never to the process-global registry; ``db`` is
+    the state database already opened (old-API jobs survive restarts in it; None: memory)."""
     state = AppState(settings, transport=transport, registry=registry or CollectorRegistry(),
-                     quotas=quotas)
+                     quotas=quotas, db=db)
     legacy = LegacyQueue(state)
 
     @contextlib.asynccontextmanager

@@ -9,12 +9,21 @@ import time
 from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import Protocol
 
 from .config import ApiKey
 from .errors import Forbidden, TokenCapExceeded, TooManyRequests, Unauthorized
 from .inbound import TOKEN_FIELDS
 
 RPM_WINDOW_S = 60.0
+
+
+class RateWindows(Protocol):
+    """Requests-per-minute windows kept elsewhere (shared by replicas)."""
+
+    async def hit(self, key: str, limit: int, window_s: float) -> float | None:
+        """Count a request for ``key`` if it is under ``limit`` in the last ``window_s``
+        seconds (None); else the seconds until it would be."""
 
 
 @dataclass(frozen=True)
@@ -38,9 +47,11 @@ class Principal:
 
 
 class Auth:
-    def __init__(self, keys: tuple[ApiKey, ...], clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, keys: tuple[ApiKey, ...], clock: Callable[[], float] = time.monotonic,
+                 rates: RateWindows | None = None) -> None:
         self.keys = keys
         self.clock = clock
+        self.rates = rates
         self._hits: dict[str, deque[float]] = {}
 
     @property
@@ -107,9 +118,17 @@ class Auth:
                 changes[name] = cap
         return changes
 
-    def check_rate(self, who: Principal) -> None:
+    async def check_rate(self, who: Principal) -> None:
+        """429 when the key is over its requests per minute; the hit counts otherwise. Shared
+        by replicas when ``rates`` is set (a sliding window kept in Redis)."""
         key = who.key
         if key is None or key.rpm is None:
+            return
+        if self.rates is not None:
+            wait = await self.rates.hit(key.name, key.rpm, RPM_WINDOW_S)
+            if wait is not None:
+                raise TooManyRequests(f"key '{key.name}' is over its limit of {key.rpm} requests "
+                                      "per minute", retry_after_s=wait)
             return
         now = self.clock()
         hits = self._hits.setdefault(key.name, deque())

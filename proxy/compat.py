@@ -25,7 +25,6 @@ import logging
 import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator
-from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 from sse_starlette.sse import EventSourceResponse
@@ -34,14 +33,15 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
 from . import __version__
-from .admission import admit
+from .admission import Admission, admit
 from .auth import Principal
-from .errors import ProxyError
+from .errors import ProxyError, QueueFullError
+from .gate import GateClosed, QueueFull, Ticket
 from .gated import GatedRequest
 from .inbound import ClientGone, Message
+from .jobs import Job, JobSink, JobStore, LegacyBody, now_iso
 from .legacy_schema import parse_add
 from .routes import caller, error_response, viewer
-from .streaming import upstream_error_message
 
 if TYPE_CHECKING:
     from .state import AppState
@@ -52,165 +52,8 @@ UPSTREAM_PATH = "/v1/chat/completions"
 UPSTREAM_HEADERS = [(b"content-type", b"application/json")]
 POSITION_REPEAT_S = 2.0
 SWEEP_EVERY_S = 1.0
-EVENT_OVERHEAD = 80  # bytes a kept event costs beyond its text (string and list slot)
-ERROR_KEEP = 64 * 1024  # bytes of an error answer kept for its message
+STOP_MARGIN_S = 2.0  # beyond the grace: the cut-off jobs' own ending
 NOT_FOUND = {"error": "Request ID not found"}  # the old server's answer, status 200
-
-
-def now_iso() -> str:
-    return datetime.now().isoformat()
-
-
-class LegacyBody(ProxyError):
-    """A ``/queue/add`` body the old server would have refused: 422 with its ``detail`` list."""
-
-    status = 422
-    type = "invalid_request_error"
-    code = "invalid_body"
-
-    def __init__(self, problems: list[dict[str, Any]]) -> None:
-        super().__init__("invalid body")
-        self.problems = problems
-
-    def body(self) -> dict[str, Any]:  # type: ignore[override]
-        return {"detail": self.problems}
-
-
-class Job:
-    """One /queue/add request: its status record and every event it produced, for replay."""
-
-    def __init__(self, req: GatedRequest, client_id: str, who: Principal) -> None:
-        self.req = req
-        self.id = req.uid
-        self.client_id = client_id
-        self.identity = who.identity
-        self.status = "queued"
-        self.created_at = now_iso()
-        self.started_at: str | None = None
-        self.completed_at: str | None = None
-        self.text: list[str] = []
-        self.tool_calls: list[dict[str, Any]] = []
-        self.error: str | None = None
-        self.queue_entered_position: int | None = None
-        self.events: list[str] = []  # serialized, as sent on /stream
-        self.size = 0  # bytes kept for this job, roughly
-        self.changed = asyncio.Event()
-        self.started_mono: float | None = None
-        self.finished_at: float | None = None
-        self.last_interest = time.monotonic()
-        self.stream_opened = False
-        self.task: asyncio.Task[None] | None = None
-
-    @property
-    def ticket(self) -> Any:
-        assert self.req.adm is not None
-        return self.req.adm.ticket
-
-    def record(self) -> dict[str, Any]:
-        return {
-            "status": self.status,
-            "client_id": self.client_id,
-            "created_at": self.created_at,
-            "started_at": self.started_at,
-            "completed_at": self.completed_at,
-            "result": "".join(self.text) if self.status == "complete" and self.text else None,
-            "tool_calls": self.tool_calls or None,
-            "error": self.error,
-            "queue_entered_position": self.queue_entered_position,
-        }
-
-    def emit(self, event: dict[str, Any], text: str = "") -> None:
-        data = json.dumps(event)
-        self.events.append(data)
-        self.size += len(data) + len(text) + EVENT_OVERHEAD
-        self.notify()
-
-    def notify(self) -> None:
-        """Wake every stream reading this job."""
-        self.changed.set()
-        self.changed = asyncio.Event()
-
-    def started(self) -> None:
-        """Its turn came."""
-        self.status, self.started_at, self.started_mono = "processing", now_iso(), time.monotonic()
-        self.notify()
-
-    def merge_tool_calls(self, deltas: list[Any]) -> None:
-        for d in deltas:
-            if not isinstance(d, dict):
-                continue
-            idx = d.get("index", 0) if isinstance(d.get("index"), int) else 0
-            while len(self.tool_calls) <= idx:
-                self.tool_calls.append({"id": "", "type": "function", "function": {"name": "", "arguments": ""}})
-            slot = self.tool_calls[idx]
-            if d.get("id"):
-                slot["id"] = d["id"]
-            if d.get("type"):
-                slot["type"] = d["type"]
-            fn = d.get("function") or {}
-            slot["function"]["name"] += fn.get("name") or ""
-            slot["function"]["arguments"] += fn.get("arguments") or ""
-
-
-class JobSink:
-    """Where a job's response goes instead of a client connection: the relayed SSE stream is
-    read line by line into the old events (``{"chunk": text}`` per content delta, tool-call
-    deltas whole); an error event, or an error answer, becomes the job's error."""
-
-    def __init__(self, job: Job) -> None:
-        self.job = job
-        self.status = 0
-        self.buf = b""
-        self.error_body = bytearray()
-        self.failed: str | None = None  # the error the response ended with
-
-    async def __call__(self, message: Message) -> None:
-        if message["type"] == "http.response.start":
-            self.status = message["status"]
-            return
-        data = message.get("body", b"")
-        if self.status >= 400:
-            self.error_body += data[:ERROR_KEEP - len(self.error_body)]
-            if not message.get("more_body", False):
-                self.failed = upstream_error_message(self.status, bytes(self.error_body))["error"]["message"]
-            return
-        buf = self.buf + data if self.buf else data
-        *lines, self.buf = buf.split(b"\n")
-        for line in lines:
-            self._line(line.strip())
-        if not message.get("more_body", False) and self.buf.strip():
-            self._line(self.buf.strip())
-            self.buf = b""
-
-    def _line(self, line: bytes) -> None:
-        if not line.startswith(b"data:"):
-            return
-        payload = line[5:].strip()
-        if payload == b"[DONE]" or not payload:
-            return
-        try:
-            doc = json.loads(payload)
-        except ValueError:
-            return
-        if not isinstance(doc, dict):
-            return
-        job = self.job
-        if "error" in doc:
-            err = doc["error"]
-            self.failed = str(err.get("message") if isinstance(err, dict) else err)
-            return
-        choices = doc.get("choices") or []
-        if not choices or not isinstance(choices[0], dict):
-            return
-        delta = choices[0].get("delta") or {}
-        content = delta.get("content")
-        if content:
-            job.text.append(content)
-            job.emit({"chunk": content}, content)
-        elif delta.get("tool_calls"):
-            job.merge_tool_calls(delta["tool_calls"])
-            job.emit({"delta": {k: v for k, v in delta.items() if v is not None},
-                      "finish_reason": choices[0].get("finish_reason")})
 
 
 class LegacyQueue:
@@ -225,16 +68,25 @@ class LegacyQueue:
         self.interest: dict[str, float] = {}  # identity -> last /stream or /request from it
         self.readers: dict[str, int] = {}  # identity -> open /stream connections
         self._sweeper: asyncio.Task[None] | None = None
+        self.store = JobStore(state.db)
 
     async def start(self) -> None:
+        await self._restore()
         self._sweeper = asyncio.get_running_loop().create_task(self._sweep_forever())
 
     async def stop(self) -> None:
+        """Shutdown: running jobs get the grace period like every running request (when it
+        ends they are cut off, and with a state database kept for the next start); then what
+        is left is cancelled and everything is saved."""
         if self._sweeper is not None:
             self._sweeper.cancel()
+        running = [job.task for job in self.jobs.values() if job.task is not None and not job.task.done()]
+        if running:
+            await asyncio.wait(running, timeout=self.state.settings.shutdown_grace + STOP_MARGIN_S)
         for job in list(self.jobs.values()):
             if job.task is not None and not job.task.done():
                 job.task.cancel()
+        await self.store.committed()
 
     def routes(self) -> list[BaseRoute]:
         return [
@@ -285,17 +137,28 @@ class LegacyQueue:
             req.refuse(err)
             req.finish()
             return error_response(err)
-        req.adopt(adm)
-        job = Job(req, client_id, adm.who)
-        req.send = JobSink(job)
-        req.on_turn = job.started
+        job = self._launch(req, adm, client_id)
         job.queue_entered_position = max(1, adm.ticket.position_at_arrival)
-        self.jobs[job.id] = job
-        self.stats["total_received"] += 1
-        job.task = asyncio.get_running_loop().create_task(self._run(job))
+        self.store.save(job)
+        await self.store.committed()  # on disk before the answer leaves
         return JSONResponse({"status": "queued", "request_id": job.id,
                              "queue_position": job.queue_entered_position},
                             headers={"x-request-id": job.id})
+
+    def _launch(self, req: GatedRequest, adm: Admission, client_id: str) -> Job:
+        """An admitted job: tracked, and served in a task of its own."""
+        req.adopt(adm)
+        job = Job(req, client_id, adm.who.identity)
+        req.send = JobSink(job)
+        req.on_turn = lambda: self._started(job)
+        self.jobs[job.id] = job
+        self.stats["total_received"] += 1
+        job.task = asyncio.get_running_loop().create_task(self._run(job))
+        return job
+
+    def _started(self, job: Job) -> None:
+        job.started()
+        self.store.save(job)
 
     async def stream(self, request: Request) -> Response:
         who, job = self._owned(request)
@@ -392,6 +255,12 @@ class LegacyQueue:
     def _end(self, job: Job, sink: JobSink) -> None:
         if sink.failed is None and job.req.rec.outcome == "client_gone":
             sink.failed = "cancelled"
+        if self.store.durable and job.req.rec.outcome == "shutting_down":
+            # stopped by the shutdown: kept as it was (waiting, or running from the start) for
+            # the next start of lmgate; its readers get the error and their stream ends
+            job.error, job.status = sink.failed, "error"
+            job.notify()
+            return
         if sink.failed is None:
             job.status = "complete"
             self.stats["total_processed"] += 1
@@ -400,7 +269,9 @@ class LegacyQueue:
             self.stats["total_errors"] += 1
         job.completed_at = now_iso()
         job.finished_at = time.monotonic()
+        job.finished_unix = time.time()
         job.notify()
+        self.store.save(job)
         self._keep(job)
 
     def cancel(self, job: Job, reason: ProxyError) -> None:
@@ -420,6 +291,75 @@ class LegacyQueue:
         job = self.kept.pop(job_id)
         self.kept_bytes -= job.size
         self.jobs.pop(job_id, None)
+        self.store.forget(job_id)
+
+    # -- after a restart -------------------------------------------------------------------
+    async def _restore(self) -> None:
+        """Put back what the state database kept: finished jobs as results (within
+        ``--result-ttl`` and the keep caps), then the unfinished ones in line, the ones that
+        were running first (from the start), then the waiting ones in their order."""
+        rows = await self.store.load()
+        if not rows:
+            return
+        now, wall = time.monotonic(), time.time()
+        ttl = self.state.settings.result_ttl
+        unfinished: list[tuple[int, dict[str, Any]]] = []
+        for seq, doc in rows:
+            if doc["status"] in ("queued", "processing"):
+                unfinished.append((seq, doc))
+                continue
+            age = wall - (doc["finished_unix"] or wall)
+            if age >= ttl:
+                self.store.forget(doc["id"])
+                continue
+            job = Job(GatedRequest.detached(self.state, doc["id"], ROUTE), doc["client_id"], doc["identity"])
+            job.seq = seq
+            job.restore(doc)
+            job.finished_at = now - age
+            self.jobs[job.id] = job
+            self._keep(job)
+        unfinished.sort(key=lambda row: (row[1]["status"] != "processing", row[0]))
+        back = 0
+        for seq, doc in unfinished:
+            back += self._requeue(seq, doc)
+        if back or self.kept:
+            log.info("old queue API: %d unfinished jobs back in line, %d finished results kept "
+                     "(from the state database)", back, len(self.kept))
+
+    def _requeue(self, seq: int, doc: dict[str, Any]) -> int:
+        """An unfinished job back in line as its owner sent it; 1 if it is."""
+        st = self.state
+        key = st.auth.key_named(doc["key"]) if doc["key"] else None
+        if doc["key"] and key is None:
+            log.warning("old queue API: job %s was sent with key '%s', which is no longer "
+                        "configured; it is dropped", doc["id"], doc["key"])
+            self.store.forget(doc["id"])
+            return 0
+        who = Principal(identity=doc["identity"], key=key)
+        req = GatedRequest.detached(st, doc["id"], ROUTE)
+        req.rec.client, req.rec.model, req.rec.key, req.rec.stream = doc["label"], doc["model"], doc["key"], True
+        req.upstream_path, req.upstream_query, req.upstream_headers = UPSTREAM_PATH, b"", UPSTREAM_HEADERS
+        body = doc["body"].encode("utf-8", "surrogateescape")
+        ticket = Ticket(request_id=doc["id"], uid=doc["id"], model=doc["model"], identity=who.identity,
+                        priority=key.priority if key is not None else 0,
+                        meta={"client": doc["label"], "stream": True, "route": ROUTE, "admin": who.admin})
+        try:
+            st.line.submit_now(ticket)
+        except (QueueFull, GateClosed):
+            err = QueueFullError("the line was full when lmgate started again")
+            log.warning("old queue API: job %s could not be put back in line: %s", doc["id"], err.message)
+            self.store.forget(doc["id"])
+            return 0
+        st.metrics.label(ticket.model)
+        adm = Admission(who, ticket, body, None, True, False, bool(doc["drop_usage"]),
+                        key if key is not None and key.has_quota else None, None)
+        job = self._launch(req, adm, doc["client_id"])
+        job.seq = seq
+        job.created_at = doc["created_at"]
+        job.queue_entered_position = doc["queue_entered_position"]
+        self.stats["total_received"] -= 1  # received before the restart
+        self.store.save(job)
+        return 1
 
     async def _sweep_forever(self) -> None:
         while True:

@@ -110,6 +110,10 @@ OPTIONS: tuple[Option, ...] = (
            "longer overtaken by later arrivals of a higher priority", minimum=0),
     Option("state_dir", str, None, "directory of lmgate's database (token quotas); default: "
            "the OS's per-user data directory + lmgate"),
+    Option("state_url", str, None, "Redis or Valkey URL (redis://, rediss://, unix://) that makes this "
+           "process one replica of a group sharing one line, its limits and quotas"),
+    Option("lease_ttl", float, 3.0, "seconds after which a silent replica (or scheduler) loses its "
+           "place in the group (replicas only)", minimum=0.5),
     Option("log_level", str, "info", "debug, info, warning or error",
            choices=("debug", "info", "warning", "error", "critical")),
     Option("log_format", str, "text", "every log line as text, or json (one object per line)",
@@ -221,6 +225,8 @@ class Settings:
     feedback: str = "comments"
     max_priority_wait: float = 60.0
     state_dir: str | None = None
+    state_url: str | None = None
+    lease_ttl: float = 3.0
     log_level: str = "info"
     log_format: str = "text"
     demo: bool = False
@@ -579,6 +585,8 @@ def validate(settings: Settings) -> None:
     for origin in settings.cors_origins:
         if origin != "*" and not origin.startswith(("http://", "https://")):
             raise ConfigError("cors_origins", f"{origin!r} is not an origin like http://host:port")
+    if settings.state_url is not None and urlsplit(settings.state_url).scheme not in ("redis", "rediss", "unix"):
+        raise ConfigError("state_url", f"must be a redis://, rediss:// or unix:// URL, got {settings.state_url!r}")
     try:
         parse_networks(settings.trusted_proxies)
     except ValueError as exc:

@@ -269,10 +269,11 @@ class Fleet:
         self.line.set_loaded(name, mgr.resident)
 
     # -- checks ----------------------------------------------------------------------------
-    async def start(self, *, warn_open: bool) -> None:
+    async def start(self, *, warn_open: bool, watch: bool = True) -> None:
         """Check every box once before serving (what it has loaded and lists), then keep
-        watching them. ``warn_open``: lmgate has keys, so a box on another machine that answers
-        without a token is one warning line (anyone could go around lmgate)."""
+        watching them (``watch``; a replica watches only while it schedules its group's line).
+        ``warn_open``: lmgate has keys, so a box on another machine that answers without a
+        token is one warning line (anyone could go around lmgate)."""
         for name, up in self.upstreams.items():
             await self._check(name, first=True)
             if warn_open and self.health[name].up and await up.open_to_anyone():
@@ -287,7 +288,15 @@ class Fleet:
                     log.warning("group %s has %d models but box %s keeps at most %d loaded "
                                 "(max_loaded): in managed mode they cannot stay loaded together",
                                 ", ".join(group), len(group), spec.name, room)
-        self._watch = asyncio.get_running_loop().create_task(self.watch())
+        self.watching(watch)
+
+    def watching(self, on: bool) -> None:
+        """Keep checking the boxes (``watch``), or stop (another replica does it)."""
+        if on and (self._watch is None or self._watch.done()):
+            self._watch = asyncio.get_running_loop().create_task(self.watch())
+        elif not on and self._watch is not None:
+            self._watch.cancel()
+            self._watch = None
 
     async def watch(self) -> None:
         """Keep each box's up/down state true to life, and notice a model loaded by hand in LM

@@ -81,6 +81,17 @@ class GatedRequest:
         self.upstream_query: bytes = scope.get("query_string", b"")
         self.upstream_headers: list[tuple[bytes, bytes]] | None = None
 
+    @classmethod
+    def detached(cls, state: AppState, uid: str, route: str) -> GatedRequest:
+        """A request with no client connection of its own (an old-API job put back in line
+        when lmgate starts again), known by ``uid``."""
+        scope = {"type": "http", "method": "POST", "path": "/", "headers": [], "query_string": b"",
+                 "client": None}
+        req = cls(state, scope, _nothing_to_receive, _nowhere, route)
+        req.uid = req.rid = req.rec.request_id = uid
+        req.id_header = [(b"x-request-id", uid.encode())]
+        return req
+
     # -- entry ---------------------------------------------------------------------------
     async def run(self) -> None:
         """An HTTP request on a gated route: admitted, then served while its client watches."""
@@ -176,7 +187,7 @@ class GatedRequest:
             self.ex.finished = True
             self._leave(ticket)
             if self.rec.wait_ms is None:  # time actually spent in line, also when it left early
-                self.rec.wait_ms = ticket.waited_s(time.monotonic()) * 1000
+                self.rec.wait_ms = ticket.waited_s(st.line.view.clock()) * 1000
             st.fleet.used(ticket)
             st.requests.remember(ticket, self.rec)
             self.finish()
@@ -208,13 +219,13 @@ class GatedRequest:
                 await self._wait_streaming(ticket)
             else:
                 await self._wait_plain(ticket)
-        self.rec.wait_ms = ticket.waited_s(time.monotonic()) * 1000
+        self.rec.wait_ms = ticket.waited_s(self.state.line.view.clock()) * 1000
         if self.adm.hold is not None:
             self.adm.hold.release()
         if self.adm.quota_key is not None and ticket.position_at_arrival > 0:
             # checked again as its turn comes: requests admitted together must not all spend
             # a quota that the first of them used up
-            self.state.check_quota(self.adm.quota_key)
+            await self.state.check_quota(self.adm.quota_key)
         if self.on_turn is not None:
             self.on_turn()
         await self._forward(ticket)
@@ -223,7 +234,8 @@ class GatedRequest:
         return ticket.arrived_at + self.state.settings.queue_timeout
 
     async def _wait_plain(self, ticket: Ticket) -> None:
-        if not await self.state.line.wait(ticket, self._deadline(ticket) - time.monotonic()):
+        line = self.state.line
+        if not await line.wait(ticket, self._deadline(ticket) - line.view.clock()):
             self._timed_out(ticket)
 
     def _timed_out(self, ticket: Ticket) -> None:
@@ -245,14 +257,15 @@ class GatedRequest:
             opening += self._waiting_chunk(last, eta_ms)
         await self._write(opening)
         deadline = self._deadline(ticket)
-        last_write = time.monotonic()
+        clock = line.view.clock  # the line's time: deadlines count from the ticket's arrival
+        last_write = clock()
         while True:
-            now = time.monotonic()
+            now = clock()
             if now >= deadline:
                 self._timed_out(ticket)
             if await line.wait(ticket, min(sse.POSITION_MIN_INTERVAL_S, deadline - now)):
                 return
-            now = time.monotonic()
+            now = clock()
             pos = line.position(ticket)
             if pos != last and pos > 0:
                 last = pos
@@ -390,7 +403,7 @@ class GatedRequest:
                     first = False
                     rec.ttft_ms = (time.perf_counter() - t_up) * 1000
                     if ticket is not None:
-                        ticket.first_byte_at = time.monotonic()
+                        ticket.first_byte_at = self.state.line.view.clock()
                 meter.feed(chunk)
                 if ticket is not None:
                     ticket.streamed = meter.deltas
@@ -475,3 +488,11 @@ class GatedRequest:
     def finish(self) -> None:
         self.rec.duration_ms = (time.perf_counter() - self.t0) * 1000
         self.state.observe(self.rec)
+
+
+async def _nothing_to_receive() -> dict[str, object]:  # pragma: no cover - never read
+    return {"type": "http.disconnect"}
+
+
+async def _nowhere(message: dict[str, object]) -> None:  # pragma: no cover - replaced by a sink
+    raise RuntimeError("a detached request answers through its sink")

@@ -16,7 +16,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from . import __version__
-from .gate import Gate
+from .gate import Gate, Ticket
 
 OTHER = "other"
 WAIT_BUCKETS = (0.005, 0.025, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800)
@@ -73,10 +73,14 @@ class ModelLabels:
 
 class GateCollector(Collector):
     def __init__(self, gate_fn: Callable[[], Gate], label: ModelLabels,
-                 upstream_up: Callable[[], dict[str, bool | None]]) -> None:
+                 upstream_up: Callable[[], dict[str, bool | None]],
+                 reports_depth: Callable[[], bool] = lambda: True,
+                 counts: Callable[[Ticket], bool] | None = None) -> None:
         self.gate_fn = gate_fn
         self.label = label
         self.upstream_up = upstream_up
+        self.reports_depth = reports_depth
+        self.counts = counts
 
     def collect(self) -> Iterator[Metric]:
         gate = self.gate_fn()
@@ -92,9 +96,10 @@ class GateCollector(Collector):
         for model, n in (folded or {"none": 0}).items():
             depth.add_metric([model], n)
         running: dict[tuple[str, str], int] = {}
-        for (box, model), n in gate.active_by_box_model().items():
-            key = (self.label.peek(model), box)
-            running[key] = running.get(key, 0) + n
+        for t in gate.running:
+            if self.counts is None or self.counts(t):
+                key = (self.label.peek(t.model), t.box or "")
+                running[key] = running.get(key, 0) + 1
         for box in gate.boxes.values():
             if not any(b == box.name for _, b in running):
                 running[("none", box.name)] = 0
@@ -119,7 +124,9 @@ class GateCollector(Collector):
                                "succeeded, 0 if it failed.", labels=["upstream"])
         for name, state in self.upstream_up().items():
             up.add_metric([name], 1.0 if state else 0.0)
-        yield from (depth, active, loaded, switches, parallel, slots, up)
+        if self.reports_depth():
+            yield depth
+        yield from (active, loaded, switches, parallel, slots, up)
 
 
 class Metrics:
@@ -157,9 +164,13 @@ class Metrics:
                                   "end of the response.", ["route", "model"],
                                   buckets=DURATION_BUCKETS, registry=registry)
 
-    def attach_gate(self, gate_fn: Callable[[], Gate],
-                    upstream_up: Callable[[], dict[str, bool | None]]) -> None:
-        self.registry.register(GateCollector(gate_fn, self.label, upstream_up))
+    def attach_gate(self, gate_fn: Callable[[], Gate], upstream_up: Callable[[], dict[str, bool | None]],
+                    *, reports_depth: Callable[[], bool] = lambda: True,
+                    counts: Callable[[Ticket], bool] | None = None) -> None:
+        """Gauges read from the line at scrape time. With replicas, ``reports_depth`` says
+        whether this one reports the group's depth (the scheduler does) and ``counts`` which
+        running requests are its own."""
+        self.registry.register(GateCollector(gate_fn, self.label, upstream_up, reports_depth, counts))
 
     def observe(self, rec: RequestRecord) -> None:
         # a refused request never claims a label slot: junk model names cannot push real

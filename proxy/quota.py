@@ -5,23 +5,17 @@ key is already at or over a limit; the request that crosses the limit is served 
 counted in full (how many tokens it will use is not known before it runs).
 
 Memory is the truth while lmgate runs: ``add`` updates the counters at once, so the next
-check sees them, and hands the increment to one writer thread that owns the SQLite
-connection (a connection may only be used by the thread that made it). Increments that
-arrive while the writer is busy are merged per key and period and committed together, one
-transaction per batch, so the event loop never waits for the disk and a burst of requests
-costs a handful of commits. If saving fails (disk full), counting goes on in memory and the
-unsaved increments are tried again with the next batch.
-
-Two lmgate processes sharing one file would each trust their own counters and let a key use
-its quota twice, so the file is locked (a sidecar lock file) for as long as a store has it
-open, and a second process is refused at start.
+check sees them, and hands the increment to the state database's writer thread (store.py).
+Increments that arrive while the writer is busy are merged per key and period and committed
+together, so the event loop never waits for the disk and a burst of requests costs a handful
+of commits. If saving fails (disk full), counting goes on in memory and the unsaved
+increments are tried again with the next batch.
 
 One table, ``usage(key, period, tokens)``; a period is ``d:2026-11-22`` or ``m:2026-11``.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import math
 import os
@@ -30,29 +24,19 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
-from typing import IO, Any
+from typing import Any, Protocol
+
+from .store import DB_NAME, StateDB, StoreError
 
 log = logging.getLogger("lmgate")
 
-DB_NAME = "lmgate.sqlite3"
-SCHEMA_VERSION = 1
 KEEP_DAYS = 400  # older periods are deleted at start; a year's months stay for reference
 MEMORY_DAYS = 40  # periods kept in memory behind the latest day seen (clock steps, month)
-BUSY_TIMEOUT_S = 5.0  # how long a statement waits for a lock held by someone else
 
 _DAY_S = 86400  # Unix time has no leap seconds: every UTC day is exactly this long
-_CREATE = """
-CREATE TABLE IF NOT EXISTS usage (
-    key TEXT NOT NULL,
-    period TEXT NOT NULL,
-    tokens INTEGER NOT NULL,
-    PRIMARY KEY (key, period)
-) WITHOUT ROWID
-"""
 _UPSERT = """
 INSERT INTO usage (key, period, tokens) VALUES (?, ?, ?)
 ON CONFLICT (key, period) DO UPDATE SET tokens = tokens + excluded.tokens
@@ -60,8 +44,7 @@ ON CONFLICT (key, period) DO UPDATE SET tokens = tokens + excluded.tokens
 _PRUNE = "DELETE FROM usage WHERE (period >= 'd:' AND period < ?) OR (period >= 'm:' AND period < ?)"
 
 
-class QuotaStoreError(Exception):
-    """The quota database cannot be used; the message is one line and names the file."""
+__all__ = ["DB_NAME", "QuotaStore", "Quotas", "StoreError"]
 
 
 def default_state_dir() -> Path:
@@ -133,13 +116,27 @@ class Refusal:
                 f"resets at {iso_z(self.resets_at)}")
 
 
-class QuotaStore:
-    """Tokens used per key this UTC day and month: counted in memory, saved by one thread."""
+class Quotas(Protocol):
+    """Token quotas as the app uses them: one process's (``QuotaStore``) or shared by replicas
+    (kept in Redis). ``add`` never waits; the checks may (a network round trip)."""
 
-    def __init__(self, path: Path | None, *, clock: Callable[[], float] = time.time) -> None:
-        """path: the SQLite file (its directory is created, mode 0o700, if missing); None keeps
-        everything in memory only (no persistence)."""
-        self.path = path
+    async def start(self) -> None: ...
+    def add(self, key: str, tokens: int) -> None: ...
+    async def check(self, key: str, per_day: int | None, per_month: int | None) -> Refusal | None: ...
+    async def usage(self, key: str, per_day: int | None, per_month: int | None) -> dict[str, Any]: ...
+    async def aclose(self) -> None: ...
+
+
+class QuotaStore:
+    """Tokens used per key this UTC day and month: counted in memory, saved by the state
+    database's writer thread."""
+
+    def __init__(self, db: StateDB | Path | None, *, clock: Callable[[], float] = time.time) -> None:
+        """db: the state database (or the path of its file, which this store then opens and
+        closes itself); None keeps everything in memory only (no persistence)."""
+        self._owns_db = isinstance(db, Path)
+        self.db: StateDB | None = StateDB(db) if isinstance(db, Path) else db
+        self.path = self.db.path if self.db is not None else None
         self.clock = clock
         # period name -> key -> tokens, for the periods of the last MEMORY_DAYS (see _current)
         self._counts: dict[str, dict[str, int]] = {}
@@ -150,35 +147,32 @@ class QuotaStore:
         self._lock = threading.Lock()
         self._pending: dict[tuple[str, str], int] = {}
         self._scheduled = False
-        self._executor = (None if path is None else
-                          ThreadPoolExecutor(max_workers=1, thread_name_prefix="lmgate-quota"))
         self._started = False
         self._closed = False
-        # owned by the writer thread
-        self._db: sqlite3.Connection | None = None
-        self._lockfile: IO[bytes] | None = None
-        self._failing = False
+        self._conn: sqlite3.Connection  # the writer's, while it saves
 
     # -- the event loop's side -------------------------------------------------------------
     async def start(self) -> None:
-        """Open the file (on the writer thread), create the table if missing, delete old
-        periods and load this day's and this month's totals for every key.
+        """Open the database (on the writer thread), delete old periods and load the recent
+        periods' totals for every key.
 
-        Raises QuotaStoreError for a file that is not a database, cannot be opened or is in
-        use by another lmgate process."""
-        if self._started or self._executor is None:
+        Raises StoreError for a file that is not a database, cannot be opened or is in use by
+        another lmgate process."""
+        if self._started or self.db is None:
             return
-        self._started = True  # once, even if it fails: a second _open would close the first's file
+        self._started = True
         now = self.clock()
         self._current(now)
         window = _periods(now - MEMORY_DAYS * _DAY_S)
         cutoff = _periods(now - KEEP_DAYS * _DAY_S)
-        loop = asyncio.get_running_loop()
-        rows = await loop.run_in_executor(self._executor, self._open, window, cutoff)
+        await self.db.open()
+        rows = await self.db.read(lambda db: _load(db, window, cutoff))
         for key, period, tokens in rows:
             # added to what is already counted: increments made before start are not in the file
             counts = self._counts.setdefault(period, {})
             counts[key] = counts.get(key, 0) + tokens
+        if self._pending:  # increments made before start, now that the file is open
+            self._schedule()
 
     def add(self, key: str, tokens: int) -> None:
         """Count ``tokens`` for ``key`` now. Memory is updated at once; the write is queued to
@@ -189,18 +183,20 @@ class QuotaStore:
         for period in periods:
             counts = self._counts[period]
             counts[key] = counts.get(key, 0) + tokens
-        if self._executor is None or self._closed:
+        if self.db is None or self._closed:
             return
         with self._lock:
             for period in periods:
                 self._pending[(key, period)] = self._pending.get((key, period), 0) + tokens
+        self._schedule()
+
+    def _schedule(self) -> None:
+        with self._lock:
             if self._scheduled:
                 return
             self._scheduled = True
-        try:
-            self._executor.submit(self._drain)
-        except RuntimeError:  # the interpreter is shutting down; what is counted stays in memory
-            pass
+        assert self.db is not None
+        self.db.write(self._save)
 
     def used(self, key: str) -> tuple[int, int]:
         """(tokens this UTC day, tokens this UTC month) at ``clock()``."""
@@ -220,6 +216,12 @@ class QuotaStore:
                 found.append(Refusal(key, period, used, limit, resets_at, wait))
         return max(found, key=lambda r: r.resets_at) if found else None
 
+    async def check(self, key: str, per_day: int | None, per_month: int | None) -> Refusal | None:
+        return self.refusal(key, per_day, per_month)
+
+    async def usage(self, key: str, per_day: int | None, per_month: int | None) -> dict[str, Any]:
+        return self.report(key, per_day, per_month)
+
     def report(self, key: str, per_day: int | None, per_month: int | None) -> dict[str, Any]:
         """What ``GET /usage`` returns for a key."""
         now = self.clock()
@@ -232,26 +234,20 @@ class QuotaStore:
 
     async def flush(self) -> None:
         """Wait until everything counted so far has been committed (or has failed to be: it
-        stays queued). The writer runs jobs in order, so this job runs after every write
-        already queued and then commits whatever is still pending."""
-        if self._executor is None:
-            return
-        await asyncio.get_running_loop().run_in_executor(self._executor, self._drain)
+        stays queued)."""
+        if self.db is not None and not self._closed:
+            await self.db.commit()
 
     async def aclose(self) -> None:
-        """Flush, close the file and release its lock. Idempotent; counting goes on in memory."""
+        """Flush, and close the file (when this store opened it). Idempotent; counting goes on
+        in memory."""
         if self._closed:
             return
+        if self.db is not None:
+            await self.db.commit()
         self._closed = True
-        executor, self._executor = self._executor, None
-        if executor is None:
-            return
-        loop = asyncio.get_running_loop()
-        try:
-            await loop.run_in_executor(executor, self._drain)
-            await loop.run_in_executor(executor, self._close)
-        finally:
-            executor.shutdown(wait=False)
+        if self.db is not None and self._owns_db:
+            await self.db.aclose()
 
     def _used(self, key: str, now: float) -> tuple[int, int]:
         day, month = self._current(now)
@@ -277,124 +273,40 @@ class QuotaStore:
         return self._names
 
     # -- the writer thread -----------------------------------------------------------------
-    def _open(self, window: tuple[str, str], cutoff: tuple[str, str]) -> list[tuple[str, str, int]]:
-        assert self.path is not None
-        path = self.path
-        try:
-            path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-            self._lockfile = _lock(path.with_name(path.name + ".lock"))
-            if self._lockfile is None:
-                raise QuotaStoreError(f"{path} is used by another lmgate process "
-                                      "(give each one its own --state-dir)")
-            db = self._db = sqlite3.connect(path, timeout=BUSY_TIMEOUT_S, isolation_level=None)
-            db.execute("PRAGMA journal_mode=WAL")  # readers never wait for the writer
-            db.execute("PRAGMA synchronous=NORMAL")  # durable at checkpoints; a crash loses ms
-            version = db.execute("PRAGMA user_version").fetchone()[0]
-            if version > SCHEMA_VERSION:
-                raise QuotaStoreError(f"{path} was written by a newer lmgate (schema {version}, "
-                                      f"this one knows {SCHEMA_VERSION})")
-            db.execute("BEGIN IMMEDIATE")
-            db.execute(_CREATE)
-            db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
-            db.execute(_PRUNE, cutoff)
-            rows = db.execute("SELECT key, period, tokens FROM usage WHERE (period >= 'd:' AND "
-                              "period < 'd;' AND period >= ?) OR (period >= 'm:' AND period >= ?)",
-                              window).fetchall()
-            db.execute("COMMIT")
-        except QuotaStoreError:
-            self._close()
-            raise
-        except (sqlite3.Error, OSError) as exc:
-            self._close()
-            raise QuotaStoreError(f"cannot use the quota database {path}: {exc}") from None
-        self._drain()  # increments made before start, now that the file is open
-        return [(str(k), str(p), int(n)) for k, p, n in rows]
-
-    def _drain(self) -> None:
-        """Commit everything pending in one transaction; on failure keep it pending."""
+    def _save(self, db: sqlite3.Connection) -> None:
+        """Inside the writer's transaction: every pending increment, merged. If the
+        transaction fails, they go back to pending (the writer runs this again)."""
         with self._lock:
             self._scheduled = False
-            if self._db is None or not self._pending:
-                return
             batch, self._pending = self._pending, {}
+        if not batch:
+            return
+        self._conn = db
         try:
             self._write(batch)
-        except Exception as exc:  # noqa: BLE001 - saving must never take the app down
+        except BaseException:
             with self._lock:
                 for item, tokens in batch.items():
                     self._pending[item] = self._pending.get(item, 0) + tokens
-            if not self._failing:
-                self._failing = True
-                log.warning("could not save token usage to %s: %s; counting goes on in memory and "
-                            "saving is retried with the next request", self.path, exc)
-            return
-        if self._failing:
-            self._failing = False
-            log.info("token usage is saved to %s again", self.path)
+            raise
 
     def _write(self, batch: dict[tuple[str, str], int]) -> None:
-        assert self._db is not None
-        db = self._db
-        db.execute("BEGIN IMMEDIATE")
-        try:
-            db.executemany(_UPSERT, [(key, period, tokens) for (key, period), tokens in batch.items()])
-            db.execute("COMMIT")
-        except BaseException:
-            if db.in_transaction:
-                db.execute("ROLLBACK")
-            raise
-
-    def _close(self) -> None:
-        if self._db is not None:
-            if self._pending:
-                log.warning("%d token counts could not be saved to %s", len(self._pending), self.path)
-            self._db.close()
-            self._db = None
-        if self._lockfile is not None:
-            _unlock(self._lockfile)
-            self._lockfile = None
+        self._conn.executemany(_UPSERT, [(key, period, tokens) for (key, period), tokens in batch.items()])
 
 
-if sys.platform == "win32":
-    import msvcrt
+def _load(db: sqlite3.Connection, window: tuple[str, str], cutoff: tuple[str, str]) -> list[tuple[str, str, int]]:
+    """Delete periods older than ``cutoff``; the counts of the periods since ``window``."""
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        db.execute(_PRUNE, cutoff)
+        rows = db.execute("SELECT key, period, tokens FROM usage WHERE (period >= 'd:' AND "
+                          "period < 'd;' AND period >= ?) OR (period >= 'm:' AND period >= ?)",
+                          window).fetchall()
+        db.execute("COMMIT")
+    except BaseException:
+        if db.in_transaction:
+            db.execute("ROLLBACK")
+        raise
+    return [(str(k), str(p), int(n)) for k, p, n in rows]
 
-    def _lock(path: Path) -> IO[bytes] | None:
-        """The lock file, opened and locked; None if another process holds it."""
-        f = open(path, "a+b")  # noqa: SIM115 - held open until _unlock
-        f.seek(0)
-        try:
-            msvcrt.locking(f.fileno(), msvcrt.LK_NBLCK, 1)
-        except OSError:
-            f.close()
-            return None
-        return f
 
-    def _unlock(f: IO[bytes]) -> None:
-        try:
-            f.seek(0)
-            msvcrt.locking(f.fileno(), msvcrt.LK_UNLCK, 1)
-        finally:
-            f.close()
-
-else:
-    import fcntl
-
-    def _lock(path: Path) -> IO[bytes] | None:
-        """The lock file, opened and locked; None if another process holds it. The lock goes
-        with the open file, so a process that dies releases it."""
-        f = open(path, "a+b")  # noqa: SIM115 - held open until _unlock
-        try:
-            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            f.close()
-            return None
-        except BaseException:
-            f.close()
-            raise
-        return f
-
-    def _unlock(f: IO[bytes]) -> None:
-        try:
-            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
-        finally:
-            f.close()

@@ -8,7 +8,6 @@ used cancels nothing."""
 
 from __future__ import annotations
 
-import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
@@ -27,8 +26,9 @@ RECENT_CAP = 2000
 class Registry:
     """Live exchanges by ticket, and a bounded record of finished requests."""
 
-    def __init__(self, live: Callable[[], Iterable[Ticket]]) -> None:
+    def __init__(self, live: Callable[[], Iterable[Ticket]], clock: Callable[[], float]) -> None:
         self.live = live  # every running and waiting ticket of the line
+        self.clock = clock  # the line's
         self.exchanges: dict[Ticket, Exchange] = {}
         self.recent: OrderedDict[str, dict[str, Any]] = OrderedDict()  # by internal id
 
@@ -44,7 +44,7 @@ class Registry:
             "request_id": ticket.request_id, "uid": ticket.uid, "model": ticket.model, "state": "done",
             "outcome": rec.outcome, "status": rec.status, "position": -1,
             "position_at_arrival": ticket.position_at_arrival,
-            "waited_s": round(ticket.waited_s(time.monotonic()), 3),
+            "waited_s": round(ticket.waited_s(self.clock()), 3),
             "identity": ticket.identity, "client": ticket.meta.get("client"),
         }
         self.recent.move_to_end(ticket.uid)

@@ -79,7 +79,8 @@ def ticket_view(state: AppState, t: Ticket, who: Principal | None, now: float,
 async def queue_snapshot(request: Request) -> Response:
     state: AppState = request.app.state.lmgate
     who = viewer(state, request)
-    gate, now = state.line.view, time.monotonic()
+    gate = state.line.view
+    now = gate.clock()
     limit = _int_param(request, "limit", DEFAULT_LIST_LIMIT)
     # the first `limit` in line (?limit=N; `depth` is the full count; /queue/{id} finds any one)
     waiting = [ticket_view(state, t, who, now, index + 1)
@@ -151,7 +152,7 @@ async def queue_item(request: Request) -> Response:
                        "finished", code="request_not_found")
     first = found[0]
     if isinstance(first, Ticket):
-        view = ticket_view(state, first, who, time.monotonic())
+        view = ticket_view(state, first, who, state.line.view.clock())
         view["depth"] = state.line.view.depth
         return JSONResponse(view)
     shown = dict(first)
@@ -314,9 +315,9 @@ async def usage(request: Request) -> Response:
     if who.key is None:
         return JSONResponse({"keys": []}, headers={"cache-control": "no-store"})
     if who.admin:
-        body: dict[str, Any] = {"keys": [quotas.report(k.name, k.tokens_per_day, k.tokens_per_month)
+        body: dict[str, Any] = {"keys": [await quotas.usage(k.name, k.tokens_per_day, k.tokens_per_month)
                                          for k in state.auth.keys]}
     else:
         key = who.key
-        body = quotas.report(key.name, key.tokens_per_day, key.tokens_per_month)
+        body = await quotas.usage(key.name, key.tokens_per_day, key.tokens_per_month)
     return JSONResponse(body, headers={"cache-control": "no-store"})

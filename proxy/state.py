@@ -33,9 +33,12 @@ from .gate import Gate
 from .history import History
 from .identity import Identities
 from .inbound import ByteBudget, Scope, client_address, header_map
+from .counters import RedisQuotas, RedisRates
 from .line import LocalLine
 from .metrics import Metrics, RequestRecord
-from .quota import DB_NAME, QuotaStore, QuotaStoreError, default_state_dir
+from .quota import Quotas, QuotaStore, default_state_dir
+from .shared import ConfigMismatch, SharedLine, StateUnavailable
+from .store import DB_NAME, StateDB, StoreError
 from .registry import Registry
 
 if TYPE_CHECKING:
@@ -53,31 +56,52 @@ RELOADED = ("upstreams", "keys", "groups", "models", "max_queue", "queue_timeout
 # What a reload cannot change: the listening socket and its limits, logging, the quota file,
 # the policy (tags of waiting requests), CORS (middleware), the metric label budget and how a
 # box's load mode is found (at its first check).
+RETRY_WHILE_STOPPING_S = 5  # the openai SDKs retry a 503 with Retry-After by themselves
 RESTART_ONLY = ("host", "port", "max_connections", "client_read_timeout", "client_write_timeout",
                 "log_level", "log_format", "policy", "cors_origins", "max_models", "state_dir",
-                "load_mode")
+                "load_mode", "state_url", "lease_ttl")
 
 
 class AppState:
     """Everything one lmgate instance owns. Lives in ``app.state.lmgate``."""
 
     def __init__(self, settings: Settings, *, transport: httpx.AsyncBaseTransport | None,
-                 registry: CollectorRegistry, quotas: QuotaStore | None = None) -> None:
+                 registry: CollectorRegistry, quotas: QuotaStore | None = None,
+                 db: StateDB | None = None) -> None:
         self.settings = settings
         self.auth = Auth(settings.keys)
         self.identities = Identities(settings.trusted_proxies)
         self.waiting_bytes = ByteBudget(settings.max_waiting_bytes)
-        self.line = LocalLine(Gate(max_queue=settings.max_queue, max_skips=settings.max_skips,
-                                   policy=settings.policy, groups=settings.groups,
-                                   max_priority_wait=settings.max_priority_wait,
-                                   boxes=Fleet.boxes_for(settings)))
+        # the line: this process's own, or (--state-url) the group's, shared through Redis
+        self.shared: SharedLine | None = None
+        self.line: LocalLine | SharedLine
+        if settings.state_url:
+            self.line = self.shared = SharedLine(settings, Fleet.boxes_for(settings), url=settings.state_url,
+                                                 lease_ttl=settings.lease_ttl)
+        else:
+            self.line = LocalLine(Gate(max_queue=settings.max_queue, max_skips=settings.max_skips,
+                                       policy=settings.policy, groups=settings.groups,
+                                       max_priority_wait=settings.max_priority_wait,
+                                       boxes=Fleet.boxes_for(settings)))
         self.eta = Estimator()
         self.prometheus = registry
         self.metrics = Metrics(registry, max_models=settings.max_models, max_queue=settings.max_queue)
         self.fleet = Fleet(settings, self.line, transport=transport, on_load=self._loaded)
-        self.metrics.attach_gate(lambda: self.line.view, self.fleet.up_states)
-        self.requests = Registry(lambda: self.line.view.tickets())
-        self.quotas = quotas if quotas is not None else QuotaStore(quota_path(settings))
+        shared = self.shared
+        self.metrics.attach_gate(
+            lambda: self.line.view, self.fleet.up_states,
+            # with replicas: the line's depth from the scheduler only, each replica's own requests
+            reports_depth=(lambda: True) if shared is None else (lambda: shared.scheduler),
+            counts=None if shared is None else (lambda t: t.meta.get("replica") == shared.replica))
+        self.requests = Registry(lambda: self.line.view.tickets(), lambda: self.line.view.clock())
+        self.db = db  # the state database (quotas, old-API jobs); None: jobs in memory only
+        if quotas is None and self.shared is not None:  # the group's, in Redis
+            quotas = RedisQuotas(self.shared.client(), self.shared.prefix)
+            self.auth.rates = RedisRates(self.shared.client(), self.shared.prefix)
+        if quotas is None:  # quotas persist only when some key has one (then in the database)
+            path = quota_path(settings)
+            quotas = QuotaStore(None if path is None else db if db is not None else path)
+        self.quotas: Quotas = quotas
         self.accounts = Accounts(self.metrics, self.quotas, self.eta, log_format=settings.log_format,
                                  on_upstream_error=self.fleet.refresh_soon)
         self.history = History.of(self)  # for the status page: /queue/history
@@ -112,8 +136,8 @@ class AppState:
         return self.identities.client(client_address(scope),
                                       header_map(scope) if headers is None else headers)
 
-    def check_quota(self, key: ApiKey) -> None:
-        self.accounts.check_quota(key)
+    async def check_quota(self, key: ApiKey) -> None:
+        await self.accounts.check_quota(key)
 
     def observe(self, rec: RequestRecord) -> None:
         self.accounts.observe(rec)
@@ -149,6 +173,8 @@ class AppState:
         self.waiting_bytes.limit = new.max_waiting_bytes
         self.line.reconfigure(max_queue=new.max_queue, max_skips=new.max_skips, groups=new.groups,
                               max_priority_wait=new.max_priority_wait)
+        if self.shared is not None:
+            self.shared.configure(self.settings)
         added, removed = self.fleet.reconfigure(new)
         self._strand_check()
         log.info("configuration reloaded from %s: %d keys; boxes %s%s%s%s", new.config,
@@ -174,25 +200,57 @@ class AppState:
         self.loop = asyncio.get_running_loop()
         try:
             await self.quotas.start()
-        except QuotaStoreError as err:
+        except StoreError as err:
             log.error("%s", err)
             raise SystemExit(2) from None
-        await self.fleet.start(warn_open=not self.auth.open)
+        shared = self.shared
+        if shared is not None:  # caught up with the group's line before anything else
+            shared.on_unavailable = self._state_lost
+            shared.on_scheduler = self.fleet.watching
+            await shared.start()
+        await self.fleet.start(warn_open=not self.auth.open, watch=shared is None)
         self.history.start()
         if self.auth.open and self.settings.host not in ("127.0.0.1", "localhost", "::1"):
             log.warning("no [[keys]] configured and listening on %s: ANYONE who can reach this "
                         "port can use the LLM server. Configure [[keys]] to require API keys.",
                         self.settings.host)
 
+    def check_service(self) -> None:
+        """A replica out of service: without its shared state (fail closed), or with a
+        configuration that differs from its group's."""
+        shared = self.shared
+        if shared is None:
+            return
+        if not shared.available:
+            raise StateUnavailable()
+        if not shared.config_matches:
+            raise ConfigMismatch("this replica's configuration differs from its group's; try "
+                                 "again shortly", retry_after_s=RETRY_WHILE_STOPPING_S)
+
+    def _state_lost(self) -> None:
+        """Away from the shared state longer than the lease: the group has dropped this
+        replica's requests, so what still runs here is cut (two replicas never hold one slot
+        for longer than that)."""
+        self.requests.interrupt_all(StateUnavailable("the shared state (Redis) was unreachable "
+                                                     "for too long; the request was cut off"))
+
     def begin_shutdown(self) -> None:
-        """Stop admitting; fail waiting requests now; give running ones the grace period."""
+        """Stop admitting; fail waiting requests now; give running ones the grace period. A
+        replica keeps serving what is connected to it, waiting requests included, for the
+        grace; only then is what still waits refused."""
         if self.draining:
             return
         self.draining = True
+        if self.shared is not None:
+            log.info("shutting down: this replica takes nothing new; what is connected to it gets "
+                     "%g s", self.settings.shutdown_grace)
+            self._grace = asyncio.get_running_loop().create_task(self._end_grace())
+            return
         dropped = self.line.close()
         for ticket in dropped:
             if ticket.waiter is not None and not ticket.waiter.done():
-                ticket.waiter.set_exception(ShuttingDown("lmgate is shutting down; try again shortly"))
+                ticket.waiter.set_exception(ShuttingDown("lmgate is shutting down; try again shortly",
+                                                         retry_after_s=RETRY_WHILE_STOPPING_S))
         active = self.line.view.active
         log.info("shutting down: %s refused, %s %g s to finish", _count(len(dropped), "waiting request"),
                  _count(active, "running request") + (" gets" if active == 1 else " get"),
@@ -202,6 +260,11 @@ class AppState:
 
     async def _end_grace(self) -> None:
         await asyncio.sleep(self.settings.shutdown_grace)
+        if self.shared is not None:
+            for ticket in self.shared.withdraw():
+                if ticket.waiter is not None and not ticket.waiter.done():
+                    ticket.waiter.set_exception(ShuttingDown("lmgate is shutting down; try again shortly",
+                                                             retry_after_s=RETRY_WHILE_STOPPING_S))
         self.requests.interrupt_all(ShuttingDown("lmgate is shutting down; the request was cut off"))
 
     async def aclose(self) -> None:
@@ -211,6 +274,17 @@ class AppState:
         if self._grace is not None:
             self._grace.cancel()
         await self.fleet.aclose()
+        if self.shared is not None:
+            await self.shared.aclose()
+        if self.db is not None:
+            await self.db.aclose()
+
+
+def state_path(settings: Settings) -> Path:
+    """The state database's file: in ``--state-dir``, else systemd's ``$STATE_DIRECTORY``,
+    else the OS's per-user data directory."""
+    base = Path(settings.state_dir).expanduser() if settings.state_dir else default_state_dir()
+    return base / DB_NAME
 
 
 def quota_path(settings: Settings) -> Path | None:

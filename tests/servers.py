@@ -36,7 +36,10 @@ class Process:
         self.url = f"http://127.0.0.1:{port}"
         self.log_path = log_path
         self._log = log_path.open("wb")
-        full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+        # lmgate keeps its state (old-API jobs, quotas) in the user's data directory by
+        # default: each process here gets its own, so no test sees another one's jobs
+        private = {"XDG_DATA_HOME": str(log_path.parent / f"data-{port}")}
+        full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **private, **(env or {})}
         self.proc = subprocess.Popen([sys.executable, *args], stdout=self._log,
                                      stderr=subprocess.STDOUT, cwd=ROOT, env=full_env)
         self._wait_ready(ready_path)

@@ -24,13 +24,13 @@ from proxy.quota import (
     DB_NAME,
     KEEP_DAYS,
     QuotaStore,
-    QuotaStoreError,
     Refusal,
     day_reset,
     default_state_dir,
     iso_z,
     month_reset,
 )
+from proxy.store import StoreError
 
 T = TypeVar("T")
 DAY = 86400.0
@@ -311,7 +311,7 @@ def test_a_second_store_on_the_same_file_is_refused(tmp_path: Path) -> None:
     async def body() -> None:
         first = await opened(path)
         second = QuotaStore(path)
-        with pytest.raises(QuotaStoreError, match="is used by another lmgate process") as info:
+        with pytest.raises(StoreError, match="is used by another lmgate process") as info:
             await second.start()
         assert str(path) in str(info.value)
         await second.aclose()
@@ -345,7 +345,7 @@ def test_a_second_process_on_the_same_file_is_refused(tmp_path: Path) -> None:
 
             async def body() -> None:
                 store = QuotaStore(path)
-                with pytest.raises(QuotaStoreError, match="used by another lmgate process"):
+                with pytest.raises(StoreError, match="used by another lmgate process"):
                     await store.start()
                 await store.aclose()
 
@@ -365,7 +365,7 @@ def test_a_file_that_is_not_a_database_is_refused(tmp_path: Path) -> None:
 
     async def body() -> None:
         store = QuotaStore(path)
-        with pytest.raises(QuotaStoreError) as info:
+        with pytest.raises(StoreError) as info:
             await store.start()
         await store.aclose()
         message = str(info.value)
@@ -382,7 +382,7 @@ def test_a_database_from_a_newer_lmgate_is_refused(tmp_path: Path) -> None:
 
     async def body() -> None:
         store = QuotaStore(path)
-        with pytest.raises(QuotaStoreError, match="newer lmgate"):
+        with pytest.raises(StoreError, match="newer lmgate"):
             await store.start()
         await store.aclose()
 
@@ -396,7 +396,7 @@ def test_a_directory_that_cannot_be_made_is_refused(tmp_path: Path) -> None:
 
     async def body() -> None:
         store = QuotaStore(path)
-        with pytest.raises(QuotaStoreError, match="cannot use the quota database") as info:
+        with pytest.raises(StoreError, match="cannot use the database") as info:
             await store.start()
         await store.aclose()
         assert str(path) in str(info.value)
@@ -412,7 +412,7 @@ def test_a_file_without_permission_is_refused(tmp_path: Path) -> None:
     try:
         async def body() -> None:
             store = QuotaStore(path)
-            with pytest.raises(QuotaStoreError, match=str(path)):
+            with pytest.raises(StoreError, match=str(path)):
                 await store.start()
             await store.aclose()
 

@@ -1,0 +1,198 @@
+"""Several lmgate replicas, one line (DESIGN.md section 11), end to end: real lmgate processes
+sharing a real redis-server on 127.0.0.1, in front of a real simulator, driven by raw HTTP and
+the openai SDK. One global order and positions whatever replica a client reached; never two
+models at once on the box; the scheduler or a replica killed mid-stream (the line goes on, the
+slot frees within --lease-ttl); rpm and quotas exact across replicas; Redis killed and back
+(fail closed, then serving again); a replica whose configuration differs stays out."""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from proxy.simulator import expected_reply
+from tests.e2e.hostile import Raw, sse_data, started, stream_open, stream_text, wait_until
+from tests.redis_server import RedisServer
+from tests.servers import Process, free_port, start_simulator
+
+pytestmark = pytest.mark.timeout(120)
+
+MODEL = "qwen2.5-7b-instruct"
+OTHER = "llama-3.2-3b-instruct"
+LEASE = "1.5"
+
+
+def replica(tmp: Path, sim: Process, redis: RedisServer, *extra: str, config: Path | None = None) -> Process:
+    port = free_port()
+    args = ["-m", "proxy", "--upstream", sim.url, "--port", str(port), "--state-url", redis.url,
+            "--lease-ttl", LEASE, "--parallel", "1", "--load-mode", "jit", "--log-level", "info",
+            "--shutdown-grace", "5", *extra]
+    if config is not None:
+        args += ["--config", str(config)]
+    return Process(args, port, tmp / f"replica-{port}.log", "/healthz")
+
+
+def chat(text: str, tokens: int, model: str = MODEL, **extra: Any) -> dict[str, Any]:
+    return {"model": model, "max_tokens": tokens, "messages": [{"role": "user", "content": text}], **extra}
+
+
+def queue(gate: Process, headers: dict[str, str] | None = None) -> dict[str, Any]:
+    return httpx.get(gate.url + "/queue", headers=headers or {}, timeout=5).json()
+
+
+def ready(gate: Process) -> bool:
+    return httpx.get(gate.url + "/readyz", timeout=5).status_code == 200
+
+
+@contextlib.contextmanager
+def group(tmp: Path, n: int = 2, *, tokens_per_s: float = 50, sim_extra: tuple[str, ...] = (),
+          **replica_kwargs: Any) -> Iterator[tuple[RedisServer, Process, list[Process]]]:
+    redis = RedisServer(tmp / "redis")
+    redis.start()
+    sim = start_simulator(tmp, tokens_per_s=tokens_per_s, load_s=0, extra=list(sim_extra))
+    gates: list[Process] = []
+    try:
+        for _ in range(n):
+            gates.append(replica(tmp, sim, redis, **replica_kwargs))
+        wait_until(lambda: all(ready(g) for g in gates), 20, "every replica ready")
+        yield redis, sim, gates
+    finally:
+        for g in gates:
+            g.stop()
+        sim.stop()
+        redis.stop()
+
+
+def scheduler(gates: list[Process]) -> Process:
+    """The replica that holds the lease (it reports the line's depth)."""
+    def find() -> Process | None:
+        for g in gates:
+            if g.proc.poll() is None and "lmgate_queue_depth" in httpx.get(g.url + "/metrics", timeout=5).text:
+                return g
+        return None
+    return wait_until(find, 15, "a scheduler")
+
+
+def generations(sim: Process, tag: str) -> list[dict[str, Any]]:
+    log = httpx.get(sim.url + "/sim/stats", timeout=5).json()["log"]
+    return sorted([g for g in log if tag in (g["user"] or "")], key=lambda g: g["started"])
+
+
+# -- one line, whatever the door ------------------------------------------------------------------
+
+def test_one_global_order_and_positions_across_replicas(tmp_path: Path) -> None:
+    with group(tmp_path, 3) as (_, sim, gates):
+        tag = f"order-{tmp_path.name[-6:]}"
+        holder = stream_open(gates[0], chat(f"{tag} holder", 2000))
+        waiting: list[Raw] = []
+        try:
+            assert started(holder)
+            for i in range(6):  # arrivals alternate between the replicas
+                conn = stream_open(gates[i % 3], chat(f"{tag} w{i}", 3))
+                waiting.append(conn)
+                assert conn.headers["x-queue-position"] == str(i + 1), (i, conn.headers)
+                assert conn.headers["x-queue-depth"] == str(i + 1)
+            # every replica shows the same line, in the same order
+            views = [[e["position"] for e in queue(g)["waiting"]] for g in gates]
+            assert views == [[1, 2, 3, 4, 5, 6]] * 3, views
+            depths = {queue(g)["depth"] for g in gates}
+            assert depths == {6}
+            holder.close()
+            for conn in waiting:
+                assert conn.read_all(timeout=30)
+                assert conn.complete
+                lines = conn.lines()
+                assert ": queue_position=0" in lines
+        finally:
+            for conn in [holder, *waiting]:
+                conn.close()
+        gens = generations(sim, tag)
+        order = [g["user"].split()[-1] for g in gens if "holder" not in g["user"]]
+        assert order == [f"w{i}" for i in range(6)], order
+        for a, b in zip(gens, gens[1:]):  # --parallel 1 for the group: never two at once
+            assert a["ended"] <= b["started"] + 1e-3, (a, b)
+        for conn, i in zip(waiting, range(6)):
+            assert stream_text(conn) == expected_reply(chat(f"{tag} w{i}", 3))
+
+
+def test_a_model_switch_waits_for_every_replicas_requests(tmp_path: Path) -> None:
+    """One model at a time on the box, whatever replica a request came through."""
+    with group(tmp_path, 2, tokens_per_s=100) as (_, sim, gates):
+        tag = f"switch-{tmp_path.name[-6:]}"
+        bodies = [chat(f"{tag} {i}", 5, model=MODEL if i % 2 else OTHER) for i in range(8)]
+        results: list[str] = []
+
+        def one(i: int) -> None:
+            with httpx.Client(timeout=60) as c:
+                r = c.post(gates[i % 2].url + "/v1/chat/completions", json=bodies[i])
+                results.append(r.json()["choices"][0]["message"]["content"])
+
+        threads = [threading.Thread(target=one, args=(i,)) for i in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert sorted(results) == sorted(expected_reply(b) for b in bodies)
+        stats = httpx.get(sim.url + "/sim/stats", timeout=5).json()
+        assert stats["killed"] == 0 and stats["cut_generations"] == 0, stats
+        gens = generations(sim, tag)
+        for a, b in zip(gens, gens[1:]):
+            assert a["ended"] <= b["started"] + 1e-3 or a["model"] == b["model"], (a, b)
+
+
+# -- replicas dying --------------------------------------------------------------------------------
+
+def test_the_scheduler_killed_another_takes_over_and_the_line_goes_on(tmp_path: Path) -> None:
+    with group(tmp_path, 2) as (_, sim, gates):
+        lead = scheduler(gates)
+        other = next(g for g in gates if g is not lead)
+        tag = f"failover-{tmp_path.name[-6:]}"
+        holder = stream_open(other, chat(f"{tag} holder", 60))  # about 1 s of generation
+        waiting = stream_open(other, chat(f"{tag} after", 3))
+        try:
+            assert started(holder)
+            assert waiting.headers["x-queue-position"] == "1"
+            lead.proc.send_signal(signal.SIGKILL)
+            lead.proc.wait(10)
+            assert scheduler([other]) is other  # within --lease-ttl (1.5 s)
+            assert holder.read_all(timeout=30) and holder.complete
+            assert waiting.read_all(timeout=30) and waiting.complete
+            assert stream_text(waiting) == expected_reply(chat(f"{tag} after", 3))
+            # and new requests still go through the surviving replica
+            with httpx.Client(timeout=30) as c:
+                r = c.post(other.url + "/v1/chat/completions", json=chat(f"{tag} new", 3))
+                assert r.status_code == 200 and r.headers["x-queue-position"] == "0"
+        finally:
+            holder.close()
+            waiting.close()
+
+
+def test_a_replica_killed_mid_stream_frees_its_slot_within_the_lease(tmp_path: Path) -> None:
+    with group(tmp_path, 2) as (_, sim, gates):
+        victim, survivor = gates
+        tag = f"killed-{tmp_path.name[-6:]}"
+        doomed = stream_open(victim, chat(f"{tag} doomed", 3000))  # a minute of generation
+        try:
+            assert started(doomed)
+            waiting = stream_open(survivor, chat(f"{tag} next", 3))
+            assert waiting.headers["x-queue-position"] == "1"
+            victim.proc.send_signal(signal.SIGKILL)
+            killed_at = time.monotonic()
+            victim.proc.wait(10)
+            assert waiting.read_all(timeout=30) and waiting.complete
+            took = time.monotonic() - killed_at
+            assert took < 10, took  # --lease-ttl 1.5 s, plus the scheduler's next look
+            assert stream_text(waiting) == expected_reply(chat(f"{tag} next", 3))
+            waiting.close()
+            wait_until(lambda: queue(survivor)["active"] == 0 and queue(survivor)["depth"] == 0, 10,
+                       "the line empty")
+        finally:
+            doomed.close()
