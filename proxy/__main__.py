@@ -48,6 +48,9 @@ class LmgateServer(uvicorn.Server):
 
     async def shutdown(self, sockets: Any = None) -> None:
         self.lmgate.begin_shutdown()
+        # a replica keeps its door open while it drains: /readyz answers 503 (the balancer
+        # stops sending) and stray requests get 503 shutting_down, not a refused connection
+        await self.lmgate.drained()
         await super().shutdown(sockets)
 
     @contextlib.contextmanager
@@ -228,14 +231,18 @@ def describe(settings: Settings) -> str:
             f"{len(settings.keys) or 'no'} {'key' if len(settings.keys) == 1 else 'keys'}"
             f"{'' if settings.keys else ' (open access)'}, listening on "
             f"{listen_url(settings.host, settings.port)}, max queue {settings.max_queue}"
-            + (f", quotas in {quota}" if quota is not None else ""))
+            + (f", quotas in {quota}" if quota is not None and not settings.state_url else "")
+            + (f", one replica of the group at {redact(settings.state_url)}" if settings.state_url else ""))
 
 
-async def open_state(settings: Settings) -> tuple[StateDB | None, QuotaStore, str | None]:
+async def open_state(settings: Settings) -> tuple[StateDB | None, QuotaStore | None, str | None]:
     """Open the state database (and take its lock) before serving; the app then uses it, so
     the lock is never let go in between. When a key has a quota, a file that cannot be used
     (or that another lmgate holds) is refused with one line, not a traceback; otherwise lmgate
-    goes on without it, and the reason is returned for one warning line."""
+    goes on without it, and the reason is returned for one warning line. A replica
+    (``--state-url``) keeps its state in the group's Redis: nothing is opened here."""
+    if settings.state_url:
+        return None, None, None
     db: StateDB | None = StateDB(state_path(settings))
     unusable = None
     try:

@@ -83,6 +83,7 @@ async def admit(st: AppState, rec: RequestRecord, headers: dict[bytes, bytes], r
     rec.client = who.label
     if st.draining:
         raise ShuttingDown("lmgate is shutting down; try again shortly", retry_after_s=5)
+    st.check_service()
     body, hold = await read_body(receive, headers, st.settings.max_body, st.waiting_bytes)
     try:
         return await _admit(st, rec, headers, who, body, hold, path=path, uid=uid, rid=rid,

@@ -226,12 +226,15 @@ async def readyz(request: Request) -> Response:
     state: AppState = request.app.state.lmgate
     fleet = state.fleet
     up = fleet.any_up
-    body = {"status": "ready" if up and not state.draining else "not ready",
+    reason = state.out_of_service() or (None if up else "upstream_down")
+    body = {"status": "not ready" if reason else "ready",
             "upstream": ", ".join(u.base for u in fleet.upstreams.values()),
             "upstream_up": up, "draining": state.draining,
             "upstreams": {name: bool(h) for name, h in fleet.up_states().items()},
             "errors": fleet.errors()}
-    return JSONResponse(body, status_code=200 if up and not state.draining else 503)
+    if reason:
+        body["reason"] = reason
+    return JSONResponse(body, status_code=503 if reason else 200)
 
 
 async def metrics(request: Request) -> Response:

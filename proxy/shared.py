@@ -156,6 +156,11 @@ class SharedLine:
         return self.gate
 
     @property
+    def holding(self) -> int:
+        """This replica's tickets in the group's line, waiting or running."""
+        return len(self._local)
+
+    @property
     def config_matches(self) -> bool:
         return self.group_fingerprint is None or self.group_fingerprint == self.fingerprint
 
@@ -297,6 +302,8 @@ class SharedLine:
         loop = asyncio.get_running_loop()
         self._tasks = [loop.create_task(self._writer()), loop.create_task(self._read_forever()),
                        loop.create_task(self._beat_forever())]
+        with contextlib.suppress(RedisError, OSError):  # alive before any ticket of ours
+            await self._redis.set(self.key(f"hb:{self.replica}"), "1", px=int(self.lease_ttl * 1000))
         deadline = time.monotonic() + 10
         while not self.ready and time.monotonic() < deadline:  # serve once caught up (or not at all)
             await asyncio.sleep(0.02)
@@ -468,6 +475,15 @@ class SharedLine:
         for t in [t for t in gate.tickets() if t.meta.get("replica") == replica]:
             gate.release(t)
             self._forget(t)
+            if replica == self.replica and t.waiter is not None and not t.waiter.done():
+                t.waiter.set_exception(StateUnavailable("this replica lost its place in the shared "
+                                                        "line; try again"))
+        if replica == self.replica:
+            # taken for dead (its heartbeat ran out): the slots of what runs here are free
+            # for the others now, so it is cut
+            log.warning("the group took this replica for gone: its requests were dropped")
+            if self.on_unavailable is not None:
+                self.on_unavailable()
 
     def _forget(self, t: Ticket) -> None:
         self.by_uid.pop(t.uid, None)
@@ -539,7 +555,8 @@ class SharedLine:
                 self._lost_lease()
                 return
         elif await r.set(self.key("lease"), holder, px=ttl_ms, nx=True):
-            self.fence = int(await r.incr(self.key("fence")))
+            # above every fence this mirror has seen, also when Redis came back empty
+            self.fence = int(await r.eval(NEXT_FENCE, 1, self.key("fence"), self.max_fence))
             self.scheduler = True
             log.info("this replica schedules the group's line (fence %d)", self.fence)
             self._emit(self._configure_event())
@@ -605,6 +622,14 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then
   return redis.call('PEXPIRE', KEYS[1], ARGV[2])
 end
 return 0
+"""
+NEXT_FENCE = """
+local f = redis.call('INCR', KEYS[1])
+if f <= tonumber(ARGV[1]) then
+  f = tonumber(ARGV[1]) + 1
+  redis.call('SET', KEYS[1], f)
+end
+return f
 """
 GIVE_BACK = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then

@@ -95,7 +95,7 @@ class AppState:
             counts=None if shared is None else (lambda t: t.meta.get("replica") == shared.replica))
         self.requests = Registry(lambda: self.line.view.tickets(), lambda: self.line.view.clock())
         self.db = db  # the state database (quotas, old-API jobs); None: jobs in memory only
-        if quotas is None and self.shared is not None:  # the group's, in Redis
+        if self.shared is not None:  # the group's, in Redis
             quotas = RedisQuotas(self.shared.client(), self.shared.prefix)
             self.auth.rates = RedisRates(self.shared.client(), self.shared.prefix)
         if quotas is None:  # quotas persist only when some key has one (then in the database)
@@ -227,6 +227,19 @@ class AppState:
             raise ConfigMismatch("this replica's configuration differs from its group's; try "
                                  "again shortly", retry_after_s=RETRY_WHILE_STOPPING_S)
 
+    def out_of_service(self) -> str | None:
+        """Why this process takes nothing new, for ``/readyz``: ``draining``,
+        ``state_unavailable`` or ``config_mismatch``; None while it serves."""
+        if self.draining:
+            return "draining"
+        shared = self.shared
+        if shared is not None:
+            if not shared.available:
+                return "state_unavailable"
+            if not shared.config_matches:
+                return "config_mismatch"
+        return None
+
     def _state_lost(self) -> None:
         """Away from the shared state longer than the lease: the group has dropped this
         replica's requests, so what still runs here is cut (two replicas never hold one slot
@@ -257,6 +270,26 @@ class AppState:
                  self.settings.shutdown_grace)
         if active:
             self._grace = asyncio.get_running_loop().create_task(self._end_grace())
+
+    async def drained(self) -> None:
+        """A replica that shuts down: until what is connected to it is done (its own tickets,
+        waiting or running, have left the group's line) or the grace is over. Meanwhile it
+        still accepts connections, and answers them 503 (``/readyz`` included)."""
+        shared = self.shared
+        if shared is None or not shared.holding:
+            return
+        loop = asyncio.get_running_loop()
+        done = loop.create_future()
+
+        def check() -> None:
+            if not shared.holding and not done.done():
+                done.set_result(None)
+        unsubscribe = shared.subscribe(check)
+        try:
+            waits = [done] + ([self._grace] if self._grace is not None else [])
+            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            unsubscribe()
 
     async def _end_grace(self) -> None:
         await asyncio.sleep(self.settings.shutdown_grace)

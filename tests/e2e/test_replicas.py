@@ -30,10 +30,11 @@ OTHER = "llama-3.2-3b-instruct"
 LEASE = "1.5"
 
 
-def replica(tmp: Path, sim: Process, redis: RedisServer, *extra: str, config: Path | None = None) -> Process:
+def replica(tmp: Path, sim: Process, redis: RedisServer, *extra: str, config: Path | None = None,
+            lease: str = LEASE) -> Process:
     port = free_port()
     args = ["-m", "proxy", "--upstream", sim.url, "--port", str(port), "--state-url", redis.url,
-            "--lease-ttl", LEASE, "--parallel", "1", "--load-mode", "jit", "--log-level", "info",
+            "--lease-ttl", lease, "--parallel", "1", "--load-mode", "jit", "--log-level", "info",
             "--shutdown-grace", "5", *extra]
     if config is not None:
         args += ["--config", str(config)]
@@ -196,3 +197,201 @@ def test_a_replica_killed_mid_stream_frees_its_slot_within_the_lease(tmp_path: P
                        "the line empty")
         finally:
             doomed.close()
+
+
+# -- limits hold for the group ---------------------------------------------------------------------
+
+GROUP_KEYS = """
+[[keys]]
+name = "admin"
+key = "sk-group-admin-0001"
+role = "admin"
+
+[[keys]]
+name = "paced"
+key = "sk-group-paced-0002"
+rpm = 3
+
+[[keys]]
+name = "metered"
+key = "sk-group-meter-0003"
+tokens_per_day = 60
+"""
+
+
+def bearer(key: str) -> dict[str, str]:
+    return {"authorization": f"Bearer {key}"}
+
+
+def test_rpm_and_quota_hold_for_the_group_not_per_replica(tmp_path: Path) -> None:
+    """A key's rpm and its quota count every replica's requests: spreading them over the
+    group gets no more than one process would allow."""
+    config = tmp_path / "keys.toml"
+    config.write_text(GROUP_KEYS)
+    with group(tmp_path, 2, tokens_per_s=500, config=config) as (_, _sim, gates):
+        with httpx.Client(timeout=30) as c:
+            codes = []
+            for i in range(5):  # alternating doors: 3 go through, then 429 on either
+                r = c.post(gates[i % 2].url + "/v1/chat/completions", json=chat(f"rpm {i}", 2),
+                           headers=bearer("sk-group-paced-0002"))
+                codes.append((r.status_code, r.json()["error"]["code"] if r.status_code != 200 else None))
+            assert codes == [(200, None)] * 3 + [(429, "rate_limited")] * 2, codes
+
+            used = 0
+            refused_at = None
+            for i in range(10):
+                r = c.post(gates[i % 2].url + "/v1/chat/completions", json=chat(f"quota {i}", 10),
+                           headers=bearer("sk-group-meter-0003"))
+                if r.status_code != 200:
+                    assert r.status_code == 429 and r.json()["error"]["code"] == "insufficient_quota", r.text
+                    refused_at = i
+                    break
+                used += r.json()["usage"]["total_tokens"]
+            assert refused_at is not None and used >= 60, (refused_at, used)
+            # refused as soon as the group's count reached the limit: the request before
+            # started below it
+            assert used - r_last_total(c, gates, refused_at) < 60
+            # both doors report the same count, and both refuse now
+            reports = [c.get(g.url + "/usage", headers=bearer("sk-group-meter-0003")).json() for g in gates]
+            assert [rep["day"]["used"] for rep in reports] == [used, used], reports
+            other = gates[(refused_at + 1) % 2]
+            r = c.post(other.url + "/v1/chat/completions", json=chat("quota again", 10),
+                       headers=bearer("sk-group-meter-0003"))
+            assert r.status_code == 429 and r.json()["error"]["code"] == "insufficient_quota"
+
+
+def r_last_total(c: httpx.Client, gates: list[Process], refused_at: int) -> int:
+    """The tokens of the last request that went through (what the same body costs again)."""
+    body = chat(f"quota {refused_at - 1}", 10)
+    r = c.post(gates[0].url + "/v1/chat/completions", json=body, headers=bearer("sk-group-admin-0001"))
+    assert r.status_code == 200
+    return int(r.json()["usage"]["total_tokens"])
+
+
+# -- Redis away, configuration out of step, rolling restart ----------------------------------------
+
+def refused(gate: Process) -> httpx.Response:
+    return httpx.post(gate.url + "/v1/chat/completions", json=chat("while away", 2), timeout=10)
+
+
+def test_redis_killed_fails_closed_then_serves_again(tmp_path: Path) -> None:
+    """Without its shared state no replica serves (never a line of its own): 503
+    state_unavailable with Retry-After 5, /readyz 503 with the reason; when Redis is back the
+    group serves again by itself."""
+    with group(tmp_path, 2) as (redis, _sim, gates):
+        with httpx.Client(timeout=30) as c:
+            for g in gates:
+                assert c.post(g.url + "/v1/chat/completions", json=chat("before", 2)).status_code == 200
+        redis.kill()
+        for g in gates:
+            r = wait_until(lambda g=g: (lambda r: r if r.status_code == 503 else None)(refused(g)), 10,
+                           "503 without Redis")
+            assert r.json()["error"]["code"] == "state_unavailable", r.text
+            assert r.headers["retry-after"] == "5"
+            probe = httpx.get(g.url + "/readyz", timeout=5)
+            assert probe.status_code == 503 and probe.json()["reason"] == "state_unavailable", probe.text
+        redis.start()  # same port, empty: the group starts its line afresh
+        for g in gates:
+            wait_until(lambda g=g: ready(g), 20, "ready again")
+        with httpx.Client(timeout=30) as c:
+            for i, g in enumerate(gates):
+                r = c.post(g.url + "/v1/chat/completions", json=chat(f"after {i}", 3))
+                assert r.status_code == 200, r.text
+                assert r.json()["choices"][0]["message"]["content"] == expected_reply(chat(f"after {i}", 3))
+        assert all(q["depth"] == 0 for q in (queue(g) for g in gates))
+
+
+def test_a_running_stream_finishes_while_redis_is_briefly_away(tmp_path: Path) -> None:
+    """Redis away for less than --lease-ttl: what runs finishes, new requests are refused at
+    once; the slot is given back when Redis is reachable again."""
+    with group(tmp_path, 2, lease="30") as (redis, sim, gates):
+        tag = f"brief-{tmp_path.name[-6:]}"
+        body = chat(f"{tag} running", 100)  # about 2 s at 50 tokens/s
+        conn = stream_open(gates[0], body)
+        try:
+            assert started(conn)
+            redis.kill()
+            r = wait_until(lambda: (lambda r: r if r.status_code == 503 else None)(refused(gates[1])), 10,
+                           "503 without Redis")
+            assert r.json()["error"]["code"] == "state_unavailable"
+            assert conn.read_all(timeout=30) and conn.complete
+            assert stream_text(conn) == expected_reply(body)
+        finally:
+            conn.close()
+        redis.start()
+        wait_until(lambda: all(ready(g) for g in gates), 20, "ready again")
+        with httpx.Client(timeout=30) as c:
+            r = c.post(gates[1].url + "/v1/chat/completions", json=chat(f"{tag} after", 3))
+            assert r.status_code == 200 and r.headers["x-queue-position"] == "0", r.text
+        assert httpx.get(sim.url + "/sim/stats", timeout=5).json()["cut_generations"] == 0
+
+
+def test_redis_away_longer_than_the_lease_cuts_what_runs(tmp_path: Path) -> None:
+    """Away longer than --lease-ttl, a replica cannot know its slot is still its own: it cuts
+    its running request (with an error event), so two replicas never hold one slot."""
+    with group(tmp_path, 2) as (redis, _sim, gates):
+        conn = stream_open(gates[0], chat("held too long", 3000))
+        try:
+            assert started(conn)
+            redis.kill()
+            assert conn.read_all(timeout=30) and conn.complete
+            events = sse_data(conn.lines())
+            assert any(isinstance(e, dict) and e.get("error", {}).get("code") == "state_unavailable"
+                       for e in events), conn.lines()[-5:]
+        finally:
+            conn.close()
+
+
+def test_a_replica_with_another_configuration_stays_out_until_it_matches(tmp_path: Path) -> None:
+    with group(tmp_path, 1) as (redis, sim, gates):
+        lead = gates[0]
+        config = tmp_path / "odd.toml"
+        config.write_text("max_queue = 7\n")
+        odd = replica(tmp_path, sim, redis, config=config)
+        try:
+            def mismatch() -> httpx.Response | None:
+                r = httpx.get(odd.url + "/readyz", timeout=5)
+                return r if r.status_code == 503 and r.json().get("reason") == "config_mismatch" else None
+            wait_until(mismatch, 15, "config_mismatch on /readyz")
+            r = refused(odd)
+            assert r.status_code == 503 and r.json()["error"]["code"] == "config_mismatch", r.text
+            assert ready(lead)
+            assert refused(lead).status_code == 200
+            lines = [ln for ln in odd.output().splitlines() if "configuration differs" in ln]
+            assert len(lines) == 1, lines
+            config.write_text("")  # the same as the group's now: reload, and it serves
+            odd.signal(signal.SIGHUP)
+            wait_until(lambda: ready(odd), 15, "the replica back in service")
+            assert refused(odd).status_code == 200
+        finally:
+            odd.stop()
+
+
+def test_a_rolling_restart_fails_no_request(tmp_path: Path) -> None:
+    """SIGTERM: /readyz 503 at once (the balancer stops sending), nothing new admitted, and
+    what is connected to the replica, waiting included, is served as its turn comes."""
+    with group(tmp_path, 2) as (_redis, _sim, gates):
+        leaving, staying = gates
+        tag = f"rolling-{tmp_path.name[-6:]}"
+        first = chat(f"{tag} running", 60)  # about 1 s
+        bodies = [chat(f"{tag} w{i}", 3) for i in range(3)]
+        conns = [stream_open(leaving, first)]
+        try:
+            assert started(conns[0])
+            conns.append(stream_open(leaving, bodies[0]))
+            conns.append(stream_open(staying, bodies[1]))
+            conns.append(stream_open(leaving, bodies[2]))
+            assert [c.headers["x-queue-position"] for c in conns[1:]] == ["1", "2", "3"]
+            leaving.signal(signal.SIGTERM)
+            wait_until(lambda: httpx.get(leaving.url + "/readyz", timeout=5).json().get("reason") == "draining",
+                       10, "/readyz draining")
+            r = refused(leaving)
+            assert r.status_code == 503 and r.json()["error"]["code"] == "shutting_down"
+            for conn, body in zip(conns, [first, *bodies]):
+                assert conn.read_all(timeout=30) and conn.complete
+                assert stream_text(conn) == expected_reply(body)
+            assert leaving.proc.wait(15) == 0
+            assert refused(staying).status_code == 200
+        finally:
+            for conn in conns:
+                conn.close()
