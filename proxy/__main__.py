@@ -182,6 +182,10 @@ def run(args: list[str]) -> None:
         settings = load_settings([a for a in args if a != "--check"])
     except ConfigError as exc:
         refuse(f"configuration error: {exc}")
+    migrate = migrate_source(args)
+    if migrate is not None:
+        print(migrate_quotas(settings, migrate))
+        return
     settings, raised = fit_connections(settings)
     if check_only:
         print(describe(settings))
@@ -218,6 +222,45 @@ def run(args: list[str]) -> None:
     gc.freeze()
     gc.set_threshold(GC_GEN0_THRESHOLD, 20, 50)
     server.run(sockets=sockets)
+
+
+def migrate_source(args: Sequence[str]) -> str | None:
+    """The file of ``--migrate-quotas FILE`` (or ``=FILE``), if given."""
+    for i, arg in enumerate(args):
+        if arg == "--migrate-quotas" and i + 1 < len(args):
+            return args[i + 1]
+        if arg.startswith("--migrate-quotas="):
+            return arg.split("=", 1)[1]
+    return None
+
+
+def migrate_quotas(settings: Settings, source: str) -> str:
+    """``lmgate --migrate-quotas FILE``: a single lmgate's token counts (periods not yet
+    over) added to the group's counters in the Redis of ``--state-url``; one line saying how
+    many, or status 2 and one line saying why not."""
+    from redis.exceptions import RedisError
+
+    from .counters import import_quotas
+    from .shared import group_prefix, redis_client
+
+    if not settings.state_url:
+        refuse("--migrate-quotas copies into the group's Redis: give --state-url "
+               "(or LMGATE_STATE_URL, or state_url in the file) too")
+
+    async def copy() -> int:
+        client = redis_client(settings.state_url)
+        try:
+            return await import_quotas(client, group_prefix(), source)
+        finally:
+            await client.aclose()
+    try:
+        rows = asyncio.run(copy())
+    except StoreError as exc:
+        refuse(f"cannot read the quota counts: {exc}")
+    except (RedisError, OSError) as exc:
+        refuse(f"cannot reach the shared state at {redact(settings.state_url)}: {exc}")
+    return (f"copied {rows} token {'count' if rows == 1 else 'counts'} (days and months not yet "
+            f"over) from {source} into {redact(settings.state_url)}")
 
 
 def describe(settings: Settings) -> str:

@@ -511,6 +511,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--check", action="store_true", help="check the configuration (flags, "
                         "environment, file) and exit: 0 and one line when it is valid, 2 and the "
                         "error otherwise; nothing is contacted or started")
+    parser.add_argument("--migrate-quotas", metavar="FILE", default=None,
+                        help="copy a single lmgate's token counts (its state database, or the "
+                        "directory holding it) into the group's Redis of --state-url, then exit; "
+                        "run it once, with that lmgate stopped")
     return parser
 
 
@@ -536,6 +540,7 @@ def load_settings(
     config_path = args.pop("config") or env.get("LMGATE_CONFIG") or None
     args.pop("version", None)
     args.pop("check", None)
+    args.pop("migrate_quotas", None)
     if isinstance(args.get("upstream"), list):
         args["upstream"] = ",".join(args["upstream"])
     file_values: dict[str, Any] = read_file(config_path) if config_path else {}

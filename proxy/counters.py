@@ -201,12 +201,15 @@ class RedisQuotas:
     # -- internals ---------------------------------------------------------------------------
     async def _used(self, key: str, now: float) -> tuple[int, int]:
         """The group's totals for ``key`` this day and month, plus this process's increments
-        not yet confirmed by Redis (they may be in Redis already for the instant their batch's
-        answer is on its way: then counted twice, erring towards a refusal)."""
+        not yet in Redis. Read while no batch of this process is on its way (a batch applied
+        during the read, or confirmed just after it, would be missed or counted twice); a
+        batch whose answer was lost is counted as unsent (twice at worst, erring towards a
+        refusal)."""
         day, month = _periods(now)
-        values = await self.client.mget([counter_key(self.prefix, key, day),
-                                         counter_key(self.prefix, key, month)])
-        return int(values[0] or 0) + self._unsent(key, day), int(values[1] or 0) + self._unsent(key, month)
+        async with self._send_lock:
+            values = await self.client.mget([counter_key(self.prefix, key, day),
+                                             counter_key(self.prefix, key, month)])
+            return int(values[0] or 0) + self._unsent(key, day), int(values[1] or 0) + self._unsent(key, month)
 
     def _unsent(self, key: str, period: str) -> int:
         tokens = self._pending.get((key, period), 0)

@@ -14,6 +14,7 @@ import json
 import sqlite3
 import time
 from datetime import datetime
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from .errors import ProxyError
@@ -30,6 +31,22 @@ ERROR_KEEP = 64 * 1024  # bytes of an error answer kept for its message
 
 def now_iso() -> str:
     return datetime.now().isoformat()
+
+
+def record_of(job: dict[str, Any]) -> dict[str, Any]:
+    """What ``GET /request/{id}`` answers, from a job's fields (a Job's, or its document)."""
+    status, text = job["status"], job["text"]
+    return {
+        "status": status,
+        "client_id": job["client_id"],
+        "created_at": job["created_at"],
+        "started_at": job["started_at"],
+        "completed_at": job["completed_at"],
+        "result": "".join(text) if status == "complete" and text else None,
+        "tool_calls": job["tool_calls"] or None,
+        "error": job["error"],
+        "queue_entered_position": job["queue_entered_position"],
+    }
 
 
 class LegacyBody(ProxyError):
@@ -73,6 +90,8 @@ class Job:
         self.stream_opened = False
         self.task: asyncio.Task[None] | None = None
         self.finished_unix: float | None = None  # wall clock: a kept result outlives a restart
+        self.attempt = 0  # with replicas: how many times another replica started it again
+        self.publish: Callable[[Job, str], None] | None = None  # with replicas: each event to Redis
 
     @property
     def ticket(self) -> Any:
@@ -80,21 +99,13 @@ class Job:
         return self.req.adm.ticket
 
     def record(self) -> dict[str, Any]:
-        return {
-            "status": self.status,
-            "client_id": self.client_id,
-            "created_at": self.created_at,
-            "started_at": self.started_at,
-            "completed_at": self.completed_at,
-            "result": "".join(self.text) if self.status == "complete" and self.text else None,
-            "tool_calls": self.tool_calls or None,
-            "error": self.error,
-            "queue_entered_position": self.queue_entered_position,
-        }
+        return record_of(vars(self))
 
     def emit(self, event: dict[str, Any], text: str = "") -> None:
         data = json.dumps(event)
         self.events.append(data)
+        if self.publish is not None:
+            self.publish(self, data)
         self.size += len(data) + len(text) + EVENT_OVERHEAD
         self.notify()
 
@@ -239,7 +250,7 @@ class JobStore:
         if self.db is not None:
             await self.db.commit()
 
-    def forget(self, job_id: str) -> None:
+    def forget(self, job_id: str, attempt: int = 0) -> None:
         if self.db is not None:
             self.db.write(lambda db: db.execute("DELETE FROM jobs WHERE id = ?", (job_id,)))
 

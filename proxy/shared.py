@@ -50,6 +50,7 @@ TICKET_EVENT_FIELDS = ("request_id", "model", "identity", "uid", "meta", "priori
 SNAPSHOT_EVERY_S = 5.0
 READ_BLOCK_MS = 1000
 SUBMIT_TIMEOUT_S = 2.0  # a submission not applied by then: the line is unavailable
+JOB_ROUTE = "/queue/add"  # old-API jobs: taken over by another replica when theirs stops
 BACKLOG_CAP = 10000  # events a replica may have waiting to be written while Redis is away
 
 
@@ -82,6 +83,16 @@ def fingerprint(settings: Settings) -> str:
     return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def group_prefix(group: str = "lmgate") -> str:
+    """The keys of one group (one hash slot, for Redis Cluster)."""
+    return f"lmgate:{{{group}}}:"
+
+
+def redis_client(url: str, *, timeout_s: float = 1.5) -> aioredis.Redis:
+    """A client that fails within about ``timeout_s`` when Redis is away."""
+    return aioredis.Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s)
+
+
 def _event_time(entry_id: str | bytes) -> float:
     """The Redis server's time of a log entry, in seconds (its id is milliseconds-seq)."""
     text = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
@@ -97,7 +108,7 @@ class SharedLine:
         self.url = url
         self.lease_ttl = lease_ttl
         self.replica = replica or uuid.uuid4().hex[:12]
-        self.prefix = f"lmgate:{{{group}}}:"
+        self.prefix = group_prefix(group)
         self.fingerprint = fingerprint(settings)
         self._boxes = list(boxes)
         self._pinned: float | None = None
@@ -118,12 +129,14 @@ class SharedLine:
         self.unavailable_since: float | None = time.monotonic()
         self.on_unavailable: Callable[[], None] | None = None  # cut what runs here
         self.on_scheduler: Callable[[bool], None] | None = None  # became / stopped being scheduler
+        self.on_adopt: Callable[[Ticket], None] | None = None  # an old-API job to run here now
         self._released: set[str] = set()
+        self._handed: set[str] = set()  # old-API jobs that left this replica for another
         self._outbox: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+        self._writing = False
         self._tasks: list[asyncio.Task[None]] = []
         # clients connect on first use; the reader's blocking reads get a longer timeout
-        self._redis: aioredis.Redis = aioredis.Redis.from_url(url, socket_timeout=1.5,
-                                                              socket_connect_timeout=1.5)
+        self._redis: aioredis.Redis = redis_client(url)
         self._reader: aioredis.Redis = aioredis.Redis.from_url(
             url, socket_timeout=READ_BLOCK_MS / 1000 + 2, socket_connect_timeout=1.5)
         self._last_snapshot = 0.0
@@ -199,6 +212,21 @@ class SharedLine:
             return
         self._released.add(ticket.uid)
         self._emit({"t": "release", "uid": ticket.uid})
+
+    def hand_over(self, ticket: Ticket) -> None:
+        """An old-API job this replica will not finish (it shuts down): it keeps its place in
+        the group's line (a running one goes back to it) and another replica takes it over.
+        Its handler's release afterwards changes nothing."""
+        if ticket.uid in self._handed:
+            return
+        self._handed.add(ticket.uid)
+        self._released.add(ticket.uid)
+        self._emit({"t": "handoff", "uid": ticket.uid})
+
+    def handed_over(self, ticket: Ticket) -> bool:
+        """The job's ticket left this replica for another (hand-over, or this replica was
+        taken for gone): its end here is not the job's end."""
+        return ticket.uid in self._handed
 
     def requeue(self, ticket: Ticket) -> None:
         ticket.waiter = asyncio.get_running_loop().create_future()
@@ -284,6 +312,7 @@ class SharedLine:
             while not self._outbox.empty() and len(batch) < 256:
                 batch.append(self._outbox.get_nowait())
             epoch = self._epoch
+            self._writing = True
             while epoch == self._epoch:  # a cut makes what waited here stale: dropped
                 try:
                     pipe = self._redis.pipeline(transaction=False)
@@ -295,6 +324,7 @@ class SharedLine:
                 except (RedisError, OSError) as exc:
                     self._down(exc)
                     await asyncio.sleep(0.5)
+            self._writing = False
 
     # -- reading the log ------------------------------------------------------------------------
     async def start(self) -> None:
@@ -371,14 +401,20 @@ class SharedLine:
             self._apply_submit(e)
         elif kind in ("release", "cancel"):
             t = self.by_uid.get(e["uid"])
-            if t is not None:
+            if t is not None and t.meta.get("replica") == e["r"]:  # only its holder lets go
                 gate.release(t)
                 if t.state not in (WAITING, RUNNING):
                     self._forget(t)
         elif kind == "requeue":
             t = self.by_uid.get(e["uid"])
-            if t is not None and t.state == RUNNING:
+            if t is not None and t.state == RUNNING and t.meta.get("replica") == e["r"]:
                 gate.requeue(t)
+        elif kind == "handoff":
+            t = self.by_uid.get(e["uid"])
+            if t is not None and t.meta.get("replica") == e["r"]:
+                self._orphan(t)
+        elif kind == "adopt":
+            self._apply_adopt(e["uids"], e["to"])
         elif kind == "fail":
             t = self.by_uid.get(e["uid"])
             if t is not None and t.state == WAITING:
@@ -473,6 +509,9 @@ class SharedLine:
         slots are freed."""
         gate = self.gate
         for t in [t for t in gate.tickets() if t.meta.get("replica") == replica]:
+            if t.meta.get("route") == JOB_ROUTE:  # an old-API job: nobody waits on a socket for it
+                self._orphan(t)
+                continue
             gate.release(t)
             self._forget(t)
             if replica == self.replica and t.waiter is not None and not t.waiter.done():
@@ -484,6 +523,38 @@ class SharedLine:
             log.warning("the group took this replica for gone: its requests were dropped")
             if self.on_unavailable is not None:
                 self.on_unavailable()
+
+    def _orphan(self, t: Ticket) -> None:
+        """An old-API job whose replica stopped: back to its place in line (if it ran), with
+        no replica until the scheduler gives it one (``adopt``)."""
+        if t.state == RUNNING:
+            self.gate.requeue(t)
+        if self._local.pop(t.uid, None) is not None:
+            self._released.add(t.uid)  # what its old handler does next changes nothing
+            self._handed.add(t.uid)
+        t.meta["replica"] = None
+
+    def _apply_adopt(self, uids: list[str], to: str) -> None:
+        mine = []
+        for uid in uids:
+            t = self.by_uid.get(uid)
+            if t is None or t.meta.get("replica") is not None:
+                continue
+            t.meta["replica"] = to
+            if to == self.replica:
+                t.waiter = asyncio.get_running_loop().create_future()
+                if t.state == RUNNING:
+                    t.waiter.set_result(True)
+                self._local[uid] = t
+                self._released.discard(uid)
+                self._handed.discard(uid)
+                mine.append(t)
+        if self.on_adopt is not None:
+            for t in mine:
+                self.on_adopt(t)
+            return
+        for t in mine:  # nobody here runs old-API jobs: back to the line for another
+            self.hand_over(t)
 
     def _forget(self, t: Ticket) -> None:
         self.by_uid.pop(t.uid, None)
@@ -568,6 +639,9 @@ class SharedLine:
         due = self.gate.next_aging_at()
         if due is not None and due <= now:
             self._emit({"t": "tick", "fence": self.fence})
+        orphans = [t.uid for t in self.gate.tickets() if t.meta.get("replica") is None]
+        if orphans and not self.closed:
+            self._emit({"t": "adopt", "uids": orphans, "to": self.replica, "fence": self.fence})
         owners = {t.meta.get("replica") for t in self.gate.tickets()} - {None, self.replica}
         if owners:
             names = sorted(str(o) for o in owners)
@@ -605,8 +679,16 @@ class SharedLine:
             if self.on_scheduler is not None:
                 self.on_scheduler(False)
 
+    async def flushed(self, timeout_s: float = 2.0) -> None:
+        """Until every event made so far is in the log (or ``timeout_s``)."""
+        deadline = time.monotonic() + timeout_s
+        while (not self._outbox.empty() or self._writing) and time.monotonic() < deadline and self.available:
+            await asyncio.sleep(0.01)
+
     async def aclose(self) -> None:
-        """Leave the group: hand the lease back (another replica takes it at once), stop."""
+        """Leave the group: write what is still to be written (releases, hand-overs), hand
+        the lease back (another replica takes it at once), stop."""
+        await self.flushed()
         with contextlib.suppress(RedisError, OSError):
             if self.scheduler:
                 await self._redis.eval(GIVE_BACK, 1, self.key("lease"), self.replica)

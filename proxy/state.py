@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -106,6 +107,7 @@ class AppState:
                                  on_upstream_error=self.fleet.refresh_soon)
         self.history = History.of(self)  # for the status page: /queue/history
         self.draining = False
+        self.on_grace_end: Callable[[], None] | None = None  # replicas: old-API jobs handed over
         self.started_at = time.time()
         self.argv: list[str] | None = None  # how to read the configuration again (reload)
         self.environ: dict[str, str] = {}
@@ -293,6 +295,8 @@ class AppState:
 
     async def _end_grace(self) -> None:
         await asyncio.sleep(self.settings.shutdown_grace)
+        if self.on_grace_end is not None:
+            self.on_grace_end()
         if self.shared is not None:
             for ticket in self.shared.withdraw():
                 if ticket.waiter is not None and not ticket.waiter.done():

@@ -8,7 +8,10 @@ slot frees within --lease-ttl); rpm and quotas exact across replicas; Redis kill
 from __future__ import annotations
 
 import contextlib
+import json
 import signal
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -21,7 +24,7 @@ import pytest
 from proxy.simulator import expected_reply
 from tests.e2e.hostile import Raw, sse_data, started, stream_open, stream_text, wait_until
 from tests.redis_server import RedisServer
-from tests.servers import Process, free_port, start_simulator
+from tests.servers import ROOT, Process, free_port, start_simulator
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -31,11 +34,11 @@ LEASE = "1.5"
 
 
 def replica(tmp: Path, sim: Process, redis: RedisServer, *extra: str, config: Path | None = None,
-            lease: str = LEASE) -> Process:
+            lease: str = LEASE, grace: str = "5") -> Process:
     port = free_port()
     args = ["-m", "proxy", "--upstream", sim.url, "--port", str(port), "--state-url", redis.url,
             "--lease-ttl", lease, "--parallel", "1", "--load-mode", "jit", "--log-level", "info",
-            "--shutdown-grace", "5", *extra]
+            "--shutdown-grace", grace, *extra]
     if config is not None:
         args += ["--config", str(config)]
     return Process(args, port, tmp / f"replica-{port}.log", "/healthz")
@@ -395,3 +398,149 @@ def test_a_rolling_restart_fails_no_request(tmp_path: Path) -> None:
         finally:
             for conn in conns:
                 conn.close()
+
+
+def test_quota_counts_move_from_a_single_lmgate_to_the_group(tmp_path: Path) -> None:
+    """``lmgate --migrate-quotas``: a single lmgate's counts carried into the group's Redis
+    (refused while that lmgate still holds its file), and the replicas go on from them."""
+    config = tmp_path / "keys.toml"
+    config.write_text(GROUP_KEYS)
+    state_dir = tmp_path / "single-state"
+    redis = RedisServer(tmp_path / "redis")
+    redis.start()
+    sim = start_simulator(tmp_path, tokens_per_s=500, load_s=0)
+    try:
+        port = free_port()
+        single = Process(["-m", "proxy", "--upstream", sim.url, "--port", str(port), "--config", str(config),
+                          "--state-dir", str(state_dir)], port, tmp_path / "single.log", "/healthz")
+        try:
+            r = httpx.post(single.url + "/v1/chat/completions", json=chat("carried over", 8),
+                           headers=bearer("sk-group-meter-0003"), timeout=30)
+            assert r.status_code == 200
+            used = int(r.json()["usage"]["total_tokens"])
+            migrate = [sys.executable, "-m", "proxy", "--migrate-quotas", str(state_dir),
+                       "--state-url", redis.url, "--config", str(config)]
+            held = subprocess.run(migrate, capture_output=True, text=True, timeout=30, cwd=ROOT)
+            assert held.returncode == 2 and "cannot read the quota counts" in held.stderr, held
+        finally:
+            single.stop()
+        done = subprocess.run(migrate, capture_output=True, text=True, timeout=30, cwd=ROOT)
+        assert done.returncode == 0, done.stderr
+        assert "copied 2 token counts" in done.stdout, done.stdout  # this day and this month
+        gate = replica(tmp_path, sim, redis, config=config)
+        try:
+            report = httpx.get(gate.url + "/usage", headers=bearer("sk-group-meter-0003"), timeout=10).json()
+            assert report["day"]["used"] == used and report["month"]["used"] == used, report
+        finally:
+            gate.stop()
+    finally:
+        sim.stop()
+        redis.stop()
+
+
+# -- old-API jobs across the group -----------------------------------------------------------------
+
+JOB_KEYS = """
+[[keys]]
+name = "amy"
+key = "sk-group-amy-0001"
+
+[[keys]]
+name = "bob"
+key = "sk-group-bob-0002"
+"""
+
+
+def job_add(c: httpx.Client, gate: Process, doc: dict[str, Any], key: str = "sk-group-amy-0001") -> str:
+    r = c.post(gate.url + "/queue/add", json={"client_id": "page", **doc}, headers=bearer(key))
+    assert r.status_code == 200, r.text
+    return str(r.json()["request_id"])
+
+
+def job_record(c: httpx.Client, gate: Process, job: str, key: str = "sk-group-amy-0001") -> dict[str, Any]:
+    return c.get(f"{gate.url}/request/{job}", headers=bearer(key)).json()
+
+
+def job_events(c: httpx.Client, gate: Process, job: str, key: str = "sk-group-amy-0001") -> list[dict[str, Any]]:
+    with c.stream("GET", f"{gate.url}/stream/{job}", headers=bearer(key)) as resp:
+        return [json.loads(line[5:]) for line in resp.iter_lines() if line.startswith("data:")]
+
+
+def job_text(events: list[dict[str, Any]]) -> str:
+    return "".join(e["chunk"] for e in events if "chunk" in e)
+
+
+def test_an_old_api_job_is_polled_and_streamed_on_any_replica(tmp_path: Path) -> None:
+    config = tmp_path / "keys.toml"
+    config.write_text(JOB_KEYS)
+    with group(tmp_path, 2, config=config) as (_, _sim, gates):
+        a, b = gates
+        holder = stream_open(a, chat("job holder", 60), headers=bearer("sk-group-bob-0002"))
+        try:
+            assert started(holder)
+            doc = chat("a job for the group", 8)
+            with httpx.Client(timeout=30) as c:
+                job = job_add(c, a, doc)
+                assert job_record(c, b, job)["status"] == "queued"
+                # someone else's job is unknown, on every replica
+                for g in gates:
+                    assert job_record(c, g, job, "sk-group-bob-0002") == {"error": "Request ID not found"}
+                events = job_events(c, b, job)  # read on the other replica, from the line to the end
+                assert events[0] == {"position": 1}, events[:3]
+                assert events[-1] == {"done": True}
+                assert job_text(events) == expected_reply(doc)
+                rec = job_record(c, b, job)
+                assert rec["status"] == "complete" and rec["result"] == expected_reply(doc), rec
+                assert job_events(c, a, job)[-1] == {"done": True}  # and on its own
+                for g in gates:  # the group's counters, whatever replica answers
+                    status = c.get(g.url + "/queue/status").json()
+                    assert status["stats"]["total_received"] == 1 and status["stats"]["total_processed"] == 1
+                    assert status["tracked_requests"] == 1
+        finally:
+            holder.close()
+
+
+def test_a_job_whose_replica_is_killed_runs_again_on_another(tmp_path: Path) -> None:
+    config = tmp_path / "keys.toml"
+    config.write_text(JOB_KEYS)
+    with group(tmp_path, 2, config=config) as (_, sim, gates):
+        a, b = gates
+        doc = chat("a job that outlives its replica", 150)  # about 3 s at 50 tokens/s
+        with httpx.Client(timeout=60) as c:
+            job = job_add(c, a, doc)
+            wait_until(lambda: job_record(c, b, job)["status"] == "processing", 15, "the job to run")
+            with c.stream("GET", f"{b.url}/stream/{job}", headers=bearer("sk-group-amy-0001")) as resp:
+                lines = resp.iter_lines()
+                first = next(line for line in lines if line.startswith("data:"))
+                assert "chunk" in first
+                a.proc.send_signal(signal.SIGKILL)
+                a.proc.wait(10)
+                rest = [json.loads(line[5:]) for line in lines if line.startswith("data:")]
+            # the reader on the surviving replica is told, and can read the new run
+            assert "another one runs it again" in rest[-1]["error"], rest[-1]
+            rec = wait_until(lambda: (r := job_record(c, b, job))["status"] in ("complete", "error") and r,
+                             40, "the job to finish on the survivor")
+            assert rec["status"] == "complete" and rec["result"] == expected_reply(doc), rec
+            events = job_events(c, b, job)
+            assert events[-1] == {"done": True} and job_text(events) == expected_reply(doc)
+        runs = [g for g in generations(sim, "outlives its replica")]
+        assert len(runs) == 2  # the cut one, and the one that finished
+
+
+def test_a_rolling_restart_hands_running_jobs_to_the_group(tmp_path: Path) -> None:
+    config = tmp_path / "keys.toml"
+    config.write_text(JOB_KEYS)
+    with group(tmp_path, 2, config=config, grace="1") as (_, _sim, gates):
+        a, b = gates
+        running, waiting = chat("a long job", 200), chat("a job behind it", 4)
+        with httpx.Client(timeout=60) as c:
+            first = job_add(c, a, running)
+            wait_until(lambda: job_record(c, a, first)["status"] == "processing", 15, "the job to run")
+            second = job_add(c, a, waiting)
+            a.signal(signal.SIGTERM)
+            assert a.proc.wait(20) == 0
+            for job, doc in ((first, running), (second, waiting)):
+                rec = wait_until(lambda job=job: (r := job_record(c, b, job))["status"] in ("complete", "error")
+                                 and r, 40, "the job to finish on the other replica")
+                assert rec["status"] == "complete" and rec["result"] == expected_reply(doc), rec
+        assert "taken over from a replica that stopped" in b.output()
