@@ -20,10 +20,14 @@ COPY proxy/ ./proxy/
 RUN pip install --no-cache-dir . \
     && rm -rf /src
 
-# Unprivileged runtime user (fixed uid/gid so volume permissions are predictable).
+# Unprivileged runtime user (fixed uid/gid so volume permissions are predictable), and its
+# state dir: old-API jobs and token quotas (lmgate.sqlite3) survive a new container there.
 RUN groupadd --system --gid 10001 lmgate \
     && useradd --system --uid 10001 --gid lmgate --no-create-home \
-       --home-dir /nonexistent --shell /usr/sbin/nologin lmgate
+       --home-dir /nonexistent --shell /usr/sbin/nologin lmgate \
+    && install -d -o 10001 -g 10001 -m 0750 /var/lib/lmgate
+ENV LMGATE_STATE_DIR=/var/lib/lmgate
+VOLUME ["/var/lib/lmgate"]
 
 WORKDIR /
 USER 10001:10001

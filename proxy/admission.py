@@ -3,6 +3,7 @@ the OpenAI routes and the old queue API alike (the same fault gets the same answ
 
     authenticate (key or client address)  -> 401
     shutting down                         -> 503 shutting_down
+    a replica out of service              -> 503 state_unavailable / config_mismatch
     read the body within --max-body, held within --max-waiting-bytes -> 413 / 429
     parse: JSON object, model, stream, token fields -> 400
     role and model allowlist              -> 403

@@ -152,6 +152,9 @@ def test_compose_lmgate_service(compose):
     if hc:
         assert not hc.get("disable")
         assert "/healthz" in json.dumps(hc["test"])
+    # a named volume on the image's state dir: jobs and quotas outlive the container
+    state = [v for v in svc.get("volumes", []) if str(v).endswith(":/var/lib/lmgate")]
+    assert state and str(state[0]).split(":")[0] in compose.get("volumes", {}), svc.get("volumes")
 
 
 def test_compose_prometheus_service(compose):
@@ -393,6 +396,11 @@ def test_dockerfile():
     for item in ("pyproject.toml", "README.md", "proxy/"):
         assert item in copied, item
     assert any(w == "RUN" and "pip install --no-cache-dir ." in rest for w, rest in ins)
+    # the state dir (jobs, quotas) is the user's and a volume, so it outlives the container
+    assert any(w == "ENV" and "LMGATE_STATE_DIR=/var/lib/lmgate" in rest for w, rest in ins)
+    assert any(w == "VOLUME" and "/var/lib/lmgate" in rest for w, rest in ins)
+    assert any(w == "RUN" and re.search(r"install -d -o 10001 -g 10001 .*/var/lib/lmgate", rest)
+               for w, rest in ins)
 
 
 def test_dockerignore_keeps_build_inputs():
