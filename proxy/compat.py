@@ -63,6 +63,7 @@ POSITION_REPEAT_S = 2.0
 SWEEP_EVERY_S = 1.0
 STOP_MARGIN_S = 2.0  # beyond the grace: the cut-off jobs' own ending
 NOT_FOUND = {"error": "Request ID not found"}  # the old server's answer, status 200
+SAVE_TIMEOUT_S = 2.0  # with replicas: a job Redis has not confirmed by then is not queued
 REMOTE_RECHECK_S = 5.0  # a stream read on another replica: the job's document looked at again
 RESTARTED = ("interrupted: the replica running this request stopped, and another one runs it again "
              "from the start; open /stream again to follow it")
@@ -164,10 +165,26 @@ class LegacyQueue:
         job = self._launch(req, adm, client_id)
         job.queue_entered_position = max(1, adm.ticket.position_at_arrival)
         self.store.save(job)
-        await self.store.committed()  # on disk (or in the group's Redis) before the answer leaves
+        if not await self._committed():  # on disk (or in the group's Redis) before the answer leaves
+            err = StateUnavailable("the job could not be saved to the shared state (Redis); it was "
+                                   "not queued, try again shortly")
+            self.cancel(job, err)
+            return error_response(err)
         return JSONResponse({"status": "queued", "request_id": job.id,
                              "queue_position": job.queue_entered_position},
                             headers={"x-request-id": job.id})
+
+    async def _committed(self) -> bool:
+        """Everything saved so far is kept: True. Redis that does not confirm within
+        ``SAVE_TIMEOUT_S`` makes it False (a file on disk is waited for)."""
+        if self.shared_jobs is None:
+            await self.store.committed()
+            return True
+        try:
+            await asyncio.wait_for(self.shared_jobs.committed(), timeout=SAVE_TIMEOUT_S)
+        except asyncio.TimeoutError:
+            return False
+        return True
 
     def _launch(self, req: GatedRequest, adm: Admission, client_id: str, *, new: bool = True) -> Job:
         """An admitted job (``new``), or one put back in line: tracked, and served in a task

@@ -348,7 +348,7 @@ class SharedLine:
         self.gate = Gate.restore(doc["gate"], on_start=_grant, clock=self.clock)
         self.by_uid = {t.uid: t for t in self.gate.tickets()}
         self.last_id, self.max_fence = doc["id"], doc["fence"]
-        self.group_fingerprint = doc.get("fingerprint")
+        self._group_config(doc.get("fingerprint"))
 
     async def _read_forever(self) -> None:
         first = True
@@ -495,7 +495,12 @@ class SharedLine:
                 gate.boxes[name].removed = False
                 gate.boxes[name].models = tuple(b["models"])
         gate.rebalance()
-        self.group_fingerprint = e["fingerprint"]
+        self._group_config(e["fingerprint"])
+
+    def _group_config(self, fingerprint: str | None) -> None:
+        """The scheduler's configuration, as its fingerprint: out of service while ours differs
+        (said once in the log, and again after it matched once)."""
+        self.group_fingerprint = fingerprint
         if not self.config_matches and not self._mismatch_logged:
             self._mismatch_logged = True
             log.error("this replica's configuration differs from the group's scheduler's "

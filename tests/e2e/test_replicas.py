@@ -254,9 +254,12 @@ def test_rpm_and_quota_hold_for_the_group_not_per_replica(tmp_path: Path) -> Non
             # refused as soon as the group's count reached the limit: the request before
             # started below it
             assert used - r_last_total(c, gates, refused_at) < 60
-            # both doors report the same count, and both refuse now
-            reports = [c.get(g.url + "/usage", headers=bearer("sk-group-meter-0003")).json() for g in gates]
-            assert [rep["day"]["used"] for rep in reports] == [used, used], reports
+            # both doors report the same count (the last one is in Redis a round trip after
+            # its request ended), and both refuse now
+            def day_counts() -> list[int]:
+                return [c.get(g.url + "/usage", headers=bearer("sk-group-meter-0003")).json()["day"]["used"]
+                        for g in gates]
+            wait_until(lambda: day_counts() == [used, used], 10, f"both replicas to report {used}")
             other = gates[(refused_at + 1) % 2]
             r = c.post(other.url + "/v1/chat/completions", json=chat("quota again", 10),
                        headers=bearer("sk-group-meter-0003"))
@@ -544,3 +547,25 @@ def test_a_rolling_restart_hands_running_jobs_to_the_group(tmp_path: Path) -> No
                                  and r, 40, "the job to finish on the other replica")
                 assert rec["status"] == "complete" and rec["result"] == expected_reply(doc), rec
         assert "taken over from a replica that stopped" in b.output()
+
+
+def test_a_frozen_redis_is_unavailable_too_and_nothing_hangs(tmp_path: Path) -> None:
+    """Redis stopped (SIGSTOP: connections open, no answers): requests and old-API jobs get
+    503 state_unavailable, none waits forever; when it goes on, so does the group."""
+    with group(tmp_path, 2) as (redis, _sim, gates):
+        redis.proc.send_signal(signal.SIGSTOP)
+        try:
+            with httpx.Client(timeout=20) as c:
+                for g in gates:
+                    started_at = time.monotonic()
+                    r = c.post(g.url + "/v1/chat/completions", json=chat("frozen", 2))
+                    assert r.status_code == 503 and r.json()["error"]["code"] == "state_unavailable", r.text
+                    assert time.monotonic() - started_at < 15
+                    r = c.post(g.url + "/queue/add", json={"client_id": "page", **chat("frozen job", 2)})
+                    assert r.status_code == 503 and r.json()["error"]["code"] == "state_unavailable", r.text
+        finally:
+            redis.proc.send_signal(signal.SIGCONT)
+        wait_until(lambda: all(ready(g) for g in gates), 20, "ready again")
+        with httpx.Client(timeout=30) as c:
+            r = c.post(gates[0].url + "/v1/chat/completions", json=chat("thawed", 3))
+            assert r.status_code == 200, r.text
