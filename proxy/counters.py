@@ -46,7 +46,7 @@ from typing import Any
 
 from redis.asyncio import Redis
 
-from .quota import DB_NAME, Refusal, _periods, day_reset, iso_z, month_reset
+from .quota import DB_NAME, Refusal, _periods, day_reset, month_reset, refusal_at, report_at
 from .store import StateDB, StoreError
 
 log = logging.getLogger("lmgate")
@@ -163,13 +163,13 @@ class RedisQuotas:
             return None
         now = self.clock()
         day, month = await self._used(key, now)
-        return _refusal(key, now, day, month, per_day, per_month)
+        return refusal_at(key, now, day, month, per_day, per_month)
 
     async def usage(self, key: str, per_day: int | None, per_month: int | None) -> dict[str, Any]:
         """What ``GET /usage`` returns for a key, the shape of ``QuotaStore.report``."""
         now = self.clock()
         day, month = await self._used(key, now)
-        return _report(key, now, day, month, per_day, per_month)
+        return report_at(key, now, day, month, per_day, per_month)
 
     async def flush(self) -> None:
         """Send everything added so far now. Raises the client's error when that fails (the
@@ -330,26 +330,3 @@ def _period_end(period: str) -> float:
 
 def _expire_at(period: str) -> int:
     return int(_period_end(period)) + EXPIRE_AFTER_S
-
-
-def _refusal(key: str, now: float, day: int, month: int, per_day: int | None,
-             per_month: int | None) -> Refusal | None:
-    """QuotaStore.refusal's decision on totals read from Redis: a Refusal when ``key`` is at
-    or over a limit; with both over, the one that resets later."""
-    found: list[Refusal] = []
-    for period, used, limit, resets_at in (("month", month, per_month, month_reset(now)),
-                                           ("day", day, per_day, day_reset(now))):
-        if limit is not None and used >= limit:
-            wait = max(1.0, float(math.ceil(resets_at.timestamp() - now)))
-            found.append(Refusal(key, period, used, limit, resets_at, wait))
-    return max(found, key=lambda r: r.resets_at) if found else None
-
-
-def _report(key: str, now: float, day: int, month: int, per_day: int | None,
-            per_month: int | None) -> dict[str, Any]:
-    """QuotaStore.report's shape on totals read from Redis."""
-    return {
-        "key": key,
-        "day": {"used": day, "limit": per_day, "resets_at": iso_z(day_reset(now))},
-        "month": {"used": month, "limit": per_month, "resets_at": iso_z(month_reset(now))},
-    }

@@ -90,15 +90,7 @@ class LocalLine:
         self._changed()
 
     async def wait(self, ticket: Ticket, timeout: float) -> bool:
-        waiter = ticket.waiter
-        if not waiter.done():
-            await asyncio.wait((waiter,), timeout=max(0.0, timeout))
-            if not waiter.done():
-                return False
-        err = waiter.exception()
-        if err is not None:
-            raise err
-        return True
+        return await wait_turn(ticket, timeout)
 
     def release(self, ticket: Ticket) -> None:
         self.gate.release(ticket)
@@ -209,6 +201,19 @@ class LocalLine:
         if self._aging is not None:
             self._aging.cancel()
             self._aging = None
+
+
+async def wait_turn(ticket: Ticket, timeout: float) -> bool:
+    """Until the ticket's turn (True), its refusal (raised) or ``timeout`` seconds (False)."""
+    waiter = ticket.waiter
+    if not waiter.done():
+        await asyncio.wait((waiter,), timeout=max(0.0, timeout))
+        if not waiter.done():
+            return False
+    err = waiter.exception()
+    if err is not None:
+        raise err
+    return True
 
 
 def _grant(ticket: Ticket) -> None:

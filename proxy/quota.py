@@ -127,6 +127,31 @@ class Quotas(Protocol):
     async def aclose(self) -> None: ...
 
 
+def refusal_at(key: str, now: float, day: int, month: int, per_day: int | None,
+               per_month: int | None) -> Refusal | None:
+    """The decision on a key's totals (``day``, ``month``) at ``now``: a Refusal when it is at
+    or over a limit, else None. With both over, the one that resets later: the other's reset
+    would not let the key through."""
+    found: list[Refusal] = []
+    # month first: on a month's last day both reset at once, and the month is what ran out
+    for period, used, limit, resets_at in (("month", month, per_month, month_reset(now)),
+                                           ("day", day, per_day, day_reset(now))):
+        if limit is not None and used >= limit:
+            wait = max(1.0, float(math.ceil(resets_at.timestamp() - now)))
+            found.append(Refusal(key, period, used, limit, resets_at, wait))
+    return max(found, key=lambda r: r.resets_at) if found else None
+
+
+def report_at(key: str, now: float, day: int, month: int, per_day: int | None,
+              per_month: int | None) -> dict[str, Any]:
+    """What ``GET /usage`` returns for a key with these totals at ``now``."""
+    return {
+        "key": key,
+        "day": {"used": day, "limit": per_day, "resets_at": iso_z(day_reset(now))},
+        "month": {"used": month, "limit": per_month, "resets_at": iso_z(month_reset(now))},
+    }
+
+
 class QuotaStore:
     """Tokens used per key this UTC day and month: counted in memory, saved by the state
     database's writer thread."""
@@ -203,18 +228,10 @@ class QuotaStore:
         return self._used(key, self.clock())
 
     def refusal(self, key: str, per_day: int | None, per_month: int | None) -> Refusal | None:
-        """A Refusal when ``key`` is already at or over a limit, else None. With both over,
-        the one that resets later: the other's reset would not let the key through."""
+        """A Refusal when ``key`` is already at or over a limit, else None."""
         now = self.clock()
         day, month = self._used(key, now)
-        found: list[Refusal] = []
-        # month first: on a month's last day both reset at once, and the month is what ran out
-        for period, used, limit, resets_at in (("month", month, per_month, month_reset(now)),
-                                               ("day", day, per_day, day_reset(now))):
-            if limit is not None and used >= limit:
-                wait = max(1.0, float(math.ceil(resets_at.timestamp() - now)))
-                found.append(Refusal(key, period, used, limit, resets_at, wait))
-        return max(found, key=lambda r: r.resets_at) if found else None
+        return refusal_at(key, now, day, month, per_day, per_month)
 
     async def check(self, key: str, per_day: int | None, per_month: int | None) -> Refusal | None:
         return self.refusal(key, per_day, per_month)
@@ -226,11 +243,7 @@ class QuotaStore:
         """What ``GET /usage`` returns for a key."""
         now = self.clock()
         day, month = self._used(key, now)
-        return {
-            "key": key,
-            "day": {"used": day, "limit": per_day, "resets_at": iso_z(day_reset(now))},
-            "month": {"used": month, "limit": per_month, "resets_at": iso_z(month_reset(now))},
-        }
+        return report_at(key, now, day, month, per_day, per_month)
 
     async def flush(self) -> None:
         """Wait until everything counted so far has been committed (or has failed to be: it

@@ -42,7 +42,7 @@ from redis.exceptions import RedisError
 from .config import Settings
 from .errors import NotFound, ProxyError, ServiceUnavailable
 from .gate import RUNNING, WAITING, Box, Gate, GateClosed, KeyQueueFull, QueueFull, Ticket
-from .line import _grant
+from .line import _grant, wait_turn
 
 log = logging.getLogger("lmgate")
 
@@ -197,15 +197,7 @@ class SharedLine:
         done.result()
 
     async def wait(self, ticket: Ticket, timeout: float) -> bool:
-        waiter = ticket.waiter
-        if not waiter.done():
-            await asyncio.wait((waiter,), timeout=max(0.0, timeout))
-            if not waiter.done():
-                return False
-        err = waiter.exception()
-        if err is not None:
-            raise err
-        return True
+        return await wait_turn(ticket, timeout)
 
     def release(self, ticket: Ticket) -> None:
         if ticket.uid in self._released:
