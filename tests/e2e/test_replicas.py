@@ -219,6 +219,11 @@ rpm = 3
 name = "metered"
 key = "sk-group-meter-0003"
 tokens_per_day = 60
+
+[[keys]]
+name = "queuer"
+key = "sk-group-queue-0004"
+max_queued = 2
 """
 
 
@@ -264,6 +269,28 @@ def test_rpm_and_quota_hold_for_the_group_not_per_replica(tmp_path: Path) -> Non
             r = c.post(other.url + "/v1/chat/completions", json=chat("quota again", 10),
                        headers=bearer("sk-group-meter-0003"))
             assert r.status_code == 429 and r.json()["error"]["code"] == "insufficient_quota"
+
+
+def test_max_queued_holds_for_the_group(tmp_path: Path) -> None:
+    """A key's max_queued counts its waiting requests on every replica."""
+    config = tmp_path / "keys.toml"
+    config.write_text(GROUP_KEYS)
+    with group(tmp_path, 2, config=config) as (_, _sim, gates):
+        holder = stream_open(gates[0], chat("queued holder", 2000), headers=bearer("sk-group-admin-0001"))
+        waiting: list[Raw] = []
+        try:
+            assert started(holder)
+            for i in range(2):  # one waiting on each replica
+                conn = stream_open(gates[i], chat(f"queued {i}", 2), headers=bearer("sk-group-queue-0004"))
+                waiting.append(conn)
+                assert conn.headers["x-queue-position"] == str(i + 1)
+            for g in gates:
+                r = httpx.post(g.url + "/v1/chat/completions", json=chat("one too many", 2),
+                               headers=bearer("sk-group-queue-0004"), timeout=10)
+                assert r.status_code == 429 and r.json()["error"]["code"] == "key_queue_full", r.text
+        finally:
+            for conn in [holder, *waiting]:
+                conn.close()
 
 
 def r_last_total(c: httpx.Client, gates: list[Process], refused_at: int) -> int:

@@ -1,7 +1,7 @@
 """The shared line (``--state-url``) against a real redis-server: two replicas' mirrors, fed
 one log, decide exactly as one in-process gate fed the same requests in the same order. Random
-workloads (submissions on either replica, for three models, under fifo and fair, with
-swap batching), checked after every step: the same requests run, the same wait in the same
+workloads (submissions on either replica, for three models, with priorities, under fifo
+and fair, with swap batching), checked after every step: the same requests run, the same wait in the same
 order, and each replica's own waiting handlers are woken exactly for its granted tickets."""
 
 from __future__ import annotations
@@ -86,10 +86,10 @@ async def drive(redis: RedisServer, seed: int, policy: str, max_skips: int) -> N
             else:
                 at = rng.randrange(2)
                 uid = f"{step}-{uuid.uuid4().hex[:6]}"
-                model, who = rng.choice(MODELS), rng.choice(IDENTITIES)
-                ticket = Ticket(request_id=uid, uid=uid, model=model, identity=who)
+                model, who, priority = rng.choice(MODELS), rng.choice(IDENTITIES), rng.choice((0, 0, 1, 5))
+                ticket = Ticket(request_id=uid, uid=uid, model=model, identity=who, priority=priority)
                 await lines[at].submit(ticket)
-                ref = Ticket(request_id=uid, uid=uid, model=model, identity=who)
+                ref = Ticket(request_id=uid, uid=uid, model=model, identity=who, priority=priority)
                 reference.submit(ref)
                 ref_by_uid[uid] = ref
                 assert ticket.position_at_arrival == ref.position_at_arrival, step
