@@ -69,14 +69,16 @@ class Server:
     proc: subprocess.Popen[bytes] | None = None
     ps: psutil.Process | None = None
     _log: IO[bytes] | None = field(default=None, repr=False)
+    program: str | None = None  # another program than this Python (redis-server)
+    env: dict[str, str] | None = None  # the environment, when not this process's
 
     def start(self) -> None:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         self._log = self.log_path.open("wb")
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        env = self.env if self.env is not None else {**os.environ, "PYTHONUNBUFFERED": "1"}
         # preexec_fn: the bench spawns its servers before it starts any thread of its own
         self.proc = subprocess.Popen(
-            [sys.executable, *self.args], stdout=self._log, stderr=subprocess.STDOUT,
+            [self.program or sys.executable, *self.args], stdout=self._log, stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL, cwd=ROOT, env=env, preexec_fn=_die_with_parent())  # noqa: PLW1509
         self.ps = psutil.Process(self.proc.pid)
 
