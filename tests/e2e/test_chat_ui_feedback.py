@@ -12,19 +12,30 @@ from __future__ import annotations
 import contextlib
 import json
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
-import openai
 import pytest
 
 from proxy.simulator import expected_reply
-from tests.e2e.hostile import Raw, error_of, stream_open, wait_gate_idle, wait_until
+from tests.e2e.helpers import (
+    MODEL,
+    Raw,
+    bearer,
+    chat_body,
+    error_of,
+    queue,
+    read_stream,
+    sdk,
+    stream_open,
+    text_of,
+    wait_idle,
+    wait_until,
+)
 from tests.servers import Process, start_lmgate, start_simulator
 
-MODEL = "qwen2.5-7b-instruct"
 HOLD_TOKENS = 3000  # 30 s at 100 tokens/s: far longer than any test keeps a holder open
 WAITING = re.compile(r"^Waiting in line: #(\d+)(, about (\d+) (s|min))?\n$")
 QUEUE_COMMENT = re.compile(r"^: queue_(entered|position|eta_ms)=\d+$")
@@ -82,8 +93,8 @@ def gate(base: Path, sim: Process) -> Iterator[Process]:
     proc = lmgate(base, sim, "default")
     try:
         # one request served, so that lmgate has a service time to estimate waits from
-        warm = httpx.post(proc.url + "/v1/chat/completions", json=chat_body("warm up", 3),
-                          headers=bearer("alice"), timeout=20)
+        warm = proc.http.post("/v1/chat/completions", json=chat_body("warm up", 3),
+                              headers=bearer(KEYS["alice"]), timeout=20)
         assert warm.status_code == 200, warm.text
         yield proc
     finally:
@@ -95,27 +106,15 @@ def idle_before(request: pytest.FixtureRequest) -> None:
     """Each test starts on a free gate (the previous test's holders are gone)."""
     for name in ("gate", "reasoning_gate"):
         if name in request.fixturenames:
-            wait_gate_idle(request.getfixturevalue(name))
+            wait_idle(request.getfixturevalue(name))
 
 
 # -- helpers -----------------------------------------------------------------------------
-def bearer(name: str) -> dict[str, str]:
-    return {"authorization": f"Bearer {KEYS[name]}"}
-
-
-def chat_body(content: str, max_tokens: int, *, stream: bool = False) -> dict[str, Any]:
-    body: dict[str, Any] = {"model": MODEL, "max_tokens": max_tokens,
-                            "messages": [{"role": "user", "content": content}]}
-    if stream:
-        body["stream"] = True
-    return body
-
-
 @contextlib.contextmanager
 def holding(gate: Process, *, position: int = 0, text: str = "hold the gate") -> Iterator[Raw]:
     """A long stream of the holder key, open until the block ends or ``close()``. With
     ``position=0`` it runs (the gate is busy); otherwise it waits at that position."""
-    conn = stream_open(gate, chat_body(text, HOLD_TOKENS), headers=bearer("holder"))
+    conn = stream_open(gate, chat_body(text, HOLD_TOKENS), headers=bearer(KEYS["holder"]))
     try:
         assert conn.status == 200
         assert conn.headers["x-queue-position"] == str(position)
@@ -124,37 +123,20 @@ def holding(gate: Process, *, position: int = 0, text: str = "hold the gate") ->
         conn.close()
 
 
-def sdk(base_url: str, key: str) -> openai.OpenAI:
-    return openai.OpenAI(base_url=base_url + "/v1", api_key=key, max_retries=0, timeout=20)
-
-
 def reasoning_of(chunk: Any) -> str | None:
     if not chunk.choices:
         return None
     return (chunk.choices[0].delta.model_extra or {}).get("reasoning_content")
 
 
-def read_stream(url: str, body: dict[str, Any], headers: dict[str, str], *,
-                path: str = "/v1/chat/completions",
-                on_head: Callable[[httpx.Response], None] | None = None) -> tuple[httpx.Headers, list[str]]:
-    """Status 200 expected; the response headers and every line of the body. ``on_head`` runs
-    once the response head is in (a waiting stream gets it at once)."""
-    with httpx.Client(timeout=20) as client, client.stream("POST", url + path, json=body,
-                                                           headers=headers) as resp:
-        assert resp.status_code == 200, resp.read()
-        if on_head is not None:
-            on_head(resp)
-        return resp.headers, list(resp.iter_lines())
-
-
 def waiting_stream(gate: Process, who: str, body: dict[str, Any], *, feedback: str | None = None,
                    path: str = "/v1/chat/completions") -> tuple[httpx.Headers, list[str]]:
     """A stream that has to wait behind a holder, which leaves once this one's head is in."""
-    headers = bearer(who)
+    headers = bearer(KEYS[who])
     if feedback is not None:
         headers["X-Queue-Feedback"] = feedback
     with holding(gate) as holder:
-        head, lines = read_stream(gate.url, body, headers, path=path, on_head=lambda _: holder.close())
+        head, lines = read_stream(gate, body, headers, path=path, on_head=lambda _: holder.close())
     assert head["x-queue-position"] == "1"
     return head, lines
 
@@ -189,12 +171,7 @@ def upstream_payloads(lines: list[str]) -> list[Any]:
 
 
 def direct_lines(sim: Process, body: dict[str, Any], path: str = "/v1/chat/completions") -> list[str]:
-    return read_stream(sim.url, body, {}, path=path)[1]
-
-
-def content_of(lines: list[str]) -> str:
-    return "".join((doc["choices"][0]["delta"].get("content") or "")
-                   for doc in data_docs(lines) if isinstance(doc, dict) and doc.get("choices"))
+    return read_stream(sim, body, path=path)[1]
 
 
 def assert_only_queue_comments_and_data(lines: list[str]) -> None:
@@ -207,13 +184,13 @@ def test_the_sdk_reads_the_line_as_reasoning_then_the_untouched_answer(sim: Proc
     """Two requests ahead (one running, one waiting): the SDK yields "#2" on entering, "#1"
     when the line moves, then the upstream's chunks, whose text is the direct answer's."""
     body = chat_body("what does the queue look like from here", 9)
-    direct_client = sdk(sim.url, "not-needed")
+    direct_client = sdk(sim, "not-needed", timeout=20)
     direct = list(direct_client.chat.completions.create(stream=True, **body))
     direct_client.close()
     want_text = "".join(c.choices[0].delta.content or "" for c in direct if c.choices)
     assert want_text == expected_reply(body)
 
-    client = sdk(gate.url, KEYS["alice"])
+    client = sdk(gate, KEYS["alice"], timeout=20)
     try:
         with holding(gate, text="first holder") as first, \
                 holding(gate, position=1, text="second holder") as second:
@@ -269,12 +246,12 @@ def test_without_the_opt_in_a_waiting_stream_is_comments_and_the_upstream_events
     assert comments[:2] == [": queue_entered=1", ": queue_position=1"]
     assert comments[-1] == ": queue_position=0"
     assert upstream_payloads(lines) == upstream_payloads(direct_lines(sim, body))
-    assert content_of(lines) == expected_reply(body)
+    assert text_of(lines) == expected_reply(body)
 
 
 def test_a_stream_that_starts_at_once_gets_no_waiting_chunk(sim: Process, gate: Process) -> None:
     body = chat_body("straight through", 6, stream=True)
-    head, lines = read_stream(gate.url, body, {**bearer("alice"), "X-Queue-Feedback": "reasoning"})
+    head, lines = read_stream(gate, body, {**bearer(KEYS["alice"]), "X-Queue-Feedback": "reasoning"})
     assert head["x-queue-position"] == "0"
     assert not any("reasoning_content" in line for line in lines)
     assert lines[:4] == [": queue_entered=0", "", ": queue_position=0", ""]
@@ -309,17 +286,17 @@ def test_the_header_comments_overrides_the_keys_reasoning(sim: Process, gate: Pr
 def test_a_bad_header_value_is_a_400_and_takes_no_place_in_line(gate: Process) -> None:
     body = chat_body("loud please", 5, stream=True)
     with holding(gate):
-        resp = httpx.post(gate.url + "/v1/chat/completions", json=body, timeout=10,
-                          headers={**bearer("alice"), "X-Queue-Feedback": "loud"})
+        resp = gate.http.post("/v1/chat/completions", json=body,
+                              headers={**bearer(KEYS["alice"]), "X-Queue-Feedback": "loud"})
         assert resp.status_code == 400, resp.text
         err = error_of(resp)
         assert err["type"] == "invalid_request_error"
         assert err["param"] == "X-Queue-Feedback"
         assert "loud" in err["message"]
-        queue = httpx.get(gate.url + "/queue", timeout=5).json()
-        assert queue["depth"] == 0 and queue["active"] == 1  # the holder only
-    wait_gate_idle(gate)
-    client = sdk(gate.url, KEYS["alice"])
+        line = queue(gate)
+        assert line["depth"] == 0 and line["active"] == 1  # the holder only
+    wait_idle(gate)
+    client = sdk(gate, KEYS["alice"], timeout=20)
     try:
         reply = client.chat.completions.create(**chat_body("after the bad header", 5))
     finally:
@@ -346,5 +323,4 @@ def test_the_global_setting_under_the_keys_and_the_header(reasoning_gate: Proces
     asked = waiting_texts(waiting_stream(reasoning_gate, "quiet", chat_body("header again", 5, stream=True),
                                          feedback="reasoning")[1])
     assert asked and asked[0].startswith("Waiting in line: #1")
-    wait_until(lambda: httpx.get(reasoning_gate.url + "/queue", timeout=5).json()["active"] == 0,
-               10, "the gate to be free")
+    wait_until(lambda: queue(reasoning_gate)["active"] == 0, 10, "the gate to be free")

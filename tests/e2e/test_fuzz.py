@@ -8,19 +8,17 @@ from __future__ import annotations
 
 import json
 import socket
-import time
 from collections.abc import Iterator
 
-import httpx
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from tests.e2e.helpers import MODEL, queue, sim_stats, wait_until
 from tests.servers import Process, running_stack
 
 MAX_BODY = 50_000
 PATHS = ["/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/api/v0/chat/completions"]
-MODEL = "qwen2.5-7b-instruct"
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +70,7 @@ headers = st.fixed_dictionaries({}, optional={
 
 
 def sim_count(sim: Process) -> int:
-    return len(httpx.get(sim.url + "/sim/stats", timeout=5).json()["log"])
+    return len(sim_stats(sim)["log"])
 
 
 @settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
@@ -81,7 +79,7 @@ def sim_count(sim: Process) -> int:
 def test_hostile_requests(stack: tuple[Process, Process], body: bytes, hdrs: dict[str, str], path: str) -> None:
     sim, gate = stack
     before = sim_count(sim)
-    resp = httpx.post(gate.url + path, content=body, headers=hdrs, timeout=20)
+    resp = gate.http.post(path, content=body, headers=hdrs, timeout=20)
     reached = sim_count(sim) > before
     if not reached:
         assert resp.status_code in (400, 401, 403, 404, 413, 429), (resp.status_code, resp.text[:200])
@@ -104,18 +102,17 @@ def test_abrupt_disconnects(stack: tuple[Process, Process], cut: int, stream: bo
     with socket.create_connection(("127.0.0.1", gate.port), timeout=5) as s:
         s.sendall(raw[: len(head) + min(cut, len(body))])
     # nothing to assert per example beyond "the server survives": checked below and at the end
-    assert httpx.get(gate.url + "/healthz", timeout=5).status_code == 200
+    assert gate.http.get("/healthz").status_code == 200
 
 
 def test_afterwards_gate_is_free_and_normal_request_works(stack: tuple[Process, Process]) -> None:
     _, gate = stack
-    for _ in range(100):  # hung-up requests finish on their own: bounded wait
-        q = httpx.get(gate.url + "/queue", timeout=5).json()
-        if q["active"] == 0 and q["depth"] == 0:
-            break
-        time.sleep(0.05)
+    def free() -> dict | None:  # hung-up requests finish on their own
+        q = queue(gate)
+        return q if q["active"] == 0 and q["depth"] == 0 else None
+    q = wait_until(free, 15, "the hung-up requests to finish", interval=0.05)
     assert q["active"] == 0 and q["depth"] == 0
-    resp = httpx.post(gate.url + "/v1/chat/completions", timeout=20,
-                      json={"model": MODEL, "messages": [{"role": "user", "content": "still there?"}]})
+    resp = gate.http.post("/v1/chat/completions", timeout=20,
+                          json={"model": MODEL, "messages": [{"role": "user", "content": "still there?"}]})
     assert resp.status_code == 200 and "still there?" in resp.json()["choices"][0]["message"]["content"]
     assert "Traceback" not in gate.output()

@@ -21,6 +21,7 @@ from tests.e2e.hostile import (
     MODEL,
     OTHER,
     UNKNOWN_ID_BODY,
+    add_job,
     assert_gate_free,
     auth,
     chat,
@@ -28,6 +29,7 @@ from tests.e2e.hostile import (
     error_of,
     is_uuid4,
     keys_config,
+    legacy,
     queue,
     sim_requests,
     started,
@@ -38,19 +40,6 @@ from tests.e2e.hostile import (
 from tests.servers import Process, running_stack, start_lmgate, start_simulator
 
 pytestmark = pytest.mark.timeout(60)
-
-
-def legacy(content: str = "hi", model: str = MODEL, **extra: Any) -> dict[str, Any]:
-    return {"client_id": "hostile", "model": model,
-            "messages": [{"role": "user", "content": content}], **extra}
-
-
-def add_job(gate: Process, body: dict[str, Any], who: str | None = None, source: str | None = None,
-            headers: dict[str, str] | None = None) -> str:
-    with client(source) as c:
-        resp = c.post(gate.url + "/queue/add", json=body, headers={**auth(who), **(headers or {})})
-    assert resp.status_code == 200, resp.text
-    return resp.json()["request_id"]
 
 
 def job_record(gate: Process, jid: str, who: str | None = None, source: str | None = None,
@@ -117,7 +106,7 @@ def keyed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Process, P
     tmp = tmp_path_factory.mktemp("hostile-keys")
     with running_stack(tmp, "--config", keys_config(tmp), "--log-level", "warning",
                        "--stream-open-timeout", "60", "--queue-timeout", "30",
-                       tokens_per_s=50, load_s=0.05) as pair:
+                       tokens_per_s=200, load_s=0.05) as pair:
         yield pair
 
 
@@ -129,7 +118,7 @@ def test_old_api_job_belongs_to_its_key(keyed: tuple[Process, Process]) -> None:
     wait_job(gate, jid, "complete", "alice")
     for path in (f"/stream/{jid}", f"/request/{jid}", f"/queue/{jid}"):
         for headers in ({}, {"authorization": "Bearer sk-not-a-real-key-9"}):
-            resp = httpx.get(gate.url + path, headers=headers, timeout=10)
+            resp = gate.http.get(path, headers=headers)
             assert resp.status_code == 401, (path, resp.status_code, resp.text[:200])
             assert jid not in resp.text
     unknown_answers(gate, jid, "bob")
@@ -140,7 +129,7 @@ def test_old_api_job_belongs_to_its_key(keyed: tuple[Process, Process]) -> None:
         events = read_legacy_stream(gate, jid, who)
         assert events[-1] == {"done": True}
         assert "".join(e.get("chunk", "") for e in events) == want
-        resp = httpx.get(f"{gate.url}/queue/{jid}", headers=auth(who), timeout=10)
+        resp = gate.http.get(f"/queue/{jid}", headers=auth(who))
         assert resp.status_code == 200, (who, resp.text)
     assert_gate_free(gate, "alice")
 
@@ -149,7 +138,7 @@ def test_running_ids_never_shown_to_others(keyed: tuple[Process, Process]) -> No
     """Item 1: /queue/status, /health, /queue (and /) as bob or anonymous: none of alice's ids,
     current_request_id null, while her old-API job runs and her gated request waits."""
     _, gate = keyed
-    running = add_job(gate, legacy("long one", max_tokens=400), "alice")  # ~8 s at 50 tokens/s
+    running = add_job(gate, legacy("long one", max_tokens=1600), "alice")  # ~8 s at 200 tokens/s
     wait_job(gate, running, "processing", "alice")
     waiting = stream_open(gate, chat("alice waits", max_tokens=3), who="alice")
     try:
@@ -157,25 +146,25 @@ def test_running_ids_never_shown_to_others(keyed: tuple[Process, Process]) -> No
         assert waiting.headers["x-queue-position"] == "1"
         for who in (None, "bob"):
             for path in ("/queue/status", "/health", "/queue", "/"):
-                resp = httpx.get(gate.url + path, headers=auth(who), timeout=10)
+                resp = gate.http.get(path, headers=auth(who))
                 assert running not in resp.text and rid not in resp.text, (who, path, resp.text[:300])
             for path in ("/queue/status", "/health"):
-                resp = httpx.get(gate.url + path, headers=auth(who), timeout=10)
+                resp = gate.http.get(path, headers=auth(who))
                 if resp.status_code == 200:
                     assert resp.json()["stats"]["current_request_id"] is None, (who, path)
                 else:
                     assert who is None and resp.status_code == 401
-            q = httpx.get(gate.url + "/queue", headers=auth(who), timeout=10).json()
+            q = gate.http.get("/queue", headers=auth(who)).json()
             assert q["active"] == 1 and q["depth"] == 1  # counts are public, ids are not
             assert not any(e.get("mine") for e in q["running"] + q["waiting"])
         for who in ("alice", "ops"):  # the owner and an admin see them
-            status = httpx.get(gate.url + "/queue/status", headers=auth(who), timeout=10).json()
+            status = gate.http.get("/queue/status", headers=auth(who)).json()
             assert status["stats"]["current_request_id"] == running, who
-            text = httpx.get(gate.url + "/queue", headers=auth(who), timeout=10).text
+            text = gate.http.get("/queue", headers=auth(who)).text
             assert running in text and rid in text, who
     finally:
         waiting.close()
-        resp = httpx.delete(f"{gate.url}/queue/{running}", headers=auth("ops"), timeout=10)
+        resp = gate.http.delete(f"/queue/{running}", headers=auth("ops"))
     assert resp.status_code == 200, resp.text
     assert_gate_free(gate, "alice")
 
@@ -199,13 +188,13 @@ def test_shared_request_id_resolves_per_owner_and_ambiguous_delete_refused(
         assert a.headers["x-request-id"] == b.headers["x-request-id"] == "shared-1"
         assert (a.headers["x-queue-position"], b.headers["x-queue-position"]) == ("1", "2")
 
-        resp = httpx.delete(gate.url + "/queue/shared-1", headers=auth("ops"), timeout=10)
+        resp = gate.http.delete("/queue/shared-1", headers=auth("ops"))
         assert resp.status_code == 409, resp.text
         assert error_of(resp)["code"] == "ambiguous_request_id"
         q = queue(gate, "ops")
         assert q["depth"] == 2 and q["active"] == 1
         for who, model in (("alice", MODEL), ("bob", OTHER)):
-            resp = httpx.get(gate.url + "/queue/shared-1", headers=auth(who), timeout=10)
+            resp = gate.http.get("/queue/shared-1", headers=auth(who))
             assert resp.status_code == 200, (who, resp.text)
             view = resp.json()
             assert view["mine"] is True and view["model"] == model and view["state"] == "waiting", (who, view)
@@ -242,7 +231,7 @@ def test_admin_cancels_one_request_by_its_internal_id(keyed: tuple[Process, Proc
         running_id = q["running"][0]["id"]
         assert running_id and running_id not in ids
         bobs = next(e for e in entries if e["client"] == "bob")
-        resp = httpx.delete(f"{gate.url}/queue/{bobs['id']}", headers=auth("ops"), timeout=10)
+        resp = gate.http.delete(f"/queue/{bobs['id']}", headers=auth("ops"))
         assert resp.status_code == 200, resp.text
         b.read_all(10)
         assert b.complete, b.body[-300:]
@@ -280,8 +269,7 @@ def test_token_cap_refused_on_every_gated_route(keyed: tuple[Process, Process], 
     for doc in ({**body, field: 100}, {**body, "max_tokens": 50, field: 100_000} if field != "max_tokens"
                 else {**body, field: 100_000, "max_completion_tokens": 10}):
         for stream in (False, True):
-            resp = httpx.post(gate.url + path, json={**doc, "stream": stream}, headers=auth("capped"),
-                              timeout=10)
+            resp = gate.http.post(path, json={**doc, "stream": stream}, headers=auth("capped"))
             assert resp.status_code == 400, (doc, resp.status_code, resp.text[:200])
             assert error_of(resp)["code"] == "max_tokens_exceeded"
     assert posts(sim, before) == []
@@ -292,13 +280,12 @@ def test_token_cap_on_old_api(keyed: tuple[Process, Process]) -> None:
     sim, gate = keyed
     before = len(sim_requests(sim))
     def tracked() -> int:
-        return httpx.get(gate.url + "/queue/status", headers=auth("ops"), timeout=10).json()["tracked_requests"]
+        return gate.http.get("/queue/status", headers=auth("ops")).json()["tracked_requests"]
 
     tracked_before = tracked()
     for extra in ({"max_tokens": 100}, {"max_tokens": 50, "max_completion_tokens": 100_000},
                   {"max_output_tokens": 51}):
-        resp = httpx.post(gate.url + "/queue/add", json=legacy("over", **extra), headers=auth("capped"),
-                          timeout=10)
+        resp = gate.http.post("/queue/add", json=legacy("over", **extra), headers=auth("capped"))
         assert resp.status_code == 400, (extra, resp.text)
         assert error_of(resp)["code"] == "max_tokens_exceeded"
     assert tracked() == tracked_before
@@ -319,7 +306,7 @@ def test_token_cap_inserted_in_the_routes_own_field(keyed: tuple[Process, Proces
     fields = {"max_tokens", "max_completion_tokens", "max_output_tokens"}
     for path, body, field in cases:
         before = len(sim_requests(sim))
-        resp = httpx.post(gate.url + path, json=body, headers=auth("capped"), timeout=20)
+        resp = gate.http.post(path, json=body, headers=auth("capped"), timeout=20)
         assert resp.status_code < 500, resp.text
         sent = [r for r in posts(sim, before) if r["path"] == path]
         assert len(sent) == 1, (path, sent)
@@ -334,8 +321,8 @@ def test_token_cap_inserted_in_the_routes_own_field(keyed: tuple[Process, Proces
     assert not {"max_completion_tokens", "max_output_tokens"} & set(sent[0])
     # within the cap: passes unchanged
     before = len(sim_requests(sim))
-    assert httpx.post(gate.url + "/v1/chat/completions", json=chat("ok", max_completion_tokens=7),
-                      headers=auth("capped"), timeout=20).status_code == 200
+    assert gate.http.post("/v1/chat/completions", json=chat("ok", max_completion_tokens=7),
+                          headers=auth("capped"), timeout=20).status_code == 200
     sent = posts(sim, before)
     assert sent[0]["max_completion_tokens"] == 7 and "max_tokens" not in sent[0], sent
 
@@ -350,7 +337,7 @@ def test_clamped_key_is_lowered_to_its_cap(keyed: tuple[Process, Process]) -> No
                               ("/v1/responses", {"model": MODEL, "input": "c", "max_output_tokens": 999},
                                "max_output_tokens")):
         before = len(sim_requests(sim))
-        resp = httpx.post(gate.url + path, json=body, headers=auth("clamped"), timeout=20)
+        resp = gate.http.post(path, json=body, headers=auth("clamped"), timeout=20)
         assert resp.status_code < 500, resp.text
         sent = posts(sim, before)
         assert len(sent) == 1 and sent[0][field] == 50, (path, sent)

@@ -19,10 +19,12 @@ from proxy.simulator import expected_reply
 from tests.e2e.hostile import (
     UNKNOWN_ID_BODY,
     Raw,
+    add_job,
     assert_gate_free,
     chat,
     client,
     error_of,
+    legacy,
     sim_requests,
     sim_stats,
     started,
@@ -37,19 +39,8 @@ MIB = 1024 * 1024
 BIG = 400 * 1024  # bytes of one waiting request's body
 
 
-def legacy(content: str = "hi", **extra: Any) -> dict[str, Any]:
-    return {"client_id": "hostile", "model": "qwen2.5-7b-instruct",
-            "messages": [{"role": "user", "content": content}], **extra}
-
-
-def add_job(gate: Process, body: dict[str, Any]) -> str:
-    resp = httpx.post(gate.url + "/queue/add", json=body, timeout=10)
-    assert resp.status_code == 200, resp.text
-    return resp.json()["request_id"]
-
-
 def record(gate: Process, jid: str) -> dict[str, Any]:
-    return httpx.get(f"{gate.url}/request/{jid}", timeout=10).json()
+    return gate.http.get(f"/request/{jid}").json()
 
 
 def finish(gate: Process, jid: str, evicted_ok: bool = True) -> dict[str, Any]:
@@ -149,7 +140,7 @@ def test_kept_results_are_capped_in_count(bounded: tuple[Process, Process]) -> N
         jobs.append((jid, body))
     for jid, _ in jobs[:2]:
         assert record(gate, jid) == UNKNOWN_ID_BODY
-        assert httpx.get(f"{gate.url}/stream/{jid}", timeout=10).json() == UNKNOWN_ID_BODY
+        assert gate.http.get(f"/stream/{jid}").json() == UNKNOWN_ID_BODY
     for jid, body in jobs[2:]:
         rec = record(gate, jid)
         assert rec["status"] == "complete" and rec["result"] == expected_reply({**body, "stream": True}), rec
@@ -239,14 +230,14 @@ class StreamReader(threading.Thread):
 
     def __init__(self, gate: Process, jid: str) -> None:
         super().__init__(daemon=True)
-        self.url = f"{gate.url}/stream/{jid}"
+        self.gate, self.path = gate, f"/stream/{jid}"
         self.events: list[Any] = []
         self.error: BaseException | None = None
         self.ended: float | None = None
 
     def run(self) -> None:
         try:
-            with httpx.Client(timeout=20) as c, c.stream("GET", self.url) as resp:
+            with self.gate.http.stream("GET", self.path, timeout=20) as resp:
                 assert resp.status_code == 200
                 for line in resp.iter_lines():
                     if line.startswith("data:"):

@@ -90,8 +90,8 @@ def test_reader_that_stops_reading_loses_its_slot(strict: tuple[Process, Process
         wait_until(lambda: flood_generation(sim), 10, "the flood to reach the simulator")
         assert queue(gate)["active"] == 1
         try:
-            resp = httpx.post(gate.url + "/v1/chat/completions", json=chat("next please", max_tokens=3),
-                              timeout=15)
+            resp = gate.http.post("/v1/chat/completions", json=chat("next please", max_tokens=3),
+                                  timeout=15)
         except httpx.TimeoutException:
             pytest.fail("the next request was not served in 15 s: the stuck reader still holds the gate")
         waited = time.monotonic() - t0
@@ -196,7 +196,7 @@ def test_admin_cancel_frees_a_stuck_stream(tmp_path: Path) -> None:
             running = queue(gate, "ops")["running"]
             assert [r["request_id"] for r in running] == ["stuck-1"]
             t0 = time.monotonic()
-            resp = httpx.delete(f"{gate.url}/queue/{running[0]['id']}", headers=auth("ops"), timeout=5)
+            resp = gate.http.delete(f"/queue/{running[0]['id']}", headers=auth("ops"))
             assert resp.status_code == 200, resp.text
             assert nxt.read_until(lambda body: b"data:" in body, 3), nxt.body[-300:]
             assert time.monotonic() - t0 < 3
@@ -225,7 +225,7 @@ def test_header_flood_is_cut_off_and_memory_bounded(capped_conns: tuple[Process,
     """Item 5: 16 connections each sending 8 MiB of header bytes are cut off early (431 or
     closed) and lmgate's memory grows by less than ~60 MB."""
     sim, gate = capped_conns
-    httpx.get(gate.url + "/queue", timeout=5)  # warm
+    gate.http.get("/queue")  # warm
     before = posts(sim)
     base = rss(gate)
     peak = [base]
@@ -298,5 +298,5 @@ def test_connection_over_the_cap_gets_503_and_close(capped_conns: tuple[Process,
             conn.close()
     wait_until(lambda: open_connections(gate) == 0, 10, "the idle connections to close")
     for _ in range(3):
-        assert httpx.get(gate.url + "/healthz", timeout=5).status_code == 200
+        assert gate.http.get("/healthz").status_code == 200
     assert_gate_free(gate)

@@ -22,27 +22,34 @@ from __future__ import annotations
 
 import contextlib
 import time
-import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-import httpx
 import openai
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from proxy.simulator import expected_reply
-from tests.e2e.hostile import (
+from tests.e2e.helpers import (
     Raw,
+    assert_complete_stream,
+    box_name,
+    chat_body,
     error_of,
+    generations,
+    hold,
+    nonce,
+    queue,
+    samples,
+    sdk,
     sim_requests,
     sim_stats,
     sse_data,
     started,
     stream_open,
     stream_text,
+    wait_idle,
     wait_until,
 )
 from tests.e2e.plain_box import PlainBox
@@ -50,8 +57,7 @@ from tests.servers import Process, running_stack, start_lmgate
 
 M1, M2, M3 = "m1-alpha-7b", "m2-beta-3b", "m3-gamma-1b"
 MODELS = f"{M1},{M2},{M3}"
-TOKENS_PER_S = 100
-HOLD_TOKENS = 3000  # 30 s of generation: far longer than any test keeps a holder open
+TOKENS_PER_S = 100  # a holder (HOLD_TOKENS) generates for 30 s
 LOAD = "/api/v1/models/load"
 UNLOAD = "/api/v1/models/unload"
 GB = 1_000_000_000
@@ -71,26 +77,7 @@ def managed(tmp: Path, *gate_args: str, sim: tuple[str, ...] = (), load_s: float
         yield simulator, gate
 
 
-def box_name(proc: Process) -> str:
-    """The name lmgate gives a box given as a URL: host:port."""
-    return f"127.0.0.1:{proc.port}"
-
-
 # -- requests ----------------------------------------------------------------------------
-def nonce() -> str:
-    return uuid.uuid4().hex[:8]
-
-
-def chat_body(model: str, text: str, max_tokens: int) -> dict[str, Any]:
-    return {"model": model, "max_tokens": max_tokens,
-            "messages": [{"role": "user", "content": text}]}
-
-
-def sdk(gate: Process) -> openai.OpenAI:
-    return openai.OpenAI(base_url=gate.url + "/v1", api_key="sk-open-access", max_retries=0,
-                         timeout=30)
-
-
 def complete(client: openai.OpenAI, body: dict[str, Any]) -> tuple[str, str]:
     """One chat completion through the SDK: (X-Queue-Position, assistant text)."""
     raw = client.chat.completions.with_raw_response.create(**body)
@@ -108,44 +95,9 @@ def stream_via_sdk(client: openai.OpenAI, body: dict[str, Any]) -> tuple[str, st
     return raw.headers["x-queue-position"], "".join(text)
 
 
-def hold(gate: Process, model: str, text: str) -> Raw:
-    """A long stream that runs at once (position 0) and has begun generating."""
-    conn = stream_open(gate, chat_body(model, text, HOLD_TOKENS))
-    try:
-        assert conn.status == 200, conn.body
-        assert conn.headers["x-queue-position"] == "0", conn.headers
-        assert started(conn), conn.body
-    except BaseException:
-        conn.close()
-        raise
-    return conn
-
-
-def assert_complete_stream(conn: Raw, body: dict[str, Any]) -> None:
-    """The stream ended normally: the whole reply, [DONE], no error event."""
-    events = sse_data(conn.lines())
-    assert conn.complete, conn.body[-500:]
-    assert events and events[-1] == "[DONE]", conn.body[-500:]
-    assert not [e for e in events if isinstance(e, dict) and "error" in e], events
-    assert stream_text(conn) == expected_reply(body)
-
-
 # -- lmgate's and the simulator's views ----------------------------------------------------
-def queue(gate: Process) -> dict[str, Any]:
-    resp = httpx.get(gate.url + "/queue", timeout=5)
-    assert resp.status_code == 200, resp.text
-    return resp.json()
-
-
 def box_view(gate: Process) -> dict[str, Any]:
     return queue(gate)["upstreams"][0]
-
-
-def wait_idle(gate: Process, timeout: float = 15) -> None:
-    def idle() -> bool:
-        q = queue(gate)
-        return q["active"] == 0 and q["depth"] == 0
-    wait_until(idle, timeout, "lmgate to be idle (active 0, depth 0)", interval=0.05)
 
 
 def wait_depth(gate: Process, depth: int, timeout: float = 10) -> None:
@@ -163,12 +115,6 @@ def loaded_instances(sim: Process) -> dict[str, dict[str, Any]]:
     return {i["id"]: i for i in sim_stats(sim)["instances"] if i["state"] == "loaded"}
 
 
-def generations(sim: Process, tag: str) -> list[dict[str, Any]]:
-    """The simulator's generations whose user text carries ``tag``, in start order."""
-    gens = [g for g in sim_stats(sim)["log"] if tag in (g["user"] or "")]
-    return sorted(gens, key=lambda g: g["started"])
-
-
 def overlap(gens: list[dict[str, Any]]) -> int:
     """The largest number of these generations that ran at the same moment."""
     edges = sorted([(g["started"], 1) for g in gens] + [(g["ended"], -1) for g in gens],
@@ -180,12 +126,6 @@ def overlap(gens: list[dict[str, Any]]) -> int:
     return most
 
 
-def samples(gate: Process, name: str) -> list[Any]:
-    text = httpx.get(gate.url + "/metrics", timeout=5).text
-    return [s for family in text_string_to_metric_families(text) for s in family.samples
-            if s.name == name]
-
-
 # == 1: alternating models are loaded explicitly, never just in time ======================
 @pytest.mark.parametrize(("max_loaded", "loads", "unloads"), [(1, 6, 5), (2, 2, 0)])
 def test_alternating_models_are_loaded_through_the_api_never_just_in_time(
@@ -195,7 +135,7 @@ def test_alternating_models_are_loaded_through_the_api_never_just_in_time(
         view = box_view(gate)
         assert view["load_mode"] == "managed", view  # auto, and the box has the REST API v1
         assert view["error"] is None
-        bodies = [chat_body(M1 if i % 2 == 0 else M2, f"turn {i} {tag}", 4) for i in range(6)]
+        bodies = [chat_body(f"turn {i} {tag}", 4, model=M1 if i % 2 == 0 else M2) for i in range(6)]
         with sdk(gate) as client:
             for body in bodies:
                 position, text = complete(client, body)
@@ -227,12 +167,12 @@ def test_a_running_stream_is_never_cut_the_other_model_loads_after_it_ends(
         tmp_path: Path) -> None:
     tag = nonce()
     with managed(tmp_path, "--max-loaded", "1", sim=("--preload", M1)) as (sim, gate):
-        a_body = chat_body(M1, f"long a {tag}", 250)  # 2.5 s of generation
+        a_body = chat_body(f"long a {tag}", 250, model=M1)  # 2.5 s of generation
         a = stream_open(gate, a_body)
         try:
             assert a.headers["x-queue-position"] == "0"
             assert started(a)
-            b_bodies = [chat_body(M2, f"b{i} {tag}", 5) for i in range(2)]
+            b_bodies = [chat_body(f"b{i} {tag}", 5, model=M2) for i in range(2)]
             with sdk(gate) as client, ThreadPoolExecutor(2) as pool:
                 waiting = [pool.submit(complete, client, b) for b in b_bodies]
                 wait_depth(gate, 2)
@@ -274,7 +214,7 @@ def test_the_memory_budget_holds_and_the_least_recently_used_model_is_unloaded(
         # M1 is used again after M2 was loaded: when M3 needs room, M2 (not M1, the first
         # loaded) is the least recently used
         order = [M1, M2, M1, M3, M2, M3, M1]
-        bodies = [chat_body(m, f"rot {i} {tag}", 3) for i, m in enumerate(order)]
+        bodies = [chat_body(f"rot {i} {tag}", 3, model=m) for i, m in enumerate(order)]
         with sdk(gate) as client:
             for body in bodies:
                 position, text = complete(client, body)
@@ -297,7 +237,7 @@ def test_without_parallel_the_reported_slots_let_same_model_streams_overlap(
     with managed(tmp_path, sim=("--preload", M1), max_concurrent=3) as (sim, gate):
         view = box_view(gate)
         assert view["slots"] == {M1: 3}, view
-        bodies = [chat_body(M1, f"par {i} {tag}", 250) for i in range(3)]  # 2.5 s each
+        bodies = [chat_body(f"par {i} {tag}", 150, model=M1) for i in range(3)]  # 1.5 s each
         conns = [stream_open(gate, b) for b in bodies]
         try:
             assert [c.headers["x-queue-position"] for c in conns] == ["0", "0", "0"]
@@ -320,7 +260,7 @@ def test_after_its_own_load_lmgate_uses_the_parallel_lm_studio_reports(tmp_path:
     tag = nonce()
     with managed(tmp_path, sim=("--preload", M1), max_concurrent=3) as (sim, gate):
         assert box_view(gate)["slots"] == {M1: 3}
-        bodies = [chat_body(M2, f"fresh {i} {tag}", 200) for i in range(3)]  # 2 s each
+        bodies = [chat_body(f"fresh {i} {tag}", 200, model=M2) for i in range(3)]  # 2 s each
         conns: list[Raw] = []
         try:
             for body in bodies:
@@ -349,13 +289,13 @@ def test_with_parallel_1_given_same_model_streams_run_one_at_a_time(tmp_path: Pa
     with managed(tmp_path, "--parallel", "1", sim=("--preload", M1), max_concurrent=3) as (sim, gate):
         view = box_view(gate)
         assert view["parallel"] == 1 and view["slots"].get(M1, view["parallel"]) == 1, view
-        # a holder that ends by itself (3 s), so that the simulator's count of running
+        # a holder that ends by itself (2 s), so that the simulator's count of running
         # generations is exact (a holder cut by closing ends there a moment later)
-        holder_body = chat_body(M1, f"holder {tag}", 300)
+        holder_body = chat_body(f"holder {tag}", 200, model=M1)
         holder = stream_open(gate, holder_body)
         try:
             assert holder.headers["x-queue-position"] == "0" and started(holder)
-            bodies = [chat_body(M1, f"one {i} {tag}", 30) for i in range(3)]
+            bodies = [chat_body(f"one {i} {tag}", 30, model=M1) for i in range(3)]
             with sdk(gate) as client, ThreadPoolExecutor(3) as pool:
                 futures = []
                 for i, body in enumerate(bodies):  # each behind the holder, in this order
@@ -387,12 +327,12 @@ def test_a_failed_load_fails_every_request_that_waited_for_it_and_frees_the_gate
         holder = hold(gate, M1, f"holder {tag}")
         stream = None
         try:
-            stream = stream_open(gate, chat_body(M2, f"s {tag}", 5))
+            stream = stream_open(gate, chat_body(f"s {tag}", 5, model=M2))
             assert stream.status == 200 and stream.headers["x-queue-position"] == "1"
             with sdk(gate) as client, ThreadPoolExecutor(2) as pool:
                 def plain(i: int) -> tuple[float, openai.APIStatusError | None]:
                     try:
-                        client.chat.completions.create(**chat_body(M2, f"p{i} {tag}", 5))
+                        client.chat.completions.create(**chat_body(f"p{i} {tag}", 5, model=M2))
                     except openai.APIStatusError as exc:
                         return time.monotonic(), exc
                     return time.monotonic(), None
@@ -429,10 +369,10 @@ def test_a_failed_load_fails_every_request_that_waited_for_it_and_frees_the_gate
         # the gate is free and the box usable
         wait_idle(gate, timeout=5)
         assert box_view(gate)["loading"] == []
-        body = chat_body(M1, f"after {tag}", 4)
+        body = chat_body(f"after {tag}", 4, model=M1)
         with sdk(gate) as client:
             assert complete(client, body)[1] == expected_reply(body)
-        assert httpx.get(gate.url + "/readyz", timeout=5).status_code == 200
+        assert gate.http.get("/readyz").status_code == 200
 
 
 # == 6: a load is visible: to the stream waiting for it, on /queue, in the metrics ========
@@ -441,7 +381,7 @@ def test_a_load_is_announced_to_the_waiting_stream_shown_on_queue_and_timed(
     tag = nonce()
     with managed(tmp_path, sim=("--preload", M1), load_s=2.0) as (sim, gate):
         holder = hold(gate, M1, f"holder {tag}")
-        body = chat_body(M2, f"after load {tag}", 5)
+        body = chat_body(f"after load {tag}", 5, model=M2)
         conn = None
         try:
             conn = stream_open(gate, body)
@@ -494,7 +434,7 @@ ttl = 30
     tag = nonce()
     with managed(tmp_path, "--config", str(config), max_concurrent=4) as (sim, gate):
         assert box_view(gate)["slots"] == {M1: 2}
-        bodies = [chat_body(M1, f"cfg {i} {tag}", 100) for i in range(3)]  # 1 s each
+        bodies = [chat_body(f"cfg {i} {tag}", 100, model=M1) for i in range(3)]  # 1 s each
         with sdk(gate) as client, ThreadPoolExecutor(3) as pool:
             results = list(pool.map(lambda b: complete(client, b), bodies))
         for body, (_, text) in zip(bodies, results):
@@ -508,7 +448,7 @@ ttl = 30
         assert inst["config"]["flash_attention"] is False
         assert inst["config"]["eval_batch_size"] == 256
         assert inst["parallel"] == 4  # LM Studio's own, not lmgate's 2
-        listed = httpx.get(sim.url + "/api/v1/models", timeout=5).json()["models"]
+        listed = sim.http.get("/api/v1/models").json()["models"]
         (entry,) = [m for m in listed if m["key"] == M1]
         assert [i["config"]["context_length"] for i in entry["loaded_instances"]] == [8192]
         # lmgate's 2 slots held, though the instance takes 4
@@ -524,7 +464,7 @@ def test_a_model_with_a_ttl_is_unloaded_after_that_many_idle_seconds(tmp_path: P
     tag = nonce()
     with managed(tmp_path, "--config", str(config), "--probe-interval", "0.2") as (sim, gate):
         # a request that runs longer than the ttl: the idle time starts when it ends
-        body = chat_body(M1, f"ttl {tag}", 200)  # 2 s of generation
+        body = chat_body(f"ttl {tag}", 200, model=M1)  # 2 s of generation
         with sdk(gate) as client:
             assert complete(client, body)[1] == expected_reply(body)
         wait_until(lambda: sim_stats(sim)["unloads"] == 1, 10, "lmgate to unload the idle model")
@@ -545,7 +485,7 @@ def test_jit_mode_leaves_loading_to_lm_studio(tmp_path: Path) -> None:
         assert box_view(gate)["load_mode"] == "jit"
         with sdk(gate) as client:
             for i, model in enumerate([M1, M2, M1]):
-                body = chat_body(model, f"jit {i} {tag}", 3)
+                body = chat_body(f"jit {i} {tag}", 3, model=model)
                 assert complete(client, body)[1] == expected_reply(body)
         stats = sim_stats(sim)
         assert stats["jit_loads"] == 3 and stats["api_loads"] == 0, stats
@@ -560,7 +500,7 @@ def test_managed_mode_in_front_of_a_box_without_the_rest_api_says_why_and_fails_
         gate = start_lmgate(tmp_path, plain.url, "--load-mode", "managed", "--log-level", "warning")
         try:
             name = f"127.0.0.1:{plain.port}"
-            ready = httpx.get(gate.url + "/readyz", timeout=5)
+            ready = gate.http.get("/readyz")
             assert ready.status_code == 503, ready.text
             errors = ready.json()["errors"]
             assert list(errors) == [name], errors
@@ -569,12 +509,11 @@ def test_managed_mode_in_front_of_a_box_without_the_rest_api_says_why_and_fails_
             assert view["load_mode"] == "error" and view["error"] == errors[name]
             t0 = time.monotonic()
             with sdk(gate) as client, pytest.raises(openai.APIStatusError) as caught:
-                client.chat.completions.create(**chat_body(M1, "anyone there?", 3))
+                client.chat.completions.create(**chat_body("anyone there?", 3, model=M1))
             assert time.monotonic() - t0 < 5
             assert caught.value.status_code == 502
             assert name in caught.value.message and errors[name] in caught.value.message
-            resp = httpx.post(gate.url + "/v1/chat/completions",
-                              json=chat_body(M1, "again", 3), timeout=10)
+            resp = gate.http.post("/v1/chat/completions", json=chat_body("again", 3, model=M1))
             assert resp.status_code == 502 and error_of(resp)["type"] == "upstream_error"
             # nothing was forwarded, and no load or unload was tried on the plain box
             assert ("POST", "/v1/chat/completions") not in plain.paths

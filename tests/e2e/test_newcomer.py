@@ -8,6 +8,7 @@ import os
 import resource
 import subprocess
 import sys
+import tempfile
 import threading
 from pathlib import Path
 
@@ -21,8 +22,11 @@ pytestmark = pytest.mark.timeout(120)
 
 
 def clean_env(**extra: str) -> dict[str, str]:
+    """The environment without lmgate's settings, and with a data directory of its own (the
+    state database goes there by default)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("LMGATE_") and k != "STATE_DIRECTORY"}
-    return {**env, "PYTHONUNBUFFERED": "1", **extra}
+    private = tempfile.mkdtemp(prefix="lmgate-data-")
+    return {**env, "PYTHONUNBUFFERED": "1", "XDG_DATA_HOME": private, **extra}
 
 
 def lmgate(*args: str, env: dict[str, str] | None = None, timeout: float = 30) -> subprocess.CompletedProcess[str]:

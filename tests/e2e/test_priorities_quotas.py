@@ -20,23 +20,34 @@ import subprocess
 import sys
 import threading
 import time
-import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
 import httpx
-import openai
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from proxy.simulator import expected_reply
-from tests.e2e.hostile import Raw, error_of, sim_stats, stream_open, wait_gate_idle, wait_until
+from tests.e2e.helpers import (
+    MODEL,
+    Raw,
+    bearer,
+    chat_body,
+    error_of,
+    generations,
+    nonce,
+    read_stream,
+    samples,
+    sdk,
+    stream_open,
+    stream_text,
+    wait_idle,
+    wait_until,
+)
 from tests.servers import ROOT, Process, free_port, start_lmgate, start_simulator
 
-MODEL = "qwen2.5-7b-instruct"
 TOKENS_PER_S = 200
 HOLD_TOKENS = 4000  # 20 s of generation: far longer than any test keeps a holder open
 KEYS = {
@@ -135,36 +146,23 @@ def running(base: Path, sim: Process, state_dir: Path, *extra: str) -> Iterator[
 
 @pytest.fixture(scope="module")
 def qgate(base: Path, sim: Process) -> Iterator[Process]:
-    """One lmgate for the quota tests that need no restart."""
+    """One lmgate for the tests that need neither a restart nor flags of their own."""
     with running(base, sim, base / "state-shared") as proc:
         yield proc
 
 
 # -- helpers -----------------------------------------------------------------------------
-def bearer(name: str) -> dict[str, str]:
-    return {"authorization": f"Bearer {KEYS[name]}"}
-
-
-def chat_body(content: str, max_tokens: int, **extra: Any) -> dict[str, Any]:
-    return {"model": MODEL, "max_tokens": max_tokens,
-            "messages": [{"role": "user", "content": content}], **extra}
-
-
 def tokens_of(body: dict[str, Any]) -> int:
     """total_tokens the simulator reports for a chat body: words in, max_tokens out."""
     return sum(len(m["content"].split()) for m in body["messages"]) + body["max_tokens"]
-
-
-def nonce() -> str:
-    return uuid.uuid4().hex[:8]
 
 
 @contextlib.contextmanager
 def holding(gate: Process, *, text: str = "hold the gate") -> Iterator[Raw]:
     """A long running stream of the holder key: the gate (--parallel 1) is busy until the
     block ends or the connection is closed."""
-    wait_gate_idle(gate)
-    conn = stream_open(gate, chat_body(text, HOLD_TOKENS), headers=bearer("holder"))
+    wait_idle(gate)
+    conn = stream_open(gate, chat_body(text, HOLD_TOKENS), headers=bearer(KEYS["holder"]))
     try:
         assert conn.status == 200 and conn.headers["x-queue-position"] == "0"
         yield conn
@@ -173,7 +171,7 @@ def holding(gate: Process, *, text: str = "hold the gate") -> Iterator[Raw]:
 
 
 def post_chat(gate: Process, who: str, body: dict[str, Any]) -> httpx.Response:
-    return httpx.post(gate.url + "/v1/chat/completions", json=body, headers=bearer(who), timeout=30)
+    return gate.http.post("/v1/chat/completions", json=body, headers=bearer(KEYS[who]), timeout=30)
 
 
 def assert_served_in_full(resp: httpx.Response, body: dict[str, Any]) -> None:
@@ -185,7 +183,7 @@ def assert_served_in_full(resp: httpx.Response, body: dict[str, Any]) -> None:
 
 
 def usage(gate: Process, who: str | None) -> dict[str, Any]:
-    resp = httpx.get(gate.url + "/usage", headers=bearer(who) if who else {}, timeout=5)
+    resp = gate.http.get("/usage", headers=bearer(KEYS[who]) if who else {})
     assert resp.status_code == 200, resp.text
     return resp.json()
 
@@ -195,23 +193,15 @@ def used(gate: Process, who: str) -> int:
 
 
 def admin_queue(gate: Process) -> dict[str, Any]:
-    resp = httpx.get(gate.url + "/queue", headers=bearer("admin"), timeout=5)
+    resp = gate.http.get("/queue", headers=bearer(KEYS["admin"]))
     assert resp.status_code == 200, resp.text
     return resp.json()
 
 
-def generations(sim: Process, tag: str) -> list[dict[str, Any]]:
-    """The simulator's generations whose user text contains ``tag``, in arrival order."""
-    return [g for g in sim_stats(sim)["log"] if tag in (g["user"] or "")]
-
-
 def metric(gate: Process, sample: str, **labels: str) -> float | None:
-    resp = httpx.get(gate.url + "/metrics", headers=bearer("admin"), timeout=5)
-    assert resp.status_code == 200, resp.text
-    for family in text_string_to_metric_families(resp.text):
-        for s in family.samples:
-            if s.name == sample and all(s.labels.get(k) == v for k, v in labels.items()):
-                return float(s.value)
+    for s in samples(gate, sample, bearer(KEYS["admin"])):
+        if all(s.labels.get(k) == v for k, v in labels.items()):
+            return float(s.value)
     return None
 
 
@@ -248,12 +238,12 @@ def refused_now(gate: Process, who: str, body: dict[str, Any]) -> tuple[httpx.Re
 
 
 # -- priorities --------------------------------------------------------------------------
-def test_a_higher_priority_goes_ahead_of_earlier_low_ones(base: Path, sim: Process) -> None:
-    tag = nonce()
-    with running(base, sim, base / "state-prio") as gate, holding(gate) as holder, \
-            stream_open(gate, chat_body(f"low-one {tag}", 5), headers=bearer("low")) as low1, \
-            stream_open(gate, chat_body(f"low-two {tag}", 5), headers=bearer("low")) as low2, \
-            stream_open(gate, chat_body(f"vip {tag}", 5), headers=bearer("vip")) as vip:
+def test_a_higher_priority_goes_ahead_of_earlier_low_ones(sim: Process, qgate: Process) -> None:
+    tag, gate = nonce(), qgate
+    with holding(gate) as holder, \
+            stream_open(gate, chat_body(f"low-one {tag}", 5), headers=bearer(KEYS["low"])) as low1, \
+            stream_open(gate, chat_body(f"low-two {tag}", 5), headers=bearer(KEYS["low"])) as low2, \
+            stream_open(gate, chat_body(f"vip {tag}", 5), headers=bearer(KEYS["vip"])) as vip:
         assert [c.headers["x-queue-position"] for c in (low1, low2, vip)] == ["1", "2", "1"]
         waiting = admin_queue(gate)["waiting"]
         assert [(w["request_id"], w["priority"], w["position"]) for w in waiting] == [
@@ -268,7 +258,7 @@ def test_a_higher_priority_goes_ahead_of_earlier_low_ones(base: Path, sim: Proce
         for name, conn in (("vip", vip), ("low-one", low1), ("low-two", low2)):
             conn.read_all(timeout=15)
             assert conn.complete, name
-            texts[name] = content_of(conn)
+            texts[name] = stream_text(conn)
         started = [g["user"] for g in generations(sim, tag)]
     assert started == [f"vip {tag}", f"low-one {tag}", f"low-two {tag}"]
     assert texts == {name: expected_reply(chat_body(f"{name} {tag}", 5)) for name in texts}
@@ -278,14 +268,14 @@ def test_after_max_priority_wait_a_low_request_is_not_overtaken(base: Path, sim:
     tag = nonce()
     with running(base, sim, base / "state-aging", "--max-priority-wait", "1") as gate, \
             holding(gate) as holder, \
-            stream_open(gate, chat_body(f"patient {tag}", 5), headers=bearer("low")) as low:
+            stream_open(gate, chat_body(f"patient {tag}", 5), headers=bearer(KEYS["low"])) as low:
         assert low.headers["x-queue-position"] == "1"
 
         def aged() -> bool:
             waiting = admin_queue(gate)["waiting"]
             return bool(waiting) and waiting[0]["waited_s"] >= 1.5
         wait_until(aged, 10, "the low request to wait past --max-priority-wait", interval=0.1)
-        with stream_open(gate, chat_body(f"late vip {tag}", 5), headers=bearer("vip")) as vip:
+        with stream_open(gate, chat_body(f"late vip {tag}", 5), headers=bearer(KEYS["vip"])) as vip:
             assert vip.headers["x-queue-position"] == "2"
             waiting = admin_queue(gate)["waiting"]
             assert [(w["request_id"], w["priority"]) for w in waiting] == [
@@ -294,18 +284,9 @@ def test_after_max_priority_wait_a_low_request_is_not_overtaken(base: Path, sim:
             low.read_all(timeout=15)
             vip.read_all(timeout=15)
             assert low.complete and vip.complete
-            assert content_of(low) == expected_reply(chat_body(f"patient {tag}", 5))
+            assert stream_text(low) == expected_reply(chat_body(f"patient {tag}", 5))
         started = [g["user"] for g in generations(sim, tag)]
     assert started == [f"patient {tag}", f"late vip {tag}"]
-
-
-def content_of(conn: Raw) -> str:
-    out = []
-    for line in conn.lines():
-        if line.startswith("data: ") and line != "data: [DONE]":
-            for choice in json.loads(line[6:]).get("choices") or []:
-                out.append((choice.get("delta") or {}).get("content") or "")
-    return "".join(out)
 
 
 # -- quotas across a restart -------------------------------------------------------------
@@ -362,7 +343,7 @@ def test_a_quota_is_used_up_refused_until_the_reset_and_survives_a_restart(base:
         assert everyone["monthly"]["month"] == {"used": tokens_of(monthly), "limit": MONTHLY_LIMIT,
                                                 "resets_at": utc_iso(next_month(time.time()))}
         assert everyone["spare"]["day"]["used"] == tokens_of(spare_before) + tokens_of(spare)
-        anonymous = httpx.get(again.url + "/usage", timeout=5)
+        anonymous = again.http.get("/usage")
         assert anonymous.status_code == 401
         error_of(anonymous)
         assert metric(again, "lmgate_rejections_total", reason="insufficient_quota") == 2
@@ -400,9 +381,8 @@ def test_concurrent_requests_racing_the_last_tokens_are_served_in_full(sim: Proc
     barrier = threading.Barrier(RACERS)
 
     def race(body: dict[str, Any]) -> httpx.Response:
-        with httpx.Client(timeout=30) as client:
-            barrier.wait(timeout=10)
-            return client.post(qgate.url + "/v1/chat/completions", json=body, headers=bearer("racer"))
+        barrier.wait(timeout=10)
+        return qgate.http.post("/v1/chat/completions", json=body, headers=bearer(KEYS["racer"]), timeout=30)
 
     with holding(qgate) as holder, ThreadPoolExecutor(RACERS) as pool:
         futures = [pool.submit(race, body) for body in bodies]
@@ -429,17 +409,6 @@ def test_concurrent_requests_racing_the_last_tokens_are_served_in_full(sim: Proc
 
 
 # -- streams of a quota key --------------------------------------------------------------
-def stream_lines(url: str, body: dict[str, Any], headers: dict[str, str],
-                 on_head: Callable[[httpx.Response], None] | None = None) -> list[str]:
-    """Every line of a 200 stream; ``on_head`` runs once the response head is in."""
-    with httpx.Client(timeout=20) as client, client.stream(
-            "POST", url + "/v1/chat/completions", json=body, headers=headers) as resp:
-        assert resp.status_code == 200, resp.read()
-        if on_head is not None:
-            on_head(resp)
-        return list(resp.iter_lines())
-
-
 def payloads(lines: list[str]) -> list[Any]:
     """The data payloads, without the simulator's per-generation id and timestamp."""
     out: list[Any] = []
@@ -458,15 +427,15 @@ def test_a_quota_stream_is_counted_without_showing_the_usage_chunk(sim: Process,
     body = chat_body(f"stream {tag} please", 9, stream=True)
     # what the simulator reports for this body when asked
     asked = {**body, "stream_options": {"include_usage": True}}
-    reported = [d for d in payloads(stream_lines(sim.url, asked, {})) if isinstance(d, dict) and "usage" in d]
+    reported = [d for d in payloads(read_stream(sim, asked)[1]) if isinstance(d, dict) and "usage" in d]
     assert len(reported) == 1
     total = reported[0]["usage"]["total_tokens"]
     assert total == tokens_of(body)
 
-    direct = stream_lines(sim.url, body, {})
+    _, direct = read_stream(sim, body)
     for variant in (body, {**body, "stream_options": {"include_usage": False}}):
         before = used(qgate, "streamer")
-        lines = stream_lines(qgate.url, variant, bearer("streamer"))
+        _, lines = read_stream(qgate, variant, bearer(KEYS["streamer"]))
         assert not any('"usage"' in line for line in lines)
         assert all(line == "" or line.startswith(("data: ", ": queue_")) for line in lines), lines
         assert payloads(lines) == payloads(direct)  # exactly what a direct request gives
@@ -478,11 +447,11 @@ def test_a_waiting_quota_stream_with_feedback_is_counted_and_shows_no_usage(sim:
     """lmgate's waiting chunks first, then exactly the upstream's events without the usage
     chunk lmgate asked for; the tokens counted all the same."""
     body = chat_body(f"wait and count {nonce()}", 8, stream=True)
-    direct = stream_lines(sim.url, body, {})
+    _, direct = read_stream(sim, body)
     before = used(qgate, "streamer")
     with holding(qgate) as holder:
-        lines = stream_lines(qgate.url, body, {**bearer("streamer"), "X-Queue-Feedback": "reasoning"},
-                             on_head=lambda resp: holder.close())
+        _, lines = read_stream(qgate, body, {**bearer(KEYS["streamer"]), "X-Queue-Feedback": "reasoning"},
+                               on_head=lambda resp: holder.close())
     docs = payloads(lines)
     waiting = [d for d in docs if isinstance(d, dict) and "reasoning_content" in d["choices"][0]["delta"]]
     assert waiting, lines
@@ -501,7 +470,7 @@ def test_a_quota_stream_with_stream_options_null_is_counted_in_full(qgate: Proce
     upstream's total_tokens, prompt included."""
     body = chat_body(f"null options {nonce()}", 9, stream=True, stream_options=None)
     before = used(qgate, "streamer")
-    lines = stream_lines(qgate.url, body, bearer("streamer"))
+    _, lines = read_stream(qgate, body, bearer(KEYS["streamer"]))
     assert not any('"usage"' in line for line in lines)
     text = "".join(d["choices"][0]["delta"].get("content") or "" for d in payloads(lines)
                    if isinstance(d, dict) and d["choices"])
@@ -513,7 +482,7 @@ def test_a_quota_stream_that_asked_for_usage_gets_it(qgate: Process) -> None:
     tag = nonce()
     body = chat_body(f"usage for {tag} too", 7)
     before = used(qgate, "streamer")
-    client = openai.OpenAI(base_url=qgate.url + "/v1", api_key=KEYS["streamer"], max_retries=0, timeout=20)
+    client = sdk(qgate, KEYS["streamer"], timeout=20)
     try:
         chunks = list(client.chat.completions.create(stream=True, stream_options={"include_usage": True},
                                                      **body))
@@ -537,7 +506,7 @@ def test_metrics_agree_with_usage(qgate: Process) -> None:
     else:
         raise AssertionError("the racer key was never refused")
     assert error_of(resp)["code"] == "insufficient_quota"
-    wait_gate_idle(qgate)
+    wait_idle(qgate)
     reports = usage(qgate, "admin")["keys"]
     counted = {r["key"]: r["day"]["used"] for r in reports}
     assert counted["racer"] >= RACER_PER_DAY
@@ -555,10 +524,10 @@ def test_usage_views(qgate: Process) -> None:
     assert mine["month"]["resets_at"] in {utc_iso(next_month(now - 5)), utc_iso(next_month(now))}
     # a user key sees its own only, even when it has no quota
     assert usage(qgate, "low")["key"] == "low"
-    resp = httpx.get(qgate.url + "/usage", timeout=5)
+    resp = qgate.http.get("/usage")
     assert resp.status_code == 401
     assert error_of(resp)["type"]
-    resp = httpx.get(qgate.url + "/usage", headers={"authorization": "Bearer sk-not-a-key-0000"}, timeout=5)
+    resp = qgate.http.get("/usage", headers={"authorization": "Bearer sk-not-a-key-0000"})
     assert resp.status_code == 401
 
 
@@ -571,12 +540,13 @@ def test_a_second_lmgate_on_the_same_state_dir_exits_2(base: Path, sim: Process,
     assert len(lines) == 1 and "another lmgate process" in lines[0], result.stderr
     assert result.stdout == ""
     # the first one goes on as before
-    assert httpx.get(qgate.url + "/healthz", timeout=5).status_code == 200
+    assert qgate.http.get("/healthz").status_code == 200
     assert usage(qgate, "streamer")["key"] == "streamer"
 
 
 @pytest.mark.skipif(os.name == "nt", reason="the state directory's lock is an flock here")
-def test_the_state_dir_is_never_free_between_the_check_and_serving(base: Path, sim: Process) -> None:
+def test_the_state_dir_is_never_free_between_the_check_and_serving(base: Path, sim: Process,
+                                                                   http: httpx.Client) -> None:
     """lmgate checks at start that no other process uses its --state-dir and refuses with one
     line (status 2). The check must hold: another process that takes the state directory at
     any moment of the start-up (here the test itself, through the same lock file lmgate uses)
@@ -598,7 +568,7 @@ def test_the_state_dir_is_never_free_between_the_check_and_serving(base: Path, s
         # in a thread: the port is bound before lmgate serves, so a probe may wait a while
         while not stop.is_set() and proc.poll() is None:
             try:
-                if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1).status_code == 200:
+                if http.get(f"http://127.0.0.1:{port}/healthz", timeout=1).status_code == 200:
                     serving.set()
                     return
             except httpx.HTTPError:

@@ -24,7 +24,8 @@ import pytest
 
 from proxy.simulator import DEFAULT_MODELS, expected_reply  # noqa: E402
 from tests.dashboard_exprs import dashboard_exprs
-from tests.servers import Process, free_port, require_program, start_lmgate, start_simulator
+from tests.e2e.helpers import bearer, sdk, wait_until
+from tests.servers import Process, free_port, plain_client, require_program, start_lmgate, start_simulator
 
 MODEL_A, MODEL_B, EMBED = DEFAULT_MODELS
 USER_KEY = "sk-team-prom-0001"
@@ -65,28 +66,29 @@ class Prometheus:
             encoding="utf-8")
         self.log_path = tmp / "prometheus.log"
         self._log = self.log_path.open("wb")
+        self._terminated = False
         self.proc = subprocess.Popen(
             [binary, f"--config.file={config}", f"--storage.tsdb.path={tmp / 'tsdb'}",
              f"--web.listen-address=127.0.0.1:{self.port}", "--log.level=warn"],
             stdout=self._log, stderr=subprocess.STDOUT, cwd=tmp)
-        self.http = httpx.Client(base_url=self.url, timeout=5, trust_env=False)
+        self.http = plain_client(5, base_url=self.url)
 
     def output(self) -> str:
         self._log.flush()
         return self.log_path.read_text(errors="replace")
 
-    def wait_ready(self, timeout_s: float = 20.0) -> None:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
+    def wait_ready(self, timeout_s: float = 30.0) -> None:
+        def ready() -> bool:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"prometheus exited ({self.proc.returncode}):\n{self.output()}")
             try:
-                if self.http.get("/-/ready").status_code == 200:
-                    return
+                return self.http.get("/-/ready").status_code == 200
             except httpx.HTTPError:
-                pass
-            time.sleep(0.1)
-        raise RuntimeError(f"prometheus not ready in {timeout_s} s:\n{self.output()}")
+                return False
+        try:
+            wait_until(ready, timeout_s, "prometheus to be ready", interval=0.1)
+        except AssertionError as exc:
+            raise RuntimeError(f"{exc}:\n{self.output()}") from None
 
     def query(self, expr: str, at: float | None = None) -> dict[str, Any]:
         params = {"query": expr}
@@ -100,24 +102,22 @@ class Prometheus:
         assert doc["status"] == "success", (expr, doc)
         return [float(s["value"][1]) for s in doc["data"]["result"]]
 
+    def terminate(self) -> None:
+        """Ask it to stop (SIGTERM) without waiting; ``stop`` waits for it."""
+        if self.proc.poll() is None and not self._terminated:
+            self._terminated = True
+            self.proc.terminate()
+
     def stop(self) -> None:
         self.http.close()
         if self.proc.poll() is None:
-            self.proc.terminate()
+            self.terminate()
             try:
                 self.proc.wait(10)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait(5)
         self._log.close()
-
-
-def wait_for(cond: Callable[[], bool], what: str, timeout_s: float = 15.0, step_s: float = 0.1) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not cond():
-        if time.monotonic() >= deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(step_s)
 
 
 @pytest.fixture
@@ -136,12 +136,14 @@ def stack(tmp_path: Path) -> Iterator[tuple[Process, Process, Prometheus]]:
         started.append(prom)
         prom.wait_ready()
         yield sim, lmgate, prom
-    finally:
+    finally:  # side by side: each asked to stop, then each waited for
+        for proc in reversed(started):
+            proc.terminate()
         for proc in reversed(started):
             proc.stop()
 
 
-def one_wave(client: openai.OpenAI, base_url: str, wave: int) -> None:
+def one_wave(client: openai.OpenAI, gate: Process, wave: int) -> None:
     """Concurrent chats on two models (queueing, model switches), streaming and not,
     an embedding and two bad requests; checks every answer."""
 
@@ -162,12 +164,11 @@ def one_wave(client: openai.OpenAI, base_url: str, wave: int) -> None:
         assert len(resp.data) == 1 and resp.data[0].embedding
 
     def bad() -> None:
-        key = {"authorization": f"Bearer {USER_KEY}"}
-        r = httpx.post(base_url + "/v1/chat/completions", content=b"{oops",
-                       headers={"content-type": "application/json", **key}, trust_env=False)
+        key = bearer(USER_KEY)
+        r = gate.http.post("/v1/chat/completions", content=b"{oops",
+                           headers={"content-type": "application/json", **key})
         assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_json"
-        r = httpx.post(base_url + "/v1/chat/completions", json={"messages": []}, headers=key,
-                       trust_env=False)
+        r = gate.http.post("/v1/chat/completions", json={"messages": []}, headers=key)
         assert r.status_code == 400 and r.json()["error"]["code"] == "missing_model"
 
     jobs: list[Callable[[], None]] = []
@@ -180,10 +181,10 @@ def one_wave(client: openai.OpenAI, base_url: str, wave: int) -> None:
             future.result(30)
 
 
-def lmgate_metric(url: str, name: str) -> float:
+def lmgate_metric(gate: Process, name: str) -> float:
     """The sum of one metric's samples, read straight from lmgate's /metrics."""
     total = 0.0
-    resp = httpx.get(url + "/metrics", headers={"authorization": f"Bearer {METRICS_KEY}"}, trust_env=False)
+    resp = gate.http.get("/metrics", headers=bearer(METRICS_KEY))
     assert resp.status_code == 200, resp.text
     for line in resp.text.splitlines():
         if line.startswith(name + "{") or line.startswith(name + " "):
@@ -198,14 +199,14 @@ def test_dashboard_exprs_against_real_prometheus(stack):
     # it is ready (its discovery manager batches target updates), so the waves overlap that
     # wait and go on until several scrapes saw the traffic moving, plus one more wave: every
     # rate(...[1m]) window then holds 2+ samples with increases between them.
-    client = openai.OpenAI(base_url=lmgate.url + "/v1", api_key=USER_KEY, max_retries=0, timeout=30)
+    client = sdk(lmgate, USER_KEY)
     started = time.monotonic()
     saw_queue = threading.Event()
     stop_watch = threading.Event()
 
     def watch_queue() -> None:  # proof (from lmgate itself) that requests really queued
         while not stop_watch.is_set():
-            if lmgate_metric(lmgate.url, "lmgate_queue_depth") > 0:
+            if lmgate_metric(lmgate, "lmgate_queue_depth") > 0:
                 saw_queue.set()
                 return
             time.sleep(0.02)
@@ -220,9 +221,9 @@ def test_dashboard_exprs_against_real_prometheus(stack):
         while waves < 2 or scrapes_with_traffic() < MIN_SCRAPES:
             assert time.monotonic() - started < TRAFFIC_MAX_S, (
                 f"Prometheus saw too little in {TRAFFIC_MAX_S} s ({waves} waves):\n{prom.output()}")
-            one_wave(client, lmgate.url, waves)
+            one_wave(client, lmgate, waves)
             waves += 1
-        one_wave(client, lmgate.url, waves)
+        one_wave(client, lmgate, waves)
         waves += 1
     finally:
         stop_watch.set()
@@ -232,10 +233,10 @@ def test_dashboard_exprs_against_real_prometheus(stack):
 
     # wait for a scrape that saw all of it
     served = float(waves * 11)  # per wave: 8 chats, 1 embedding, 2 bad requests
-    wait_for(lambda: lmgate_metric(lmgate.url, "lmgate_requests_total") == served,
-             "lmgate to count every request", timeout_s=5)
-    wait_for(lambda: prom.vector("sum(lmgate_requests_total)") == [served],
-             "a scrape after the traffic")
+    wait_until(lambda: lmgate_metric(lmgate, "lmgate_requests_total") == served, 5,
+               "lmgate to count every request", interval=0.1)
+    wait_until(lambda: prom.vector("sum(lmgate_requests_total)") == [served], 15,
+               "a scrape after the traffic", interval=0.1)
     at = time.time()
     samples = prom.vector("min(count_over_time(lmgate_requests_total[1m]))", at)
     assert samples and samples[0] >= MIN_SCRAPES + 1, samples
@@ -276,7 +277,7 @@ def test_dashboard_exprs_against_real_prometheus(stack):
     by_model = by_label("sum by (model) (rate(lmgate_completion_tokens_total[1m]))", "model")
     assert by_model.get(MODEL_A, 0) > 0 and by_model.get(MODEL_B, 0) > 0, by_model
     assert prom.vector("sum(lmgate_completion_tokens_total)", at) == [
-        lmgate_metric(lmgate.url, "lmgate_completion_tokens_total")]
+        lmgate_metric(lmgate, "lmgate_completion_tokens_total")]
     assert prom.vector("max_over_time(sum(lmgate_requests_active)[1m:1s])", at)[0] >= 1
     assert prom.vector("sum(increase(lmgate_model_switches_total[5m]))", at)[0] > 0
     assert prom.vector("lmgate_upstream_up", at) == [1.0]

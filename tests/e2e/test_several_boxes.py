@@ -15,7 +15,6 @@ test closes its connection, so the order of events is decided by the test, not b
 from __future__ import annotations
 
 import contextlib
-import json
 import signal
 import uuid
 from collections.abc import Iterator
@@ -27,16 +26,35 @@ from typing import Any
 import httpx
 import openai
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from proxy.simulator import expected_reply
-from tests.e2e.hostile import Raw, error_of, sim_stats, started, stream_open, stream_text, wait_until
+from tests.e2e.helpers import (
+    HOLD_TOKENS,
+    Raw,
+    assert_complete_stream,
+    bearer,
+    chat_body,
+    error_of,
+    generations,
+    hold,
+    nonce,
+    queue,
+    samples,
+    sdk,
+    sim_requests,
+    sim_reset,
+    sim_stats,
+    started,
+    stream_open,
+    wait_idle,
+    wait_until,
+)
+from tests.e2e.helpers import box_name as name_of
 from tests.e2e.plain_box import PlainBox
-from tests.servers import Process, free_port
+from tests.servers import Process, free_port, stop_all
 
 M1, M2, M3, M4 = "m1-alpha-7b", "m2-shared-8b", "m3-gamma-3b", "m4-nowhere-1b"
-TOKENS_PER_S = 100
-HOLD_TOKENS = 3000  # 30 s of generation: far longer than any test keeps a holder open
+TOKENS_PER_S = 100  # a holder (HOLD_TOKENS) generates for 30 s
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -70,11 +88,6 @@ def kill(proc: Process) -> None:
     proc.stop()  # only closes the log file now
 
 
-def name_of(proc: Process) -> str:
-    """The name lmgate gives a box given as a URL: host:port."""
-    return f"127.0.0.1:{proc.port}"
-
-
 @dataclass
 class Stack:
     gate: Process
@@ -83,29 +96,15 @@ class Stack:
 
 @contextlib.contextmanager
 def stopping(*procs: Process) -> Iterator[list[Process]]:
-    """Stop every process in the list at the end (in reverse), whatever happened."""
+    """Stop every process in the list at the end, whatever happened."""
     out = list(procs)
     try:
         yield out
     finally:
-        for proc in reversed(out):
-            proc.stop()
+        stop_all(reversed(out))
 
 
 # -- requests ----------------------------------------------------------------------------
-def nonce() -> str:
-    return uuid.uuid4().hex[:8]
-
-
-def chat_body(model: str, text: str, max_tokens: int) -> dict[str, Any]:
-    return {"model": model, "max_tokens": max_tokens,
-            "messages": [{"role": "user", "content": text}]}
-
-
-def sdk(gate: Process, key: str = "sk-open-access") -> openai.OpenAI:
-    return openai.OpenAI(base_url=gate.url + "/v1", api_key=key, max_retries=0, timeout=30)
-
-
 def complete(client: openai.OpenAI, body: dict[str, Any]) -> tuple[str, str]:
     """One chat completion through the SDK: (box it ran on, assistant text)."""
     raw = client.chat.completions.with_raw_response.create(**body)
@@ -124,56 +123,13 @@ def stream_via_sdk(client: openai.OpenAI, body: dict[str, Any]) -> tuple[str, st
     return raw.headers["x-upstream"], "".join(text)
 
 
-def hold(gate: Process, model: str, text: str, headers: dict[str, str] | None = None) -> Raw:
-    """A long stream that runs at once (position 0), until its connection is closed."""
-    conn = stream_open(gate, chat_body(model, text, HOLD_TOKENS), headers=headers)
-    try:
-        assert conn.status == 200, conn.body
-        assert conn.headers["x-queue-position"] == "0", conn.headers
-        assert started(conn), conn.body
-    except BaseException:
-        conn.close()
-        raise
-    return conn
-
-
 def comments(conn: Raw) -> list[str]:
     return [line for line in conn.lines() if line.startswith(":")]
 
 
-def data_events(conn: Raw) -> list[Any]:
-    out = []
-    for line in conn.lines():
-        if line.startswith("data:"):
-            payload = line[5:].strip()
-            out.append(payload if payload == "[DONE]" else json.loads(payload))
-    return out
-
-
-def assert_complete_stream(conn: Raw, body: dict[str, Any]) -> None:
-    """The stream ended normally: the whole reply, [DONE], no error event."""
-    events = data_events(conn)
-    assert events and events[-1] == "[DONE]", conn.body[-500:]
-    assert not [e for e in events if isinstance(e, dict) and "error" in e], events
-    assert stream_text(conn) == expected_reply(body)
-
-
 # -- lmgate's views ----------------------------------------------------------------------
-def queue(gate: Process, headers: dict[str, str] | None = None) -> dict[str, Any]:
-    resp = httpx.get(gate.url + "/queue", headers=headers, timeout=5)
-    assert resp.status_code == 200, resp.text
-    return resp.json()
-
-
 def boxes(gate: Process, headers: dict[str, str] | None = None) -> dict[str, dict[str, Any]]:
     return {b["name"]: b for b in queue(gate, headers)["upstreams"]}
-
-
-def wait_idle(gate: Process, headers: dict[str, str] | None = None, timeout: float = 15) -> None:
-    def idle() -> bool:
-        q = queue(gate, headers)
-        return q["active"] == 0 and q["depth"] == 0
-    wait_until(idle, timeout, "lmgate to be idle", interval=0.05)
 
 
 def wait_box_up(gate: Process, name: str, up: bool, headers: dict[str, str] | None = None,
@@ -184,21 +140,9 @@ def wait_box_up(gate: Process, name: str, up: bool, headers: dict[str, str] | No
     return wait_until(check, timeout, f"box {name} up={up}", interval=0.05)
 
 
-def samples(gate: Process, name: str) -> list[Any]:
-    text = httpx.get(gate.url + "/metrics", timeout=5).text
-    return [s for family in text_string_to_metric_families(text) for s in family.samples
-            if s.name == name]
-
-
-def generations(sim: Process, tag: str) -> list[dict[str, Any]]:
-    """The simulator's generations whose user text carries ``tag``."""
-    return [g for g in sim_stats(sim)["log"] if tag in (g["user"] or "")]
-
-
 def chat_posts(sim: Process) -> list[dict[str, Any]]:
     """Every chat completion request the simulator received."""
-    resp = httpx.get(sim.url + "/sim/requests", timeout=5).json()
-    return [r for r in resp["requests"] if r["path"].endswith("/chat/completions")]
+    return [r for r in sim_requests(sim) if r["path"].endswith("/chat/completions")]
 
 
 # == 1-3, 6: two boxes with different catalogs ===========================================
@@ -250,7 +194,7 @@ def test_two_boxes_run_two_streams_at_once_and_a_third_waits_for_the_first_free(
         assert sorted(r["upstream"] for r in q["running"]) == sorted([a_name, b_name])
 
         # a third has to wait: both boxes are full
-        body = chat_body(M2, f"third {tag}", 5)
+        body = chat_body(f"third {tag}", 5, model=M2)
         third = stream_open(gate, body)
         assert third.status == 200
         assert third.headers["x-queue-position"] == "1"
@@ -281,7 +225,7 @@ def test_a_burst_of_mixed_models_never_runs_two_models_on_one_box(two: Stack) ->
     a_name, b_name = list(two.boxes)
     a, b = two.boxes[a_name], two.boxes[b_name]
     models = [M1, M2, M3, M2, M3, M1, M1, M3, M2, M2, M1, M3]
-    bodies = [chat_body(m, f"burst {i} {tag}", 4 + i % 3) for i, m in enumerate(models)]
+    bodies = [chat_body(f"burst {i} {tag}", 4 + i % 3, model=m) for i, m in enumerate(models)]
     with sdk(gate) as client, ThreadPoolExecutor(len(bodies)) as pool:
         results = list(pool.map(lambda body: complete(client, body), bodies))
     for body, (box, text) in zip(bodies, results):
@@ -316,11 +260,11 @@ def test_a_model_no_box_lists_is_refused_at_once_even_with_every_box_busy(two: S
         on_b = held.enter_context(contextlib.closing(hold(gate, M3, f"busy b {tag}")))
         assert (on_a.headers["x-upstream"], on_b.headers["x-upstream"]) == (a_name, b_name)
         with sdk(gate) as client, pytest.raises(openai.NotFoundError) as caught:
-            client.chat.completions.create(**chat_body(M4, f"nowhere {tag}", 3))
+            client.chat.completions.create(**chat_body(f"nowhere {tag}", 3, model=M4))
         assert caught.value.code == "model_not_found"
         assert M4 in caught.value.message
         # and as plain HTTP: OpenAI-shaped, never queued
-        resp = httpx.post(gate.url + "/v1/chat/completions", json=chat_body(M4, "again", 3),
+        resp = gate.http.post("/v1/chat/completions", json=chat_body("again", 3, model=M4),
                           timeout=10)
         assert resp.status_code == 404
         assert error_of(resp)["code"] == "model_not_found"
@@ -339,13 +283,13 @@ def test_a_request_for_another_box_does_not_wait_behind_a_busy_one(two: Stack) -
     waiting = None
     try:
         assert held.headers["x-upstream"] == a_name
-        m1_body = chat_body(M1, f"waits for a {tag}", 4)
+        m1_body = chat_body(f"waits for a {tag}", 4, model=M1)
         waiting = stream_open(gate, m1_body)
         assert waiting.headers["x-queue-position"] == "1"
         wait_until(lambda: queue(gate)["depth"] == 1, 5, "the m1 request to wait")
 
         # m3: only B lists it, B is idle: it starts at once, past the waiting m1
-        m3_body = chat_body(M3, f"straight to b {tag}", 4)
+        m3_body = chat_body(f"straight to b {tag}", 4, model=M3)
         with sdk(gate) as client:
             raw = client.chat.completions.with_raw_response.create(**m3_body)
         assert raw.headers["x-queue-position"] == "0"
@@ -371,7 +315,7 @@ def test_metrics_show_every_box_and_the_boxes_requests_ran_on(two: Stack) -> Non
     used = set()
     with sdk(gate) as client:
         for model in (M1, M3, M2):
-            box, _ = complete(client, chat_body(model, f"metered {tag}", 3))
+            box, _ = complete(client, chat_body(f"metered {tag}", 3, model=model))
             used.add(box)
     assert used == set(two.boxes)
     up = {s.labels["upstream"]: s.value for s in samples(gate, "lmgate_upstream_up")}
@@ -407,13 +351,13 @@ def test_a_killed_box_is_skipped_invisibly_and_comes_back_when_restarted(
         wait_until(lambda: all(v["up"] for v in boxes(gate).values()), 10, "three boxes up")
         tag = nonce()
         with sdk(gate) as client:
-            box, _ = complete(client, chat_body(M2, f"warm {tag}", 3))
+            box, _ = complete(client, chat_body(f"warm {tag}", 3, model=M2))
             assert box == a  # the first box with the model loaded
 
             kill(sims[0])
             # the next request goes to A, is refused, and runs elsewhere: the client sees a
             # normal stream
-            body = chat_body(M2, f"rerouted stream {tag}", 6)
+            body = chat_body(f"rerouted stream {tag}", 6, model=M2)
             box, text = stream_via_sdk(client, body)
             assert box in (b, c) and text == expected_reply(body)
             view = boxes(gate)[a]
@@ -421,11 +365,11 @@ def test_a_killed_box_is_skipped_invisibly_and_comes_back_when_restarted(
             assert {v["name"] for v in boxes(gate).values() if v["up"]} == {b, c}
             down = {s.labels["upstream"]: s.value for s in samples(gate, "lmgate_upstream_up")}
             assert down == {a: 0.0, b: 1.0, c: 1.0}
-            ready = httpx.get(gate.url + "/readyz", timeout=5).json()
+            ready = gate.http.get("/readyz").json()
             assert ready["upstreams"] == {a: False, b: True, c: True}
 
             # more requests, some at once: all served by the two others
-            bodies = [chat_body(M2, f"after the kill {i} {tag}", 3 + i) for i in range(6)]
+            bodies = [chat_body(f"after the kill {i} {tag}", 3 + i, model=M2) for i in range(6)]
             with ThreadPoolExecutor(3) as pool:
                 results = list(pool.map(lambda bd: complete(client, bd), bodies))
             for bd, (box, text) in zip(bodies, results):
@@ -436,8 +380,8 @@ def test_a_killed_box_is_skipped_invisibly_and_comes_back_when_restarted(
             procs.append(revived)
             wait_box_up(gate, a, True, timeout=20)
             wait_idle(gate)
-            box, text = complete(client, chat_body(M2, f"back {tag}", 3))
-            assert box == a and text == expected_reply(chat_body(M2, f"back {tag}", 3))
+            box, text = complete(client, chat_body(f"back {tag}", 3, model=M2))
+            assert box == a and text == expected_reply(chat_body(f"back {tag}", 3, model=M2))
             assert {s.labels["upstream"]: s.value
                     for s in samples(gate, "lmgate_upstream_up")} == {a: 1.0, b: 1.0, c: 1.0}
         log = gate.output()
@@ -457,12 +401,12 @@ def test_a_box_dying_mid_stream_ends_that_stream_with_an_error_event(tmp_path: P
         tag = nonce()
         with sdk(gate) as client:
             raw = client.chat.completions.with_raw_response.create(
-                **chat_body(M2, f"doomed {tag}", HOLD_TOKENS), stream=True)
+                **chat_body(f"doomed {tag}", HOLD_TOKENS, model=M2), stream=True)
             doomed_box = raw.headers["x-upstream"]
             with raw.parse() as doomed:
                 chunks = iter(doomed)
                 next(chunks)  # it runs
-                survivor_body = chat_body(M2, f"survivor {tag}", 150)
+                survivor_body = chat_body(f"survivor {tag}", 150, model=M2)
                 with contextlib.closing(stream_open(gate, survivor_body)) as survivor:
                     assert survivor.headers["x-queue-position"] == "0"
                     survivor_box = survivor.headers["x-upstream"]
@@ -481,7 +425,7 @@ def test_a_box_dying_mid_stream_ends_that_stream_with_an_error_event(tmp_path: P
         # the dead box is marked down; the other one still serves
         wait_box_up(gate, doomed_box, False, timeout=10)
         with sdk(gate) as client:
-            box, _ = complete(client, chat_body(M2, f"after {tag}", 3))
+            box, _ = complete(client, chat_body(f"after {tag}", 3, model=M2))
         assert box == survivor_box
 
 
@@ -499,10 +443,6 @@ key = "{KEYS['user']}"
 """
 
 
-def bearer(name: str) -> dict[str, str]:
-    return {"authorization": f"Bearer {KEYS[name]}"}
-
-
 def boxes_toml(*entries: tuple[str, Process, int]) -> str:
     """``[[upstreams]]`` tables: (name, simulator, parallel)."""
     return "".join(f'\n[[upstreams]]\nname = "{name}"\nurl = "{sim.url}"\nparallel = {parallel}\n'
@@ -510,7 +450,7 @@ def boxes_toml(*entries: tuple[str, Process, int]) -> str:
 
 
 def reload(gate: Process, who: str = "admin") -> httpx.Response:
-    return httpx.post(gate.url + "/admin/reload", headers=bearer(who), timeout=10)
+    return gate.http.post("/admin/reload", headers=bearer(KEYS[who]))
 
 
 def refusals_logged(gate: Process) -> int:
@@ -529,20 +469,20 @@ def test_reload_adds_and_removes_boxes_under_load_and_refuses_a_broken_file(
         gate = start_gate(tmp_path, "--config", str(config), "--parallel", "1",
                           "--log-level", "info")
         procs.append(gate)
-        admin, tag = bearer("admin"), nonce()
+        admin, tag = bearer(KEYS["admin"]), nonce()
         wait_until(lambda: boxes(gate, admin).get("alpha", {}).get("up"), 10, "alpha up")
         assert list(boxes(gate, admin)) == ["alpha"]
         user = sdk(gate, KEYS["user"])
         with user, contextlib.ExitStack() as held, ThreadPoolExecutor(4) as pool:
             # alpha is full (two holders); two more wait: a stream and a plain request
-            h1 = held.enter_context(contextlib.closing(hold(gate, M2, f"h1 {tag}", bearer("user"))))
-            h2 = held.enter_context(contextlib.closing(hold(gate, M2, f"h2 {tag}", bearer("user"))))
+            h1 = held.enter_context(contextlib.closing(hold(gate, M2, f"h1 {tag}", bearer(KEYS["user"]))))
+            h2 = held.enter_context(contextlib.closing(hold(gate, M2, f"h2 {tag}", bearer(KEYS["user"]))))
             assert h1.headers["x-upstream"] == h2.headers["x-upstream"] == "alpha"
-            w_stream_body = chat_body(M2, f"waiting stream {tag}", 5)
+            w_stream_body = chat_body(f"waiting stream {tag}", 5, model=M2)
             w_stream = held.enter_context(contextlib.closing(
-                stream_open(gate, w_stream_body, headers=bearer("user"))))
+                stream_open(gate, w_stream_body, headers=bearer(KEYS["user"]))))
             assert w_stream.headers["x-queue-position"] == "1"
-            w_plain_body = chat_body(M2, f"waiting plain {tag}", 5)
+            w_plain_body = chat_body(f"waiting plain {tag}", 5, model=M2)
             w_plain = pool.submit(complete, user, w_plain_body)
             wait_until(lambda: queue(gate, admin)["depth"] == 2, 5, "two requests waiting")
 
@@ -572,14 +512,14 @@ def test_reload_adds_and_removes_boxes_under_load_and_refuses_a_broken_file(
 
         # alpha leaves while a stream runs on it: that stream ends normally, new requests
         # go to beta (alpha still has a free slot, and would otherwise be the first choice)
-        body = chat_body(M2, f"last on alpha {tag}", 400)  # 4 s of generation
-        with contextlib.closing(stream_open(gate, body, headers=bearer("user"))) as last:
+        body = chat_body(f"last on alpha {tag}", 250, model=M2)  # 2.5 s of generation
+        with contextlib.closing(stream_open(gate, body, headers=bearer(KEYS["user"]))) as last:
             assert last.headers["x-upstream"] == "alpha" and started(last)
             config.write_text(KEYS_TOML + boxes_toml(("beta", beta, 1)))
             gate.signal(signal.SIGHUP)
             wait_until(lambda: boxes(gate, admin)["alpha"]["removed"], 10, "alpha to be removed")
             with sdk(gate, KEYS["user"]) as client:
-                box, text = complete(client, chat_body(M2, f"new one {tag}", 3))
+                box, text = complete(client, chat_body(f"new one {tag}", 3, model=M2))
             assert box == "beta"
             assert boxes(gate, admin)["alpha"]["running"] == 1  # still streaming from alpha
             last.read_all(timeout=20)
@@ -599,10 +539,10 @@ def test_reload_adds_and_removes_boxes_under_load_and_refuses_a_broken_file(
         gate.signal(signal.SIGHUP)
         wait_until(lambda: refusals_logged(gate) == logged + 2, 5, "the SIGHUP refusal logged")
         assert gate.proc.poll() is None
-        assert httpx.get(gate.url + "/healthz", timeout=5).status_code == 200
+        assert gate.http.get("/healthz").status_code == 200
         assert boxes(gate, admin) == before
         with sdk(gate, KEYS["user"]) as client:
-            body = chat_body(M2, f"still fine {tag}", 3)
+            body = chat_body(f"still fine {tag}", 3, model=M2)
             assert complete(client, body) == ("beta", expected_reply(body))
         log = gate.output()
         refusals = [line for line in log.splitlines() if "reload refused" in line]
@@ -625,7 +565,7 @@ def test_the_keys_of_boxes_appear_nowhere(tmp_path: Path) -> None:
         procs = stack.enter_context(stopping())
         vault = start_box(tmp_path, [M1], loaded=M1)
         procs.append(vault)
-        httpx.post(vault.url + "/sim/reset", timeout=5).raise_for_status()  # the start-up polls
+        sim_reset(vault)  # the start-up polls
         config = tmp_path / "lmgate.toml"
         config.write_text(KEYS_TOML + f"""
 [[upstreams]]
@@ -644,21 +584,21 @@ url = "http://boxuser:{url_secret}@127.0.0.1:{basic.port}"
 """)
         gate = start_gate(tmp_path, "--config", str(config), "--log-level", "debug")
         procs.append(gate)  # stopped before the recording boxes close
-        admin = bearer("admin")
+        admin = bearer(KEYS["admin"])
         wait_until(lambda: all(v["up"] and v["catalog"] == 1
                                for v in boxes(gate, admin).values()), 10, "three boxes up")
         tag = nonce()
         with sdk(gate, KEYS["user"]) as client:
-            body = chat_body(M1, f"to the vault {tag}", 3)
+            body = chat_body(f"to the vault {tag}", 3, model=M1)
             assert complete(client, body) == ("vault", expected_reply(body))
-            assert complete(client, chat_body(M3, "to the keyed box", 3)) == ("keyed", "recorded")
-            assert complete(client, chat_body(M4, "to the basic box", 3)) == ("basic", "recorded")
+            assert complete(client, chat_body("to the keyed box", 3, model=M3)) == ("keyed", "recorded")
+            assert complete(client, chat_body("to the basic box", 3, model=M4)) == ("basic", "recorded")
             with pytest.raises(openai.NotFoundError):  # a refusal names no box's secret
-                client.chat.completions.create(**chat_body("m9-none", "x", 3))
+                client.chat.completions.create(**chat_body("x", 3, model="m9-none"))
 
         # each box got its own credentials, on every request (checks and listings included),
         # and never the client's key
-        posts = httpx.get(vault.url + "/sim/requests", timeout=5).json()["requests"]
+        posts = sim_requests(vault)
         assert ("POST", "/v1/chat/completions") in {(r["method"], r["path"]) for r in posts}
         assert posts and all(r["auth"] for r in posts), [(r["method"], r["path"], r["auth"]) for r in posts]
         assert keyed.seen and {a for _, _, a in keyed.seen} == {f"Bearer {rec_key}"}, keyed.seen
@@ -668,18 +608,18 @@ url = "http://boxuser:{url_secret}@127.0.0.1:{basic.port}"
 
         # the secrets appear nowhere lmgate shows anything
         views = {
-            "/queue (admin)": httpx.get(gate.url + "/queue", headers=admin, timeout=5),
-            "/queue (user)": httpx.get(gate.url + "/queue", headers=bearer("user"), timeout=5),
-            "/queue (anonymous)": httpx.get(gate.url + "/queue", timeout=5),
-            "/queue/history": httpx.get(gate.url + "/queue/history", timeout=5),
-            "/metrics": httpx.get(gate.url + "/metrics", timeout=5),
-            "/readyz": httpx.get(gate.url + "/readyz", timeout=5),
-            "/healthz": httpx.get(gate.url + "/healthz", timeout=5),
-            "/usage (admin)": httpx.get(gate.url + "/usage", headers=admin, timeout=5),
-            "status page": httpx.get(gate.url + "/", headers={"accept": "text/html"}, timeout=5),
-            "root document": httpx.get(gate.url + "/", timeout=5),
+            "/queue (admin)": gate.http.get("/queue", headers=admin),
+            "/queue (user)": gate.http.get("/queue", headers=bearer(KEYS["user"])),
+            "/queue (anonymous)": gate.http.get("/queue"),
+            "/queue/history": gate.http.get("/queue/history"),
+            "/metrics": gate.http.get("/metrics"),
+            "/readyz": gate.http.get("/readyz"),
+            "/healthz": gate.http.get("/healthz"),
+            "/usage (admin)": gate.http.get("/usage", headers=admin),
+            "status page": gate.http.get("/", headers={"accept": "text/html"}),
+            "root document": gate.http.get("/"),
         }
-        reloaded = httpx.post(gate.url + "/admin/reload", headers=admin, timeout=5)
+        reloaded = gate.http.post("/admin/reload", headers=admin)
         assert reloaded.status_code == 200
         views["/admin/reload"] = reloaded
         for where, resp in views.items():
@@ -726,11 +666,11 @@ def test_a_box_added_by_reload_gets_no_request_for_a_model_it_does_not_list(
         config.write_text(KEYS_TOML + boxes_toml(("alpha", alpha, 1)))
         gate = start_gate(tmp_path, "--config", str(config), "--log-level", "warning")
         procs.append(gate)
-        admin, tag = bearer("admin"), nonce()
+        admin, tag = bearer(KEYS["admin"]), nonce()
         wait_until(lambda: boxes(gate, admin)["alpha"]["up"], 10, "alpha up")
         with sdk(gate, KEYS["user"]) as user, ThreadPoolExecutor(1) as pool, \
-                contextlib.closing(hold(gate, M1, f"busy {tag}", bearer("user"))) as held:
-            body = chat_body(M1, f"waits for alpha {tag}", 3)
+                contextlib.closing(hold(gate, M1, f"busy {tag}", bearer(KEYS["user"]))) as held:
+            body = chat_body(f"waits for alpha {tag}", 3, model=M1)
             pending = pool.submit(complete, user, body)
             wait_until(lambda: queue(gate, admin)["depth"] == 1, 5, "the m1 request to wait")
             config.write_text(KEYS_TOML + boxes_toml(("alpha", alpha, 1), ("beta", beta, 1)))
@@ -759,7 +699,7 @@ def test_a_box_down_since_the_start_gets_no_request_for_a_model_it_does_not_list
         assert boxes(gate)[late_name]["up"] is False
         with sdk(gate) as client, ThreadPoolExecutor(1) as pool, \
                 contextlib.closing(hold(gate, M1, f"busy {tag}")) as held:
-            body = chat_body(M1, f"waits for alpha {tag}", 3)
+            body = chat_body(f"waits for alpha {tag}", 3, model=M1)
             pending = pool.submit(complete, client, body)
             wait_until(lambda: queue(gate)["depth"] == 1, 5, "the m1 request to wait")
             late = start_box(tmp_path, [M3], port=late_port, loaded=M3)  # the box is switched on
@@ -792,7 +732,7 @@ def test_a_box_that_stops_answering_is_logged(tmp_path: Path) -> None:
         missing = []
         with sdk(gate) as client:
             kill(sims[0])
-            body = chat_body(M2, "rerouted", 3)
+            body = chat_body("rerouted", 3, model=M2)
             assert complete(client, body) == (name_of(sims[1]), expected_reply(body))
             assert boxes(gate)[a]["up"] is False
             with contextlib.suppress(AssertionError):
@@ -825,5 +765,5 @@ def test_model_listings_show_every_boxs_models(two: Stack) -> None:
     with sdk(two.gate) as client:
         ids = [m.id for m in client.models.list()]
     assert sorted(ids) == sorted({M1, M2, M3}) and len(ids) == len(set(ids))
-    v1 = httpx.get(two.gate.url + "/api/v1/models", timeout=10).json()
+    v1 = two.gate.http.get("/api/v1/models").json()
     assert sorted(m["key"] for m in v1["models"]) == sorted({M1, M2, M3})

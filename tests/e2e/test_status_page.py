@@ -29,9 +29,9 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Route
 
+from tests.e2e.helpers import MODEL, queue, wait_until
 from tests.servers import ROOT, Process, free_port, require_program, running_stack
 
-MODEL = "qwen2.5-7b-instruct"
 # 5 tokens/s and 40 tokens: each request holds the gate for about 8 s, so the line of three
 # stays put while Chromium starts, loads the page and runs its first poll.
 TOKENS_PER_S = 5.0
@@ -110,9 +110,9 @@ class Streamer(threading.Thread):
     it runs the simulator sends tokens, so the loop sees ``stop`` soon; leaving the ``with``
     block closes the connection, which cancels the request in lmgate."""
 
-    def __init__(self, url: str, n: int, stop: threading.Event) -> None:
+    def __init__(self, gate: Process, n: int, stop: threading.Event) -> None:
         super().__init__(name=f"streamer-{n}", daemon=True)
-        self.url, self.n, self.stop = url, n, stop
+        self.gate, self.n, self.stop = gate, n, stop
         self.status: int | None = None
         self.error: BaseException | None = None
 
@@ -120,8 +120,8 @@ class Streamer(threading.Thread):
         body = {"model": MODEL, "stream": True, "max_tokens": MAX_TOKENS,
                 "messages": [{"role": "user", "content": f"status page request {self.n}"}]}
         try:
-            with httpx.Client(timeout=httpx.Timeout(60.0, connect=5.0)) as client, \
-                    client.stream("POST", self.url + "/v1/chat/completions", json=body) as res:
+            with self.gate.http.stream("POST", "/v1/chat/completions", json=body,
+                                       timeout=httpx.Timeout(60.0, connect=5.0)) as res:
                 self.status = res.status_code
                 for _ in res.iter_raw():
                     if self.stop.is_set():
@@ -136,15 +136,11 @@ def servers(tmp_path: Path) -> Iterator[tuple[Process, Process]]:
         yield pair
 
 
-def wait_for_depth(url: str, depth: int, timeout_s: float = 10.0) -> dict:
-    deadline = time.monotonic() + timeout_s
-    snapshot: dict = {}
-    while time.monotonic() < deadline:
-        snapshot = httpx.get(url + "/queue", timeout=2.0).json()
-        if snapshot["depth"] == depth and snapshot["active"] == 1:
-            return snapshot
-        time.sleep(0.05)
-    raise AssertionError(f"queue never reached depth {depth}; last snapshot: {snapshot}")
+def wait_for_depth(gate: Process, depth: int, timeout_s: float = 10.0) -> dict:
+    def reached() -> dict | None:
+        snapshot = queue(gate)
+        return snapshot if snapshot["depth"] == depth and snapshot["active"] == 1 else None
+    return wait_until(reached, timeout_s, f"one request running and {depth} waiting", interval=0.05)
 
 
 def number(text: str) -> float:
@@ -168,20 +164,20 @@ def test_status_page_shows_waiting_line(chromium: str, servers: tuple[Process, P
     _, gate = servers
     # One short request first: lmgate learns a service time (so the line shows estimates) and
     # its history holds a finished request, which the page must show from its first load.
-    warm = httpx.post(gate.url + "/v1/chat/completions", timeout=30, json={
+    warm = gate.http.post("/v1/chat/completions", timeout=30, json={
         "model": MODEL, "max_tokens": 2, "messages": [{"role": "user", "content": "warm up"}]})
     assert warm.status_code == 200, warm.text
-    failed = httpx.post(gate.url + "/v1/chat/completions", timeout=30, json={
+    failed = gate.http.post("/v1/chat/completions", timeout=30, json={
         "model": "no-such-model", "messages": [{"role": "user", "content": "fails"}]})
     assert failed.status_code == 404  # a failed request once froze the throughput at "–"
     stop = threading.Event()
-    streamers = [Streamer(gate.url, n, stop) for n in range(4)]
+    streamers = [Streamer(gate, n, stop) for n in range(4)]
     try:
         streamers[0].start()
-        wait_for_depth(gate.url, 0)  # the first one is running before the others arrive
+        wait_for_depth(gate, 0)  # the first one is running before the others arrive
         for s in streamers[1:]:
             s.start()
-        snapshot = wait_for_depth(gate.url, 3)
+        snapshot = wait_for_depth(gate, 3)
         assert [w["position"] for w in snapshot["waiting"]] == [1, 2, 3]
 
         dom = run_chromium(chromium, tmp_path / "profile-dom", "--dump-dom", gate.url + "/").stdout

@@ -9,14 +9,14 @@ what a browser would show once the reply has finished.
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable
 from pathlib import Path
 
-import httpx
 import pytest
 
 from proxy.simulator import DEFAULT_MODELS, expected_reply  # noqa: E402
-from tests.servers import Process, free_port, running_stack
+from tests.e2e.helpers import queue, sdk, wait_idle
+from tests.servers import Process, free_port
 
 AppTest = pytest.importorskip("streamlit.testing.v1").AppTest
 
@@ -27,9 +27,11 @@ pytestmark = pytest.mark.timeout(120)
 
 
 @pytest.fixture
-def lmgate(tmp_path: Path) -> Iterator[Process]:
-    with running_stack(tmp_path, tokens_per_s=50.0, load_s=0.1) as (_, gate):
-        yield gate
+def lmgate(shared_stack: Callable[..., tuple[Process, Process]]) -> Process:
+    """One lmgate (and simulator) for the module; each test starts on an idle gate."""
+    _, gate = shared_stack(tokens_per_s=50.0, load_s=0.1)
+    wait_idle(gate)
+    return gate
 
 
 @pytest.fixture
@@ -52,8 +54,7 @@ def occupy(lmgate: Process, model: str, started: threading.Event) -> threading.T
     def run() -> None:
         body = {"model": model, "stream": True, "max_tokens": 75,
                 "messages": [{"role": "user", "content": "blocker"}]}
-        with httpx.stream("POST", lmgate.url + "/v1/chat/completions", json=body, timeout=30,
-                          trust_env=False) as r:
+        with lmgate.http.stream("POST", "/v1/chat/completions", json=body, timeout=30) as r:
             assert r.status_code == 200
             for line in r.iter_lines():
                 if line.startswith("data:"):
@@ -121,14 +122,12 @@ def test_queue_headers_arrive_before_the_turn(lmgate):
     only shows the page after the run, when that notice has given way to the reply):
     ``with_raw_response.create(stream=True)`` returns with lmgate's queue headers while
     the request is still waiting."""
-    import openai
-
-    client = openai.OpenAI(base_url=lmgate.url + "/v1", api_key="x", max_retries=0, timeout=30)
+    client = sdk(lmgate, "x")
     blocker = occupy(lmgate, MODEL_A, threading.Event())
     raw = client.chat.completions.with_raw_response.create(
         model=MODEL_A, stream=True, messages=[{"role": "user", "content": "waiting"}])
-    queue = httpx.get(lmgate.url + "/queue", trust_env=False).json()
-    assert blocker.is_alive() and queue["active"] == 1 and queue["depth"] == 1, queue
+    line = queue(lmgate)
+    assert blocker.is_alive() and line["active"] == 1 and line["depth"] == 1, line
     assert raw.headers["x-queue-position"] == "1"
     eta = raw.headers.get("x-queue-eta-ms")  # present once lmgate has seen a request finish
     assert eta is None or int(eta) >= 0

@@ -6,16 +6,13 @@ from __future__ import annotations
 
 import json
 import threading
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
-import httpx
 import pytest
 
 from proxy.simulator import expected_reply
+from tests.e2e.helpers import chat_body, queue, read_stream, wait_until
 from tests.servers import Process, running_stack
-
-MODEL = "qwen2.5-7b-instruct"
 
 
 @pytest.fixture(scope="module")
@@ -26,22 +23,11 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Process, P
 
 
 def body(content: str, max_tokens: int = 8) -> dict:
-    return {"model": MODEL, "stream": True, "max_tokens": max_tokens,
-            "messages": [{"role": "user", "content": content}]}
+    return chat_body(content, max_tokens, stream=True)
 
 
-def read_lines(url: str, payload: dict) -> list[str]:
-    with httpx.Client(timeout=30) as client, client.stream("POST", url + "/v1/chat/completions",
-                                                           json=payload) as resp:
-        assert resp.status_code == 200
-        return list(resp.iter_lines())
-
-
-def wait_until(condition: Callable[[], bool], timeout_s: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        assert time.monotonic() < deadline, "condition not met in time"
-        time.sleep(0.02)
+def read_lines(proc: Process, payload: dict) -> list[str]:
+    return read_stream(proc, payload, timeout=30)[1]
 
 
 def displays(lines: list[str]) -> tuple[list[str], str]:
@@ -60,8 +46,8 @@ def displays(lines: list[str]) -> tuple[list[str], str]:
 def test_a_stream_that_starts_at_once_says_so_first(stack: tuple[Process, Process]) -> None:
     sim, gate = stack
     payload = body("no wait")
-    through = read_lines(gate.url, payload)
-    direct = read_lines(sim.url, payload)
+    through = read_lines(gate, payload)
+    direct = read_lines(sim, payload)
     assert through[:4] == [": queue_entered=0", "", ": queue_position=0", ""]
     data = [line for line in through if line.startswith("data: ")]
     assert len(data) == len([line for line in direct if line.startswith("data: ")])
@@ -72,16 +58,16 @@ def test_a_waiting_stream_reports_entry_position_changes_and_the_final_zero(stac
     _, gate = stack
     first = body("hold the gate", max_tokens=90)  # ~1.5 s
     results: dict[int, list[str]] = {}
-    holder = threading.Thread(target=lambda: results.setdefault(0, read_lines(gate.url, first)))
+    holder = threading.Thread(target=lambda: results.setdefault(0, read_lines(gate, first)))
     holder.start()
     # wait until the holder runs, then queue two behind it (the second runs ~2 s, long
     # enough for a position change to be reported: at most one a second)
-    wait_until(lambda: httpx.get(gate.url + "/queue").json()["active"] == 1)
-    second = threading.Thread(target=lambda: results.setdefault(1, read_lines(gate.url, body("second", 120))))
+    wait_until(lambda: queue(gate)["active"] == 1, 10, "the holder to run")
+    second = threading.Thread(target=lambda: results.setdefault(1, read_lines(gate, body("second", 120))))
     second.start()
-    wait_until(lambda: httpx.get(gate.url + "/queue").json()["depth"] == 1)
+    wait_until(lambda: queue(gate)["depth"] == 1, 10, "the second to wait")
     third_payload = body("third")
-    results[2] = read_lines(gate.url, third_payload)
+    results[2] = read_lines(gate, third_payload)
     holder.join(30)
     second.join(30)
     lines = results[2]
