@@ -39,8 +39,8 @@ class Accounts:
             rec.total_tokens = (rec.prompt_tokens or 0) + (rec.completion_tokens or 0)
             rec.tokens_approx = True
         self.metrics.observe(rec)
-        if rec.key and rec.total_tokens and rec.total_tokens > 0:
-            self.quotas.add(rec.key, rec.total_tokens)
+        if rec.key and rec.total_tokens and rec.total_tokens > rec.quota_counted:
+            self.quotas.add(rec.key, rec.total_tokens - rec.quota_counted)
         if rec.model:
             bucket = {"ok": "served", "rejected": "rejected"}.get(rec.outcome, "failed")
             self.totals[bucket] += 1

@@ -57,6 +57,7 @@ EXPIRE_AFTER_S = 86400  # a period's counters outlive its end by this (clocks th
 BATCH_MARK_TTL_S = 86400  # how long a writer's last batch number is kept after its last batch
 RETRY_FIRST_S = 0.25  # pause after a failed send, doubling up to RETRY_MAX_S
 RETRY_MAX_S = 5.0
+SETTLE_WAIT_S = 1.0  # how long a response's end waits for its count to reach Redis
 IMPORT_CHUNK = 500  # rows per script call when importing
 
 # Adds a batch of increments once. A batch whose answer was lost (the connection broke after
@@ -155,6 +156,15 @@ class RedisQuotas:
         for period in _periods(self.clock()):
             self._pending[(key, period)] = self._pending.get((key, period), 0) + tokens
         self._schedule()
+
+    async def settle(self, key: str, tokens: int) -> None:
+        """``add``, then wait (``SETTLE_WAIT_S`` at most; never raises) until Redis has the
+        count: a response whose end waits for this is counted for the whole group before its
+        client can send the next request, to whichever replica."""
+        self.add(key, tokens)
+        task = self._task
+        if tokens > 0 and task is not None and not task.done():
+            await asyncio.wait({task}, timeout=SETTLE_WAIT_S)
 
     async def check(self, key: str, per_day: int | None, per_month: int | None) -> Refusal | None:
         """The same Refusal as QuotaStore's for the group's totals; one round trip (none for

@@ -397,6 +397,9 @@ class GatedRequest:
         meter = sse.UsageMeter(is_sse)
         remover = sse.UsageRemover() if is_sse and self._drops_usage(response) else None
         first = True
+        # a quota shared by replicas: the count is in Redis before the client sees the end
+        settle = self.adm is not None and self.adm.quota_key is not None and self.state.shared is not None
+        left = None if is_sse or not settle else _declared_length(response)
         try:
             async for chunk in response.chunks():
                 if first:
@@ -405,6 +408,12 @@ class GatedRequest:
                     if ticket is not None:
                         ticket.first_byte_at = self.state.line.view.clock()
                 meter.feed(chunk)
+                if settle:
+                    if left is not None:
+                        left -= len(chunk)
+                    if (b"data: [DONE]" in chunk) if is_sse else (left is not None and left <= 0):
+                        settle = False  # the client's last bytes: counted first
+                        await self._settle(meter, is_sse)
                 if ticket is not None:
                     ticket.streamed = meter.deltas
                 if remover is not None:
@@ -422,8 +431,19 @@ class GatedRequest:
         tail = (prefix + remover.flush()) if remover is not None else prefix
         if tail:
             await self._write(tail)
+        if settle:
+            await self._settle(meter, is_sse)
         await self._end()
         self._count(meter, is_sse)  # after the last byte: not on the client's clock
+
+    async def _settle(self, meter: sse.UsageMeter, is_sse: bool) -> None:
+        """Count what the response used against its key's quota now, before its end reaches
+        the client (observing it later counts only what came after)."""
+        self._count(meter, is_sse)
+        rec = self.rec
+        if rec.key and rec.total_tokens and rec.total_tokens > 0:
+            rec.quota_counted = rec.total_tokens
+            await self.state.quotas.settle(rec.key, rec.total_tokens)
 
     def _count(self, meter: sse.UsageMeter, is_sse: bool) -> None:
         rec = self.rec
@@ -496,3 +516,8 @@ async def _nothing_to_receive() -> dict[str, object]:  # pragma: no cover - neve
 
 async def _nowhere(message: dict[str, object]) -> None:  # pragma: no cover - replaced by a sink
     raise RuntimeError("a detached request answers through its sink")
+
+
+def _declared_length(response: UpstreamResponse) -> int | None:
+    value = response.headers.get("content-length")
+    return int(value) if value is not None and value.isdigit() else None

@@ -44,6 +44,7 @@ class RequestRecord:
     completion_tokens: int | None = None
     tokens_approx: bool = False
     total_tokens: int | None = None
+    quota_counted: int = 0  # tokens already counted against the key before the response ended
     key: str | None = None  # the API key's name, when keys are configured
     upstream: str = "none"  # the box it ran on
     reason: str | None = None

@@ -240,9 +240,23 @@ class SharedLine:
 
     def close(self) -> list[Ticket]:
         """This replica stops: nothing is withdrawn from the group's line here (its waiting
-        requests keep their places until the grace ends; see ``withdraw``)."""
-        self.closed = True
+        requests keep their places until the grace ends; see ``withdraw``). It schedules no
+        more: the lease goes back now, so another replica takes over the group's time-driven
+        changes and the old-API jobs this one hands over."""
+        if not self.closed:
+            self.closed = True
+            self._tasks.append(asyncio.get_running_loop().create_task(self._give_back()))
         return []
+
+    async def _give_back(self) -> None:
+        if not self.scheduler:
+            return
+        self.scheduler = False
+        with contextlib.suppress(RedisError, OSError):
+            await self._redis.eval(GIVE_BACK, 1, self.key("lease"), self.replica)
+        log.info("this replica shuts down: it no longer schedules the group's line")
+        if self.on_scheduler is not None:
+            self.on_scheduler(False)
 
     def withdraw(self) -> list[Ticket]:
         """The grace is over: this replica's waiting tickets leave the line."""
@@ -617,6 +631,9 @@ class SharedLine:
         r = self._redis
         await r.set(self.key(f"hb:{self.replica}"), "1", px=ttl_ms)
         holder = f"{self.replica}"
+        if self.closed:  # shutting down: a heartbeat for what it still holds, no scheduling
+            await self._give_back()
+            return
         if self.scheduler:
             ok = await r.eval(RENEW, 1, self.key("lease"), holder, ttl_ms)
             if not ok:
@@ -632,12 +649,15 @@ class SharedLine:
                 self.on_scheduler(True)
         if not self.scheduler or not self.ready:
             return
+        if self.closed:  # it began to shut down while it took the lease
+            await self._give_back()
+            return
         now = self.clock()
         due = self.gate.next_aging_at()
         if due is not None and due <= now:
             self._emit({"t": "tick", "fence": self.fence})
         orphans = [t.uid for t in self.gate.tickets() if t.meta.get("replica") is None]
-        if orphans and not self.closed:
+        if orphans:
             self._emit({"t": "adopt", "uids": orphans, "to": self.replica, "fence": self.fence})
         owners = {t.meta.get("replica") for t in self.gate.tickets()} - {None, self.replica}
         if owners:

@@ -259,6 +259,7 @@ class AppState:
         if self.shared is not None:
             log.info("shutting down: this replica takes nothing new; what is connected to it gets "
                      "%g s", self.settings.shutdown_grace)
+            self.shared.close()
             self._grace = asyncio.get_running_loop().create_task(self._end_grace())
             return
         dropped = self.line.close()

@@ -224,6 +224,11 @@ tokens_per_day = 60
 name = "queuer"
 key = "sk-group-queue-0004"
 max_queued = 2
+
+[[keys]]
+name = "streamer"
+key = "sk-group-stream-0005"
+tokens_per_day = 60
 """
 
 
@@ -269,6 +274,35 @@ def test_rpm_and_quota_hold_for_the_group_not_per_replica(tmp_path: Path) -> Non
             r = c.post(other.url + "/v1/chat/completions", json=chat("quota again", 10),
                        headers=bearer("sk-group-meter-0003"))
             assert r.status_code == 429 and r.json()["error"]["code"] == "insufficient_quota"
+
+
+def test_a_streamed_quota_is_spent_once_for_the_group(tmp_path: Path) -> None:
+    """Streams on alternating replicas, each read to its ``[DONE]`` and the next sent at once
+    (as an SDK does): the request after the one that reached the limit is refused, on either
+    replica; none slips through before the count is in Redis."""
+    config = tmp_path / "keys.toml"
+    config.write_text(GROUP_KEYS)
+    with group(tmp_path, 2, tokens_per_s=500, config=config) as (_, _sim, gates):
+        with httpx.Client(timeout=30) as c:
+            totals: list[int] = []
+            for i in range(10):
+                body = chat(f"streamed quota {i}", 10, stream=True, stream_options={"include_usage": True})
+                with c.stream("POST", gates[i % 2].url + "/v1/chat/completions", json=body,
+                              headers=bearer("sk-group-stream-0005")) as r:
+                    if r.status_code != 200:
+                        r.read()
+                        assert r.status_code == 429 and r.json()["error"]["code"] == "insufficient_quota"
+                        break
+                    lines = []
+                    for line in r.iter_lines():
+                        lines.append(line)
+                        if line.strip() == "data: [DONE]":
+                            break  # the client is done here; the rest of the response is not waited for
+                usage = [d["usage"] for d in sse_data(lines) if isinstance(d, dict) and d.get("usage")]
+                totals.append(int(usage[-1]["total_tokens"]))
+            else:
+                pytest.fail(f"never refused: {totals}")
+            assert sum(totals[:-1]) < 60 <= sum(totals), totals
 
 
 def test_max_queued_holds_for_the_group(tmp_path: Path) -> None:
@@ -520,6 +554,8 @@ def test_an_old_api_job_is_polled_and_streamed_on_any_replica(tmp_path: Path) ->
                 assert events[-1] == {"done": True}
                 assert job_text(events) == expected_reply(doc)
                 rec = job_record(c, b, job)
+                if rec["status"] != "complete":
+                    open("/tmp/flakedump.txt", "w").write(f"{job}\n{rec}\n--A--\n{a.output()}\n--B--\n{b.output()}\n")
                 assert rec["status"] == "complete" and rec["result"] == expected_reply(doc), rec
                 assert job_events(c, a, job)[-1] == {"done": True}  # and on its own
                 for g in gates:  # the group's counters, whatever replica answers
@@ -550,7 +586,7 @@ def test_a_job_whose_replica_is_killed_runs_again_on_another(tmp_path: Path) -> 
             assert "another one runs it again" in rest[-1]["error"], rest[-1]
             rec = wait_until(lambda: (r := job_record(c, b, job))["status"] in ("complete", "error") and r,
                              40, "the job to finish on the survivor")
-            assert rec["status"] == "complete" and rec["result"] == expected_reply(doc), rec
+            assert rec["status"] == "complete" and rec["result"] == expected_reply(doc), (job, rec, a.output()[-3000:], b.output()[-3000:])
             events = job_events(c, b, job)
             assert events[-1] == {"done": True} and job_text(events) == expected_reply(doc)
         runs = [g for g in generations(sim, "outlives its replica")]
@@ -574,6 +610,10 @@ def test_a_rolling_restart_hands_running_jobs_to_the_group(tmp_path: Path) -> No
                                  and r, 40, "the job to finish on the other replica")
                 assert rec["status"] == "complete" and rec["result"] == expected_reply(doc), rec
         assert "taken over from a replica that stopped" in b.output()
+        # the replica that stops schedules no more from its first moment: it never takes back
+        # the jobs it hands over (it would run them into its own shutdown)
+        assert "no longer schedules the group's line" in a.output()
+        assert "taken over" not in a.output() and "never retrieved" not in a.output(), a.output()
 
 
 def test_a_frozen_redis_is_unavailable_too_and_nothing_hangs(tmp_path: Path) -> None:

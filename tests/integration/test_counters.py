@@ -156,6 +156,32 @@ def test_two_replicas_reach_one_limit_together(server: RedisServer) -> None:
     run(body())
 
 
+def test_settle_returns_once_the_other_replica_sees_the_count(server: RedisServer) -> None:
+    """What a response's end waits for: after ``settle`` every replica's check sees the
+    tokens (``add`` alone only schedules them); a Redis that is away delays it a bounded time."""
+    clock = Clock()
+
+    async def body() -> None:
+        one, two = server.client(), server.client()
+        a, b = RedisQuotas(one, PREFIX, clock=clock), RedisQuotas(two, PREFIX, clock=clock)
+        await a.start()
+        try:
+            for round_ in range(20):  # each time, straight away: no sleeping, no polling
+                await a.settle("carol", 5)
+                refusal = await b.check("carol", 5 * (round_ + 1), None)
+                assert refusal is not None and refusal.used == 5 * (round_ + 1), (round_, refusal)
+            server.stop()
+            started = time.monotonic()
+            await a.settle("carol", 5)  # kept pending, not lost, and not waited on for long
+            assert time.monotonic() - started < 5
+        finally:
+            await a.aclose()
+            await one.aclose()
+            await two.aclose()
+
+    run(body())
+
+
 def test_refusals_and_retry_after_near_the_resets(server: RedisServer) -> None:
     month_end = month_reset(T0).timestamp()
     clock = Clock(month_end - 12 * 3600)  # noon on the month's last day
