@@ -8,8 +8,9 @@ way mapped to ProxyErrors in one place (``upstream.map_error``).
         an answer ── fleet.answered(box) ── UpstreamResponse
 
 An ``UpstreamResponse`` is the box's answer as the relay sees it: status, headers, and a body
-whose transport failures arrive as ProxyErrors (the box suspected on the way), so the
-relay never handles a transport exception itself."""
+read as it arrives (``raw``, no wrapper per chunk on the hot loop); a transport failure while
+reading becomes a ProxyError through ``broken`` (the box suspected on the way), the one
+place the relay turns one into the other."""
 
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ from .upstream import ERROR_BODY_CAP, Upstream, map_error
 
 
 class UpstreamResponse:
-    """A box's answer: status, headers, and its body as ProxyError-raising chunks."""
+    """A box's answer: status, headers, and its body (``raw``; a failure as ``broken`` maps it)."""
 
     __slots__ = ("response", "box", "fleet", "status_code", "headers")
 
@@ -35,14 +36,14 @@ class UpstreamResponse:
         self.status_code = response.status_code
         self.headers = response.headers
 
-    async def chunks(self) -> AsyncIterator[bytes]:
-        """The body as it arrives; a broken or silent box ends it with a ProxyError."""
-        try:
-            async for chunk in self.response.aiter_raw():
-                yield chunk
-        except httpx.HTTPError as exc:
-            self.fleet.suspect(self.box)
-            raise map_error(exc) from exc
+    def raw(self) -> AsyncIterator[bytes]:
+        """The body as it arrives, without a layer per chunk: its httpx errors go to
+        ``broken``, which the caller raises (the relay's hot loop)."""
+        return self.response.aiter_raw()
+
+    def broken(self, exc: httpx.HTTPError) -> ProxyError:
+        self.fleet.suspect(self.box)
+        return map_error(exc)
 
     async def read_capped(self, cap: int = ERROR_BODY_CAP) -> bytes:
         """Up to ``cap`` bytes of a (usually error) body; a broken stream just ends it."""

@@ -23,6 +23,8 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 from urllib.parse import unquote
 
+import httpx
+
 from . import listings
 from . import streaming as sse
 from .admission import Admission, admit
@@ -401,7 +403,7 @@ class GatedRequest:
         settle = self.adm is not None and self.adm.quota_key is not None and self.state.shared is not None
         left = None if is_sse or not settle else _declared_length(response)
         try:
-            async for chunk in response.chunks():
+            async for chunk in response.raw():
                 if first:
                     first = False
                     rec.ttft_ms = (time.perf_counter() - t_up) * 1000
@@ -425,6 +427,9 @@ class GatedRequest:
                     chunk, prefix = prefix + chunk, b""
                 boundary.feed(chunk)
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
+        except httpx.HTTPError as exc:  # a broken or silent box
+            self._count(meter, is_sse)
+            raise response.broken(exc) from exc
         except BaseException:  # counted however it ended: a stream cut short used its tokens
             self._count(meter, is_sse)
             raise
