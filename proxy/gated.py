@@ -394,7 +394,8 @@ class GatedRequest:
         upstream's first bytes, in the same write, so it costs the first token nothing. What
         the response reports of its tokens is read on the way (``UsageMeter``); a running
         ticket's progress (first byte, tokens streamed) feeds the estimates. A broken box
-        ends the relay with a ProxyError (``UpstreamResponse.chunks``)."""
+        ends the relay with a ProxyError (``UpstreamResponse.broken``). With a quota shared by
+        replicas, the tokens are in Redis before the client sees the end (``_settle``)."""
         send, boundary, rec = self.send, self.ex.boundary, self.rec
         meter = sse.UsageMeter(is_sse)
         remover = sse.UsageRemover() if is_sse and self._drops_usage(response) else None
