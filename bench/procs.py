@@ -147,7 +147,8 @@ def lmgate(log_dir: Path, upstream_port: int | Sequence[int], extra: list[str] |
     upstreams = [a for p in ports for a in ("--upstream", f"http://127.0.0.1:{p}")]
     args = ["-m", "proxy", *upstreams, "--port", str(port),
             "--max-queue", "10000", "--max-connections", "12000", "--queue-timeout", "600",
-            "--log-level", "warning", *(extra or [])]
+            "--log-level", "warning", "--state-dir", str(log_dir / f"{name}-state"), *(extra or [])]
+    # a state dir of its own: never the user's (whose lock a running lmgate holds)
     return Server(name.replace("_", " "), args, port, log_dir / f"{name}.log")
 
 
