@@ -196,7 +196,9 @@ def test_no_probes_while_a_request_runs_and_readyz_is_cached(tmp_path: Path) -> 
                 assert c.get(gate.url + "/health").status_code == 200
             t2 = time.monotonic()
         seen = [r for r in sim_requests(sim) if t1 <= r["t"] <= t2]
-        assert len(seen) <= (t2 - t1) / 0.2 + 3, seen  # probes at their pace, nothing per call
+        # probes at their pace (a round reads up to two listings), nothing per call: 50 calls
+        # answered from cache while at most a few probe rounds went by
+        assert len(seen) <= 2 * ((t2 - t1) / 0.2 + 2), seen
 
         stream = stream_open(gate, chat("long stream", max_tokens=150))  # ~3 s
         try:

@@ -454,7 +454,9 @@ def test_load_is_listed_with_loaded_instances_and_parallel() -> None:
                         "load_config": {"context_length": 8192, "eval_batch_size": 512,
                                         "flash_attention": True,
                                         "offload_kv_cache_to_gpu": True, "parallel": 3}}
-        assert 0.02 <= body["load_time_seconds"] < 0.3
+        # 0.02 s for this model, 0.3 s for MODEL_B; asyncio may wake a timer up to a clock
+        # tick early, and the figure is rounded to the millisecond
+        assert 0.015 <= body["load_time_seconds"] < 0.3
         listed = native(client)[MODEL_A]["loaded_instances"]
         assert listed == [{"id": MODEL_A, "config": body["load_config"]}]
         # per-model load time; without echo_load_config no load_config
