@@ -142,3 +142,24 @@ def test_bench_smoke_stops_its_servers(smoke: tuple[int, str, dict[str, Any]]) -
         except psutil.NoSuchProcess:
             continue
         assert not alive, f"{role} (pid {pid}, port {port}) still running"
+
+
+@pytest.mark.timeout(RUN_TIMEOUT_S + 60)
+def test_bench_floor_smoke_measures_every_side_and_checks_their_bytes(tmp_path: Path) -> None:
+    """``python -m bench.floor --smoke``: direct, the plain hop, the bare stack and lmgate each
+    answer byte for byte as the upstream does, and every added figure is a number."""
+    pytest.importorskip("aiohttp")
+    out = tmp_path / "floor.json"
+    proc = subprocess.run([sys.executable, "-m", "bench.floor", "--smoke", "--out", str(out)], cwd=ROOT,
+                          capture_output=True, stdin=subprocess.DEVNULL, timeout=RUN_TIMEOUT_S)
+    text = (proc.stdout + proc.stderr).decode(errors="replace")
+    assert proc.returncode == 0, text[-4000:]
+    doc = json.loads(out.read_text())
+    assert doc["checks"] and all(doc["checks"].values()), doc["checks"]
+    assert set(doc["checks"]) == {f"{side}_{kind}_identical" for side in ("hop", "bare", "lmgate")
+                                  for kind in ("plain", "stream")}
+    for name in ("plain", "first"):
+        row = doc["results"][name]
+        assert row["direct_p50_ms"] > 0 and row["n"] > 0
+        for side in ("hop", "bare", "lmgate"):
+            assert isinstance(row[f"{side}_added_p50_ms"], float), (name, side, row)
