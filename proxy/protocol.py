@@ -96,7 +96,12 @@ if HttpToolsProtocol is not None:
 
         def __init__(self, *args: Any, **kwargs: Any) -> None:
             super().__init__(*args, **kwargs)
-            self._timer: asyncio.TimerHandle | None = None  # head or body deadline
+            # the head or body deadline: what is due (None: nothing), when, and one timer per
+            # connection that is moved only when it fires early (arming and disarming every
+            # request cost two timers each; see ``_arm``)
+            self._timer: asyncio.TimerHandle | None = None
+            self._due: Callable[[], None] | None = None
+            self._deadline = 0.0
             self._write_timer: asyncio.TimerHandle | None = None
             self._phase = "idle"  # idle -> head -> body -> busy (answering) -> idle
             self._head_bytes = 0
@@ -114,7 +119,7 @@ if HttpToolsProtocol is not None:
             self._arm(self._head_timed_out)
 
         def connection_lost(self, exc: Exception | None) -> None:
-            self._disarm()
+            self._stop_timer()  # nothing may keep a closed connection's protocol alive
             if self._write_timer is not None:
                 self._write_timer.cancel()
                 self._write_timer = None
@@ -188,17 +193,36 @@ if HttpToolsProtocol is not None:
             self.transport.abort()  # close() would wait for the buffer to drain: never
 
         # -- deadlines ---------------------------------------------------------------------
-        def _arm(self, callback: Any) -> None:
-            self._disarm()
-            self._timer = self.loop.call_later(self.limits.read_timeout, callback)
+        def _arm(self, callback: Callable[[], None]) -> None:
+            """``callback`` is due ``--client-read-timeout`` s from now. The connection's timer
+            stays where it is when it would fire no later than that; firing early, it moves
+            on to the deadline (``_check``)."""
+            self._due = callback
+            self._deadline = self.loop.time() + self.limits.read_timeout
+            if self._timer is None:
+                self._timer = self.loop.call_at(self._deadline, self._check)
 
         def _disarm(self) -> None:
+            self._due = None  # the timer, if any, finds nothing due when it fires
+
+        def _check(self) -> None:
+            self._timer = None
+            due = self._due
+            if due is None:
+                return
+            if self.loop.time() < self._deadline:
+                self._timer = self.loop.call_at(self._deadline, self._check)
+                return
+            self._due = None
+            due()
+
+        def _stop_timer(self) -> None:
+            self._due = None
             if self._timer is not None:
                 self._timer.cancel()
                 self._timer = None
 
         def _head_timed_out(self) -> None:
-            self._timer = None
             if self._phase == "head":
                 self._refuse(RequestTimeout(f"the request head did not arrive within "
                                             f"{self.limits.read_timeout:g} s"))
@@ -206,7 +230,6 @@ if HttpToolsProtocol is not None:
                 self.transport.close()  # idle between requests: nothing to answer
 
         def _body_timed_out(self) -> None:
-            self._timer = None
             cycle = self.cycle
             if cycle is not None and (cycle.response_complete or not cycle.more_body):
                 return
@@ -225,7 +248,7 @@ if HttpToolsProtocol is not None:
             self._close_with(err)
 
         def _close_with(self, err: ProxyError) -> None:
-            self._disarm()
+            self._stop_timer()
             if self.transport.is_closing():
                 return
             cycle = self.cycle

@@ -7,6 +7,7 @@ lmgate's RSS stays bounded."""
 
 from __future__ import annotations
 
+import http.client
 import select
 import threading
 import time
@@ -170,6 +171,29 @@ def test_silent_and_idle_connections_are_closed(strict: tuple[Process, Process])
         assert silent.wait_closed(5) and idle.wait_closed(5)
         assert time.monotonic() - t0 < 5
         assert not silent.raw or silent.raw.startswith(b"HTTP/1.1 408"), silent.raw[:200]
+    assert_gate_free(gate)
+
+
+def test_a_keep_alive_client_that_keeps_asking_within_the_timeout_is_never_cut(
+        strict: tuple[Process, Process]) -> None:
+    """The read deadline counts from the last response, not from when the connection opened:
+    a request every 0.5 s on one connection, for three times --client-read-timeout (1 s),
+    is answered every time on the same socket."""
+    _, gate = strict
+    conn = http.client.HTTPConnection("127.0.0.1", gate.port, timeout=5)
+    try:
+        sock = None
+        for i in range(6):
+            if i:
+                time.sleep(0.5)  # the bound under test is a time: spaced requests are the attack
+            conn.request("GET", "/healthz")
+            resp = conn.getresponse()
+            assert resp.status == 200, resp.status
+            resp.read()
+            sock = sock or conn.sock
+            assert conn.sock is sock, f"reconnected before request {i + 1}"
+    finally:
+        conn.close()
     assert_gate_free(gate)
 
 
