@@ -23,6 +23,12 @@
     └── UpstreamTimeout             504 upstream_timeout
 
 Errors that LM Studio produces are never wrapped: they pass through unchanged.
+
+``X-Should-Retry`` (which the openai SDKs obey over their own rules: they retry 408, 409, 429
+and 5xx twice by default) is ``false`` where a resend cannot help or may do harm: the request
+may already have reached the box (it broke off or went silent after the request was written,
+so a resend could run the generation twice), or a quota is used up until its reset. Without
+it, a client's own retry rules apply.
 """
 
 from __future__ import annotations
@@ -39,6 +45,7 @@ class ProxyError(Exception):
     param: str | None = None
     retry_after_s: int | None = None
     refused = False  # the upstream refused the connection: nothing was sent
+    retry: bool | None = None  # X-Should-Retry, when lmgate knows better than the client's rules
 
     def __init__(
         self,
@@ -71,9 +78,10 @@ class ProxyError(Exception):
         return json.dumps(self.body()).encode()
 
     def headers(self) -> dict[str, str]:
-        if self.retry_after_s is None:
-            return {}
-        return {"retry-after": str(self.retry_after_s)}
+        out = {} if self.retry_after_s is None else {"retry-after": str(self.retry_after_s)}
+        if self.retry is not None:
+            out["x-should-retry"] = "true" if self.retry else "false"
+        return out
 
     def sse_event(self) -> bytes:
         """The error as one SSE event, for a stream whose headers were already sent."""
@@ -151,6 +159,7 @@ class QuotaExceeded(TooManyRequests):
 
     type = "insufficient_quota"
     code = "insufficient_quota"
+    retry = False  # nothing changes before the reset
 
     def __init__(self, message: str, *, retry_after_s: float) -> None:
         super().__init__(message)

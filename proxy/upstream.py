@@ -163,7 +163,9 @@ class Upstream:
             err.refused = True  # nothing reached the box: the request may go to another one
             raise err from exc
         except Exception as exc:
-            raise map_error(exc) from exc
+            err = map_error(exc)
+            err.retry = False  # the request may have reached the box: never resent, by anyone
+            raise err from exc
         return response
 
     async def own_get(self, path: str) -> httpx.Response:

@@ -226,6 +226,7 @@ def assert_quota_refusal(resp: httpx.Response, resets_at: datetime, t0: float, t
     err = error_of(resp)
     assert err["type"] == "insufficient_quota" and err["code"] == "insufficient_quota"
     assert f"resets at {utc_iso(resets_at)}" in err["message"], err["message"]
+    assert resp.headers["x-should-retry"] == "false"  # the openai SDKs would retry a 429 twice
     retry = int(resp.headers["retry-after"])
     reset = resets_at.timestamp()
     assert math.floor(reset - t1) - 2 <= retry <= math.ceil(reset - t0) + 2, (retry, reset - t0)

@@ -144,6 +144,7 @@ class Upstream:
     status:N     an error response with status N (LM Studio style body)
     read_timeout  silence: no answer at all, until lmgate gives up and hangs up (give the
                  test a short ``read_timeout``)
+    reset        the request is read, then the connection is reset with no answer at all
     break        two events, then the connection is reset (between events)
     break_mid    one and a half events, then the connection is reset (inside an event)
     slow_body    headers and the first event, then silence until lmgate hangs up
@@ -200,6 +201,9 @@ class Upstream:
                 return
             await send_json(send, 200, COMPLETION, self.extra_headers)
         elif act == "read_timeout":
+            await gone
+        elif act == "reset":
+            abort(scope)
             await gone
         elif act in ("stream", "hold_stream", "slow_body", "break", "break_mid"):
             await self._stream(seen, scope, send, gone)

@@ -10,6 +10,7 @@ import socket
 import uuid
 
 import httpx
+import openai
 import pytest
 
 from proxy.gated import STARTED_AT_ONCE
@@ -393,6 +394,30 @@ def test_upstream_down_or_silent(act: str, status: int, code: str) -> None:
             else:
                 resp = await r.client.post("/v1/chat/completions", json=chat_body(act=act))
             assert resp.status_code == status and resp.json()["error"]["code"] == code
+            await r.assert_gate_free()
+    run(body)
+
+
+@pytest.mark.parametrize(("act", "status"), [("reset", 502), ("read_timeout", 504)])
+def test_a_request_that_may_have_reached_the_box_is_not_resent_by_the_openai_sdk(act: str, status: int) -> None:
+    """The box took the request, then reset the connection (``reset``) or said nothing for
+    longer than --read-timeout: the generation may have run, so lmgate answers with
+    ``X-Should-Retry: false``, and the openai SDK, which by default retries a 5xx twice,
+    sends it once. A refused connect (nothing reached the box) leaves the SDK its own rules."""
+    async def body() -> None:
+        async with serve(read_timeout=SILENCE_S) as r:
+            async with httpx.AsyncClient(trust_env=False, timeout=10) as http:
+                sdk = openai.AsyncOpenAI(base_url=r.base + "/v1", api_key="none", http_client=http)
+                assert sdk.max_retries == 2
+                with pytest.raises(openai.APIStatusError) as info:
+                    await sdk.chat.completions.create(model="m1", messages=[{"role": "user", "content": "hi"}],
+                                                      extra_body={"x_act": act})
+            assert info.value.status_code == status
+            assert info.value.response.headers["x-should-retry"] == "false"
+            assert len(r.upstream.seen) == 1
+            async with r.box.refusing():
+                resp = await r.client.post("/v1/chat/completions", json=chat_body())
+            assert resp.status_code == 502 and "x-should-retry" not in resp.headers
             await r.assert_gate_free()
     run(body)
 
