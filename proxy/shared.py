@@ -706,9 +706,8 @@ class SharedLine:
         """Leave the group: write what is still to be written (releases, hand-overs), hand
         the lease back (another replica takes it at once), stop."""
         await self.flushed()
+        await self._give_back()  # at once, when ``close`` has not already done it
         with contextlib.suppress(RedisError, OSError):
-            if self.scheduler:
-                await self._redis.eval(GIVE_BACK, 1, self.key("lease"), self.replica)
             await self._redis.delete(self.key(f"hb:{self.replica}"))
         self.stop()
         for client in (self._redis, self._reader):
