@@ -124,6 +124,12 @@ if HttpToolsProtocol is not None:
                 self._write_timer.cancel()
                 self._write_timer = None
             super().connection_lost(exc)
+            # uvicorn cancels its keep-alive timer only for a clean close: after a reset the
+            # timer would hold this protocol (and its buffers) for --timeout-keep-alive
+            keep_alive = getattr(self, "timeout_keep_alive_task", None)
+            if keep_alive is not None:
+                keep_alive.cancel()
+                self.timeout_keep_alive_task = None
             if self._hook is not None:
                 self._hook.fire()
 

@@ -5,8 +5,10 @@ is free."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import socket
+import struct
 import uuid
 
 import httpx
@@ -533,6 +535,36 @@ def test_client_connections_do_not_wait_for_delayed_acks() -> None:
             (connection,) = r.server.server_state.connections
             sock = connection.transport.get_extra_info("socket")
             assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+    run(body)
+
+
+def test_connections_reset_by_their_clients_leave_nothing_behind() -> None:
+    """Clients that reset their connections (a crash, SO_LINGER 0) right after a response:
+    each closed connection's protocol is freed at once. uvicorn cancels its keep-alive timer
+    only on a clean close, so after a reset the timer held the protocol and its buffers for
+    the keep-alive timeout: a client resetting thousands of connections a second made lmgate
+    hold thousands of them (RSS grew about 4 KiB per connection, 58 -> 151 MB over 24,000)."""
+    async def body() -> None:
+        async with serve() as r:
+            connections = r.server.server_state.connections
+            for _ in range(50):
+                reader, writer = await asyncio.open_connection("127.0.0.1", int(r.base.rsplit(":", 1)[1]))
+                writer.write(b"GET /healthz HTTP/1.1\r\nhost: 127.0.0.1\r\n\r\n")
+                head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+                assert head.startswith(b"HTTP/1.1 200")
+                sock = writer.get_extra_info("socket")
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                writer.transport.abort()  # RST, not FIN
+            for _ in range(500):  # lmgate notices each reset as the loop reads it
+                if not connections:
+                    break
+                await asyncio.sleep(0.01)
+            assert not connections, f"{len(connections)} connections still open"
+            gc.collect()
+            state = r.server.server_state
+            left = [o for o in gc.get_objects() if isinstance(o, GuardedProtocol) and o.server_state is state]
+            assert left == [], f"{len(left)} closed connections' protocols are still held"
+            await r.assert_gate_free()
     run(body)
 
 
